@@ -1,0 +1,271 @@
+"""HF checkpoint directory -> GGUF file: plan (names, shapes, types, metadata), then stream it out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+from qtool.errors import QtoolError
+from qtool.gguf_io import PlannedTensor, Progress, add_kv, shard_paths, tensor_nbytes, write_gguf
+
+from .checkpoint import Checkpoint
+from .models import (KV, ModelSpec, OutTensor, arch_kvs, expected_hf_tensors, gguf_name, llama3_rope_factors,
+                     model_spec, normhead, permute_rows, read_config, _SKIPPED_SUFFIXES)
+from .tokenizer import export_vocab
+
+OUTTYPES: dict[str, LlamaFileType] = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "bf16": LlamaFileType.MOSTLY_BF16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+}
+_WEIGHT_QTYPE = {
+    LlamaFileType.ALL_F32: GGMLQuantizationType.F32,
+    LlamaFileType.MOSTLY_F16: GGMLQuantizationType.F16,
+    LlamaFileType.MOSTLY_BF16: GGMLQuantizationType.BF16,
+    LlamaFileType.MOSTLY_Q8_0: GGMLQuantizationType.Q8_0,
+}
+
+
+@dataclass
+class ConversionPlan:
+    model_dir: Path
+    spec: ModelSpec
+    ftype: LlamaFileType
+    metadata: gguf.Metadata
+    kvs: list[KV]                       # after general.* metadata: arch keys, quantization version, vocab
+    tensors: list[OutTensor]
+    notes: list[str] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+
+    @property
+    def outtype_label(self) -> str:
+        return self.ftype.name.partition("_")[2]      # MOSTLY_Q8_0 -> Q8_0, as llama.cpp names files
+
+    def default_filename(self, vocab_only: bool = False) -> str:
+        m = self.metadata
+        if vocab_only:
+            stem = gguf.naming_convention(m.name, m.basename, m.finetune, m.version, size_label=None,
+                                          output_type=None, model_type="vocab")
+        else:
+            stem = gguf.naming_convention(m.name, m.basename, m.finetune, m.version, m.size_label,
+                                          self.outtype_label)
+        return stem + ".gguf"
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+
+def plan_conversion(model_dir: Path, outtype: str = "auto", *, pre: str | None = None,
+                    normhead_override: bool | None = None, model_name: str | None = None,
+                    vocab_only: bool = False) -> ConversionPlan:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise QtoolError(f"{model_dir}: not a directory")
+    config = read_config(model_dir)
+    spec = model_spec(config, normhead=normhead_override)
+    notes: list[str] = []
+
+    ckpt = None if vocab_only else Checkpoint(model_dir)
+    try:
+        tensors = [] if ckpt is None else _plan_tensors(spec, ckpt, notes)
+        ftype = _resolve_outtype(outtype, ckpt, tensors)
+        tensors = [_with_type(t, ftype, notes) for t in tensors]
+
+        total_params = sum(int(np.prod(t.shape)) for t in tensors)
+        metadata = gguf.Metadata.load(None, model_dir, model_name, total_params)
+        if metadata.name is None:
+            metadata.name = model_dir.name
+        if metadata.size_label is None and total_params > 0:
+            metadata.size_label = gguf.size_label(total_params, total_params, 0, 0)
+
+        kvs, arch_notes = arch_kvs(spec, ftype)
+        notes += arch_notes
+        kvs.append(KV("general.quantization_version", gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32))
+        vocab, vocab_notes = export_vocab(model_dir, spec.hparams, spec.arch.vocab_kind, pre)
+        notes += vocab_notes
+        kvs += [KV(v.key, v.value, v.type, v.sub_type) for v in vocab]
+        _check_vocab_fits(spec, kvs)
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()
+        raise
+    return ConversionPlan(model_dir, spec, ftype, metadata, kvs, tensors, notes, ckpt)
+
+
+def _check_vocab_fits(spec: ModelSpec, kvs: list[KV]) -> None:
+    tokens = next((kv.value for kv in kvs if kv.key == "tokenizer.ggml.tokens"), None)
+    if tokens is not None and len(tokens) != spec.n_vocab:
+        raise QtoolError(f"tokenizer has {len(tokens)} tokens but config.json vocab_size is {spec.n_vocab}")
+
+
+def _resolve_outtype(outtype: str, ckpt: Checkpoint | None, tensors: list[OutTensor]) -> LlamaFileType:
+    outtype = outtype.lower()
+    if outtype in OUTTYPES:
+        return OUTTYPES[outtype]
+    if outtype != "auto":
+        raise QtoolError(f"unknown --outtype {outtype!r}; choose one of: {', '.join([*OUTTYPES, 'auto'])}")
+    # llama.cpp's rule: the dtype of the first tensor with two or more dims decides (bf16 stays bf16).
+    if ckpt is not None:
+        for t in tensors:
+            if len(t.shape) >= 2 and t.source in ckpt.names:
+                return LlamaFileType.MOSTLY_BF16 if ckpt.dtype(t.source) == "BF16" else LlamaFileType.MOSTLY_F16
+    return LlamaFileType.MOSTLY_F16
+
+
+def _with_type(t: OutTensor, ftype: LlamaFileType, notes: list[str]) -> OutTensor:
+    # Norms, biases and every 1-D tensor stay F32 (llama.cpp's runtime expects that).
+    if len(t.shape) <= 1 or t.name.endswith("_norm.weight") or not t.name.endswith(".weight"):
+        qtype = GGMLQuantizationType.F32
+    else:
+        qtype = _WEIGHT_QTYPE[ftype]
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if t.shape[-1] % block:
+            notes.append(f"{t.name}: row length {t.shape[-1]} is not a multiple of {block}; written as F16")
+            qtype = GGMLQuantizationType.F16
+    return OutTensor(t.name, t.shape, qtype, t.load, t.source)
+
+
+def _plan_tensors(spec: ModelSpec, ckpt: Checkpoint, notes: list[str]) -> list[OutTensor]:
+    expected = expected_hf_tensors(spec)
+    present = [n for n in ckpt.names if not n.endswith(_SKIPPED_SUFFIXES)]
+    unexpected = [n for n in present if n not in expected]
+    if unexpected:
+        raise QtoolError(f"unexpected tensor {unexpected[0]!r} in {ckpt.part_of(unexpected[0]).name} "
+                         f"(not part of a {spec.hf_arch} with this config"
+                         + (f"; {len(unexpected) - 1} more" if len(unexpected) > 1 else "") + ")")
+    optional = set() if spec.arch.output_required else {"lm_head.weight"}
+    missing = [n for n in expected if n not in present and n not in optional]
+    if missing:
+        raise QtoolError(f"tensor {missing[0]!r} is missing from the checkpoint"
+                         + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+    for n in present:
+        if tuple(ckpt.shape(n)) != expected[n]:
+            raise QtoolError(f"tensor {n!r} has shape {list(ckpt.shape(n))}, but config.json implies {list(expected[n])}")
+
+    out: list[OutTensor] = []
+    factors = llama3_rope_factors(spec) if spec.arch.gguf_name == "llama" else None
+    if factors is not None:
+        out.append(OutTensor("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, lambda f=factors: f, ""))
+
+    cache = _LastTensor(ckpt)
+    for hf in present:
+        if hf.endswith("self_attn.W_pack.weight"):
+            out += _split_w_pack(spec, hf, cache)
+            continue
+        name = gguf_name(hf)
+        assert name is not None  # every expected tensor has a GGUF name
+        load = cache.loader(hf)
+        if spec.arch.permute_qk and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            load = _permuted(load, spec.n_head)
+        elif spec.arch.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            load = _permuted(load, spec.n_head_kv)
+        elif hf == "lm_head.weight" and spec.is_baichuan2:
+            load = _normheaded(load)
+            notes.append("Baichuan2 NormHead applied: every output.weight row divided by its L2 norm (float32)")
+        out.append(OutTensor(name, tuple(ckpt.shape(hf)), GGMLQuantizationType.F32, load, hf))
+    return out
+
+
+class _LastTensor:
+    """Loads checkpoint tensors, keeping only the last one: W_pack is read once for its three parts."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.name: str | None = None
+        self.data: np.ndarray | None = None
+
+    def get(self, name: str) -> np.ndarray:
+        if name != self.name:
+            self.name, self.data = None, None
+            data = self.ckpt.load(name)
+            if not np.isfinite(data).all():
+                bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+                raise QtoolError(f"tensor {name!r} contains {bad} NaN/Inf value(s)")
+            self.name, self.data = name, data
+        assert self.data is not None
+        return self.data
+
+    def loader(self, name: str) -> Callable[[], np.ndarray]:
+        return lambda: self.get(name)
+
+
+def _permuted(load: Callable[[], np.ndarray], n_head: int) -> Callable[[], np.ndarray]:
+    return lambda: permute_rows(load(), n_head)
+
+
+def _normheaded(load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    return lambda: normhead(load())
+
+
+def _split_w_pack(spec: ModelSpec, hf: str, cache: _LastTensor) -> list[OutTensor]:
+    """Baichuan's fused W_pack rows are [q; k; v]; q and k get the rotary permutation (Baichuan is MHA)."""
+    layer = int(hf.split(".")[2])
+    rows = spec.n_embd
+    shape = (rows, spec.n_embd)
+
+    def part(i: int, permute: bool) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            w = cache.get(hf)[i * rows:(i + 1) * rows]
+            return permute_rows(w, spec.n_head) if permute else w
+        return load
+
+    return [OutTensor(f"blk.{layer}.attn_q.weight", shape, GGMLQuantizationType.F32, part(0, True), hf),
+            OutTensor(f"blk.{layer}.attn_k.weight", shape, GGMLQuantizationType.F32, part(1, True), hf),
+            OutTensor(f"blk.{layer}.attn_v.weight", shape, GGMLQuantizationType.F32, part(2, False), hf)]
+
+
+def _prepare_general(plan: ConversionPlan) -> Callable[[gguf.GGUFWriter], None]:
+    def prepare(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
+        plan.metadata.set_gguf_meta_model(writer)
+    return prepare
+
+
+def all_kvs(plan: ConversionPlan) -> list[KV]:
+    """Every key the file will carry, in order (general.* included), for --dry-run and tests."""
+    writer = gguf.GGUFWriter(None, plan.spec.arch.gguf_name)
+    _prepare_general(plan)(writer)
+    for kv in plan.kvs:
+        add_kv(writer, kv.key, kv.value, kv.type, kv.sub_type)
+    return [KV(k, v.value, v.type, v.sub_type) for k, v in writer.kv_data[0].items()]
+
+
+def write_plan(plan: ConversionPlan, outfile: Path, *, vocab_only: bool = False, split_max_tensors: int = 0,
+               split_max_size: int = 0, force: bool = False, progress: Progress | None = None) -> list[Path]:
+    tensors = [] if vocab_only else [PlannedTensor(t.name, t.shape, t.qtype, t.load) for t in plan.tensors]
+    if vocab_only and (split_max_tensors or split_max_size):
+        raise QtoolError("--vocab-only cannot be combined with splitting")
+    return write_gguf(outfile, plan.spec.arch.gguf_name,
+                      [(kv.key, kv.value, kv.type, kv.sub_type) for kv in plan.kvs], tensors,
+                      split_max_tensors=split_max_tensors, split_max_size=split_max_size, force=force,
+                      progress=progress, prepare=_prepare_general(plan))
+
+
+def output_path(plan: ConversionPlan, outfile: str | Path | None, *, vocab_only: bool = False,
+                default_dir: Path | None = None) -> Path:
+    """--outfile (a file, a directory, or a template with {ftype}/{outtype}) or llama.cpp's default name."""
+    if outfile is None:
+        return (default_dir or plan.model_dir) / plan.default_filename(vocab_only)
+    out = Path(outfile)
+    if out.is_dir():
+        return out / plan.default_filename(vocab_only)
+    return out.parent / gguf.fill_templated_filename(out.name, plan.outtype_label)
+
+
+def planned_shards(plan: ConversionPlan, outfile: Path, split_max_tensors: int, split_max_size: int) -> list[tuple[Path, int, int]]:
+    """(path, tensor count, bytes) per output file, with the same split rule as gguf.GGUFWriter."""
+    groups: list[list[int]] = [[]]
+    for t in plan.tensors:
+        nbytes = tensor_nbytes(t.shape, t.qtype)
+        cur = groups[-1]
+        if cur and ((split_max_tensors and len(cur) >= split_max_tensors)
+                    or (split_max_size and sum(cur) + nbytes > split_max_size)):
+            groups.append([])
+        groups[-1].append(nbytes)
+    return [(p, len(g), sum(g)) for p, g in zip(shard_paths(outfile, len(groups)), groups)]

@@ -1,0 +1,1 @@
+"""Running GGUF models: perplexity, KL divergence, importance matrices (qtool.evaluate)."""

@@ -1,0 +1,58 @@
+"""The architecture table shared by convert and evaluate.
+
+Adding an architecture is one entry here and one in ``convert/models.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qtool.errors import QtoolError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One GGUF architecture and what distinguishes its forward pass and conversion."""
+
+    gguf_name: str                 # general.architecture
+    hf_names: tuple[str, ...]      # config.json "architectures"[0] values that map here
+    rope_style: str                # "norm" (adjacent pairs), "neox" (halves), "baichuan" (by depth: 32 -> norm, 40 -> alibi)
+    permute_qk: bool               # converter permutes q/k rows for ggml's NORM rope
+    qkv_bias: bool                 # q/k/v projections carry biases
+    qk_norm: bool                  # per-head RMSNorm on q and k before rope
+    output_required: bool          # output.weight must exist (no tied fallback in llama.cpp's loader)
+    vocab_kind: str                # "llama" (SPM first, then BPE), "bpe", "spm"
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", ("LlamaForCausalLM", "LLaMAForCausalLM"), "norm",
+                  permute_qk=True, qkv_bias=False, qk_norm=False, output_required=False, vocab_kind="llama"),
+    "qwen2": Arch("qwen2", ("Qwen2ForCausalLM",), "neox",
+                  permute_qk=False, qkv_bias=True, qk_norm=False, output_required=False, vocab_kind="bpe"),
+    "qwen3": Arch("qwen3", ("Qwen3ForCausalLM",), "neox",
+                  permute_qk=False, qkv_bias=False, qk_norm=True, output_required=False, vocab_kind="bpe"),
+    "baichuan": Arch("baichuan", ("BaichuanForCausalLM", "BaiChuanForCausalLM"), "baichuan",
+                     permute_qk=True, qkv_bias=False, qk_norm=False, output_required=True, vocab_kind="spm"),
+}
+
+# Baichuan in llama.cpp: the layer count alone picks the position encoding.
+BAICHUAN_ROPE_DEPTH = 32
+BAICHUAN_ALIBI_DEPTH = 40
+BAICHUAN_ALIBI_MAX_BIAS = 8.0
+
+
+def supported_hf_architectures() -> list[str]:
+    return [name for arch in ARCHS.values() for name in arch.hf_names]
+
+
+def arch_for_hf(hf_name: str) -> Arch:
+    for arch in ARCHS.values():
+        if hf_name in arch.hf_names:
+            return arch
+    raise QtoolError(f"unsupported architecture {hf_name!r}; supported: {', '.join(supported_hf_architectures())}")
+
+
+def arch_for_gguf(gguf_name: str) -> Arch:
+    try:
+        return ARCHS[gguf_name]
+    except KeyError:
+        raise QtoolError(f"unsupported GGUF architecture {gguf_name!r}; supported: {', '.join(ARCHS)}") from None

@@ -1,0 +1,122 @@
+"""`qtool info`: what is in a GGUF file (ours or anyone's)."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import gguf
+from gguf import GGUFReader, GGUFValueType
+
+from qtool.errors import QtoolError
+
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise QtoolError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise QtoolError(f"{path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise QtoolError(f"{path}: not a GGUF file (magic {magic!r})")
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
+        raise QtoolError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def field_value(field: gguf.ReaderField) -> Any:
+    """A reader field as a plain Python value (str, int, float, bool or list)."""
+    return field.contents()
+
+
+def shard_files(path: Path) -> list[Path]:
+    m = _SHARD.match(Path(path).name)
+    if not m:
+        return [Path(path)]
+    count = int(m.group("count"))
+    return [Path(path).with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    files = shard_files(path)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise QtoolError(f"{path}: split file {missing[0].name} is missing")
+    readers = [open_gguf(f) for f in files]
+    first = readers[0]
+    kv = {name: field_value(f) for name, f in first.fields.items() if not name.startswith("GGUF.")}
+    arch = kv.get("general.architecture", "?")
+
+    per_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
+    n_params = n_bytes = 0
+    for r in readers:
+        for t in r.tensors:
+            entry = per_type[t.tensor_type.name]
+            entry["tensors"] += 1
+            entry["bytes"] += int(t.n_bytes)
+            entry["params"] += int(t.n_elements)
+            n_params += int(t.n_elements)
+            n_bytes += int(t.n_bytes)
+
+    def arch_key(suffix: str) -> Any:
+        return kv.get(f"{arch}.{suffix}")
+
+    tokens = kv.get("tokenizer.ggml.tokens")
+    tok: dict[str, Any] = {}
+    if "tokenizer.ggml.model" in kv:
+        tok = {"model": kv.get("tokenizer.ggml.model"), "pre": kv.get("tokenizer.ggml.pre"),
+               "tokens": len(tokens) if tokens is not None else 0,
+               "merges": len(kv.get("tokenizer.ggml.merges") or []),
+               "add_bos": kv.get("tokenizer.ggml.add_bos_token"), "add_eos": kv.get("tokenizer.ggml.add_eos_token"),
+               "add_space_prefix": kv.get("tokenizer.ggml.add_space_prefix"),
+               "chat_template": "tokenizer.chat_template" in kv}
+        for role in ("bos", "eos", "unknown", "padding"):
+            tid = kv.get(f"tokenizer.ggml.{role}_token_id")
+            if tid is not None:
+                tok[role] = {"id": int(tid), "text": tokens[tid] if tokens is not None and tid < len(tokens) else None}
+
+    file_size = sum(f.stat().st_size for f in files)
+    ftype = kv.get("general.file_type")
+    try:
+        ftype_name = gguf.LlamaFileType(ftype).name if ftype is not None else None
+    except ValueError:
+        ftype_name = f"unknown ({ftype})"
+    return {
+        "path": str(path),
+        "files": [str(f) for f in files],
+        "file_size": file_size,
+        "architecture": arch,
+        "name": kv.get("general.name"),
+        "file_type": ftype_name,
+        "hparams": {k: arch_key(k) for k in (
+            "block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+            "attention.head_count_kv", "attention.key_length", "rope.freq_base", "rope.dimension_count",
+            "rope.scaling.type", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "vocab_size")
+            if arch_key(k) is not None},
+        "tensor_count": sum(len(r.tensors) for r in readers),
+        "parameters": n_params,
+        "tensor_bytes": n_bytes,
+        "bits_per_weight": (8.0 * n_bytes / n_params) if n_params else None,
+        "types": {k: dict(v) for k, v in sorted(per_type.items(), key=lambda kv_: -kv_[1]["bytes"])},
+        "tokenizer": tok,
+        "metadata": {k: _short(v) for k, v in kv.items()},
+    }
+
+
+def _short(v: Any) -> Any:
+    if isinstance(v, list):
+        return {"array": len(v), "first": [_short(x) for x in v[:3]]}
+    if isinstance(v, str) and len(v) > 200:
+        return v[:200] + "…"
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    return v

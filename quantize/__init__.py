@@ -1,0 +1,1 @@
+"""GGUF -> quantized GGUF (qtool.quantize)."""
