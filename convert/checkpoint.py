@@ -100,7 +100,9 @@ class Checkpoint:
                     refs = _read_torch_bin(path, part)
             except OSError as e:
                 raise QtoolError(f"cannot read {part}: {e.strerror or e}") from None
-            for name in sorted(refs):
+            # llama.cpp's order: safetensors names sorted within a part; a torch .bin keeps its state dict's
+            # insertion order (torch.load returns it that way).
+            for name in sorted(refs) if part.endswith(".safetensors") else refs:
                 if name in self._refs:
                     raise QtoolError(
                         f"tensor '{name}' appears in both {self._refs[name].label} and {part}"

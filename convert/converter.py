@@ -68,7 +68,7 @@ def plan_conversion(model_dir: Path, outtype: str = "auto", *, pre: str | None =
     if not model_dir.is_dir():
         raise QtoolError(f"{model_dir}: not a directory")
     config = read_config(model_dir)
-    spec = model_spec(config, normhead=normhead_override)
+    spec = model_spec(config, normhead=normhead_override, model_dir=model_dir)
     notes: list[str] = []
 
     ckpt = None if vocab_only else Checkpoint(model_dir)

@@ -91,7 +91,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def model_spec(config: dict[str, Any], normhead: bool | None = None) -> ModelSpec:
+def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: Path | None = None) -> ModelSpec:
     archs = config.get("architectures")
     if not archs or not isinstance(archs, list):
         raise QtoolError(f"config.json has no 'architectures' list; supported: {', '.join(supported_hf_architectures())}")
@@ -129,10 +129,26 @@ def model_spec(config: dict[str, Any], normhead: bool | None = None) -> ModelSpe
 
     spec = ModelSpec(arch, hf_arch, hp, n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab)
     if arch.gguf_name == "baichuan":
-        spec.is_baichuan2 = (n_vocab == BAICHUAN2_VOCAB_SIZE) if normhead is None else normhead
+        spec.is_baichuan2 = _looks_like_baichuan2(n_vocab, model_dir) if normhead is None else normhead
     elif normhead:
         raise QtoolError("--normhead applies only to Baichuan2 checkpoints")
     return spec
+
+
+def _looks_like_baichuan2(n_vocab: int, model_dir: Path | None) -> bool:
+    """Baichuan2 by its vocabulary size (as vLLM decides), or by the NormHead class in its remote code.
+
+    The modeling file is only read as text, never imported or executed.
+    """
+    if n_vocab == BAICHUAN2_VOCAB_SIZE:
+        return True
+    code = model_dir / "modeling_baichuan.py" if model_dir is not None else None
+    if code is not None and code.is_file():
+        try:
+            return "class NormHead" in code.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    return False
 
 
 def _expand_like_autoconfig(gguf_arch: str, hp: dict[str, Any]) -> dict[str, Any]:

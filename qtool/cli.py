@@ -75,10 +75,10 @@ def convert(model, outfile, outtype, vocab_only, split_max_size, split_max_tenso
     plan = plan_conversion(model_dir, outtype, pre=pre, normhead_override=normhead,
                            model_name=model_name or (model if from_hub else None), vocab_only=vocab_only)
     try:
-        for note in plan.notes:
-            _note(note)
         path = output_path(plan, outfile, vocab_only=vocab_only, default_dir=Path.cwd() if from_hub else None)
         if dry_run:
+            for note in plan.notes:
+                _note(note)
             _print_plan(plan, path, split_max_tensors, max_size, vocab_only)
             return
         t0 = time.perf_counter()
@@ -93,6 +93,9 @@ def convert(model, outfile, outtype, vocab_only, split_max_size, split_max_tenso
             paths = write_plan(plan, path, vocab_only=vocab_only, split_max_tensors=split_max_tensors,
                                split_max_size=max_size, force=force, progress=progress)
         dt = time.perf_counter() - t0
+        # Notes come after the work, so that a failure is one line and nothing else.
+        for note in plan.notes:
+            _note(note)
         size = sum(p.stat().st_size for p in paths)
         err.print(f"wrote {len(plan.tensors) if not vocab_only else 0} tensors, {size / 1e6:.1f} MB in {dt:.1f} s")
         for p in paths:

@@ -8,33 +8,11 @@ from typing import Any
 
 import numpy as np
 import gguf
-from gguf import GGUFReader, GGUFValueType
 
 from qtool.errors import QtoolError
+from qtool.gguf_io import read_gguf
 
 _SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def open_gguf(path: Path) -> GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise QtoolError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise QtoolError(f"{path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise QtoolError(f"{path}: not a GGUF file (magic {magic!r})")
-    try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
-        raise QtoolError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
-
-
-def field_value(field: gguf.ReaderField) -> Any:
-    """A reader field as a plain Python value (str, int, float, bool or list)."""
-    return field.contents()
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -51,21 +29,21 @@ def summarize(path: Path) -> dict[str, Any]:
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise QtoolError(f"{path}: split file {missing[0].name} is missing")
-    readers = [open_gguf(f) for f in files]
-    first = readers[0]
-    kv = {name: field_value(f) for name, f in first.fields.items() if not name.startswith("GGUF.")}
+    readers = [read_gguf(f) for f in files]
+    kv = {name: v.value for name, v in readers[0].kv.items()}
     arch = kv.get("general.architecture", "?")
 
     per_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
     n_params = n_bytes = 0
     for r in readers:
         for t in r.tensors:
-            entry = per_type[t.tensor_type.name]
+            n = int(np.prod(t.shape, dtype=np.int64))
+            entry = per_type[t.qtype.name]
             entry["tensors"] += 1
-            entry["bytes"] += int(t.n_bytes)
-            entry["params"] += int(t.n_elements)
-            n_params += int(t.n_elements)
-            n_bytes += int(t.n_bytes)
+            entry["bytes"] += t.nbytes
+            entry["params"] += n
+            n_params += n
+            n_bytes += t.nbytes
 
     def arch_key(suffix: str) -> Any:
         return kv.get(f"{arch}.{suffix}")

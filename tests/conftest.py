@@ -13,3 +13,6 @@ def vocab_dir() -> Path:
     if not VOCAB_DIR.exists():
         pytest.fail(f"shared vocab data not found at {VOCAB_DIR}")
     return VOCAB_DIR
+
+
+from tests.fixtures.conftest_helpers import checkpoint_factory, hf_checkpoint  # noqa: E402,F401

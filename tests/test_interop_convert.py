@@ -1,0 +1,72 @@
+"""qtool convert vs llama.cpp's own convert_hf_to_gguf.py on the same tiny checkpoints.
+
+Every tensor's bytes must be identical (f32 and f16) and every non-general.* key identical in order, type and
+value. The llama.cpp tree comes from the llama-cpp-python sdist (python tests/fetch_llamacpp.py).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from qtool.cli import main
+from tests.llamacpp import LlamaCppConvertError, interop_available, run_llamacpp_convert
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_llamacpp():
+    if not interop_available():
+        msg = "llama.cpp tree or torch/transformers missing: run `python tests/fetch_llamacpp.py` with the interop extra"
+        if os.environ.get("CI"):
+            pytest.fail(msg)      # CI installs both; a skip there would hide a broken setup
+        pytest.skip(msg)
+
+
+def fields(path):
+    """(key, value types, value) in file order, read with gguf's own reader (independent of qtool's)."""
+    r = GGUFReader(path)
+    return r, [(k, [t.name for t in f.types], f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+@pytest.mark.parametrize("variant", ["llama-spm", "llama-bpe", "qwen2", "qwen3"])
+def test_identical_to_llamacpp(variant, outtype, checkpoint_factory, tmp_path):
+    # The same directory name for both, since general.name comes from it.
+    d = tmp_path / variant
+    shutil.copytree(checkpoint_factory(variant), d)
+    theirs = run_llamacpp_convert(d, tmp_path / "theirs.gguf", outtype)
+    result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "ours.gguf"),
+                                       "--outtype", outtype], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+
+    r_ours, ours = fields(tmp_path / "ours.gguf")
+    r_theirs, theirs_kv = fields(theirs)
+    non_general = lambda kvs: [kv for kv in kvs if not kv[0].startswith("general.")]  # noqa: E731
+    assert [k for k, _, _ in non_general(ours)] == [k for k, _, _ in non_general(theirs_kv)]
+    for (k, t1, v1), (_, t2, v2) in zip(non_general(ours), non_general(theirs_kv)):
+        assert t1 == t2, k
+        assert v1 == v2, k
+    # general.file_type and quantization_version are part of what llama.cpp reads; check them too.
+    g_ours, g_theirs = dict((k, v) for k, _, v in ours), dict((k, v) for k, _, v in theirs_kv)
+    for k in ("general.architecture", "general.file_type", "general.quantization_version"):
+        assert g_ours[k] == g_theirs[k], k
+
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in r_ours.tensors] == \
+           [(t.name, t.tensor_type, list(t.shape)) for t in r_theirs.tensors]
+    for a, b in zip(r_ours.tensors, r_theirs.tensors):
+        assert a.data.tobytes() == b.data.tobytes(), a.name
+
+
+def test_llamacpp_converter_fails_on_baichuan_and_qtool_does_not(checkpoint_factory, tmp_path):
+    """The reason qtool converts Baichuan itself: llama.cpp's converter recurses forever on it."""
+    d = checkpoint_factory("baichuan-13b")
+    with pytest.raises(LlamaCppConvertError) as e:
+        run_llamacpp_convert(d, tmp_path / "theirs.gguf", "f16")
+    assert "RecursionError" in e.value.stderr
+    result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "ours.gguf")])
+    assert result.exit_code == 0, result.stderr
