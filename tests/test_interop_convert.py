@@ -70,3 +70,30 @@ def test_llamacpp_converter_fails_on_baichuan_and_qtool_does_not(checkpoint_fact
     assert "RecursionError" in e.value.stderr
     result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "ours.gguf")])
     assert result.exit_code == 0, result.stderr
+
+
+def test_split_files_merge_back_with_llamacpp_gguf_split(checkpoint_factory, tmp_path):
+    """llama.cpp's own gguf-split --merge reads our shards and gives back the unsplit file's tensors and keys."""
+    import subprocess
+
+    from tests.build_llamacpp import tool_path
+    tool = tool_path("llama-gguf-split")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("llama-gguf-split not built: run python tests/setup_interop.py")
+        pytest.skip("llama-gguf-split not built")
+    d = checkpoint_factory("qwen3")
+    whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
+    for out, extra in ((whole, []), (split, ["--split-max-tensors", "9"])):
+        r = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(out), "--outtype", "f16", *extra])
+        assert r.exit_code == 0, r.stderr
+    shards = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(shards) >= 2
+    first = shards[0]
+    merged = tmp_path / "merged.gguf"
+    subprocess.run([str(tool), "--merge", str(first), str(merged)], check=True, capture_output=True)
+    r_whole, kv_whole = fields(whole)
+    r_merged, kv_merged = fields(merged)
+    strip = lambda kvs: [kv for kv in kvs if not kv[0].startswith("split.")]  # noqa: E731
+    assert strip(kv_merged) == strip(kv_whole)
+    assert [(t.name, t.data.tobytes()) for t in r_merged.tensors] == [(t.name, t.data.tobytes()) for t in r_whole.tensors]
