@@ -169,5 +169,303 @@ def info(file, as_json):
                   + ("; chat template" if tok["chat_template"] else ""), soft_wrap=True)
 
 
+@main.command()
+@click.argument("input_path", metavar="IN.gguf", required=False, type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="[OUT.gguf]", required=False, type=click.Path(path_type=Path))
+@click.option("--type", "-t", "type_name", metavar="TYPE", help="File type, e.g. Q4_K_M (see --list).")
+@click.option("--imatrix", metavar="FILE", help="Importance matrix (llama-imatrix .gguf or legacy .dat).")
+@click.option("--output-tensor-type", metavar="T", help="Type of output.weight (no rules, no fallback).")
+@click.option("--token-embedding-type", metavar="T", help="Type of token_embd.weight (no rules, no fallback).")
+@click.option("--tensor-type", "tensor_types", metavar="REGEX=T", multiple=True,
+              help="Type for tensors whose name matches REGEX (first match wins; repeatable).")
+@click.option("--pure", is_flag=True, help="No mixture rules: the file type's tensor type everywhere.")
+@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight in its source type.")
+@click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing already quantized tensors.")
+@click.option("--threads", type=int, default=None, help="Threads for the row kernels (default: all cores).")
+@click.option("--dry-run", is_flag=True, help="Show every tensor's type and the sizes; write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--list", "list_types", is_flag=True, help="List the file types and exit.")
+def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, token_embedding_type, tensor_types,
+             pure, leave_output_tensor, allow_requantize, threads, dry_run, force, list_types):
+    """Quantize an F32/F16/BF16 GGUF exactly as llama-quantize does, and report what it did."""
+    from qtool.quantize.mixtures import TensorTypeOverride, parse_file_type, parse_tensor_type
+    from qtool.quantize.quantizer import QuantizeOptions, quantize_model
+
+    if list_types:
+        _print_file_types()
+        return
+    if input_path is None:
+        raise QtoolError("missing IN.gguf (or use --list)")
+    if not type_name:
+        raise QtoolError("missing --type (e.g. --type Q4_K_M; --list shows them all)")
+    options = QuantizeOptions(
+        parse_file_type(type_name), imatrix=imatrix,
+        output_tensor_type=parse_tensor_type(output_tensor_type) if output_tensor_type else None,
+        token_embedding_type=parse_tensor_type(token_embedding_type) if token_embedding_type else None,
+        tensor_types=[TensorTypeOverride.parse(t) for t in tensor_types], pure=pure,
+        leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize, threads=threads, force=force)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        overall = bar.add_task("[bold]quantizing[/]", total=None)
+        current = bar.add_task("", total=None)
+
+        def progress(u) -> None:
+            bar.update(overall, completed=u.work_done, total=u.work_total,
+                       description=f"[bold]quantizing[/] {u.tensor_index + 1}/{u.n_tensors}")
+            bar.update(current, completed=u.rows_done, total=max(u.rows_total, 1), description=f"  {u.name}")
+
+        report = quantize_model(input_path, output_path, options, dry_run=dry_run, progress=progress)
+    _print_quantize_report(report)
+
+
+def _print_file_types() -> None:
+    from qtool.quantize.mixtures import bits_per_weight, list_file_types, mixture_bits_per_weight
+
+    table = Table(title="file types (8B bpw: the whole Llama-3.1-8B with the mixture)")
+    for col, justify in (("type", "left"), ("ftype", "right"), ("base", "left"), ("bpw", "right"),
+                         ("8B bpw", "right"), ("llama-quantize's description", "left")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for name, ftype in list_file_types():
+        alias = name != ftype.name
+        table.add_row(name, str(int(ftype)), ftype.default_type.name, f"{bits_per_weight(ftype.default_type):g}",
+                      f"{mixture_bits_per_weight(ftype):.4f}",
+                      f"alias for {ftype.name}" if alias else ftype.description)
+    out.print(table)
+
+
+def _group_by_layer(choices) -> list[tuple[str, str, str, str]]:
+    """Fallbacks that differ only in their layer number, as one row: blk.[0-29].attn_q.weight."""
+    import re
+
+    groups: dict[tuple, list[int]] = {}
+    for c in choices:
+        m = re.match(r"blk\.(\d+)\.(.*)", c.name)
+        key = ("blk.{}." + m.group(2) if m else c.name, c.wanted_type.name, c.target_type.name, c.fallback)
+        groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
+    rows = []
+    for (template, wanted, got, why), layers in groups.items():
+        if "{}" in template:
+            spans, start = [], None
+            for i, layer in enumerate(layers):
+                start = layer if start is None else start
+                if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+                    spans.append(str(start) if start == layer else f"{start}-{layer}")
+                    start = None
+            template = template.format(spans[0] if len(layers) == 1 else "[" + ",".join(spans) + "]")
+        rows.append((template, wanted, got, why))
+    return rows
+
+
+def _print_quantize_report(report) -> None:
+    def mb(n: int) -> str:
+        return f"{n / 1e6:,.2f} MB"
+
+    if report.dry_run:
+        tensors = Table(title=f"{report.input_path} as {report.file_type.name} (dry run)")
+        for col in ("tensor", "shape", "from", "to", "bytes", "why"):
+            tensors.add_column(col, justify="right" if col == "bytes" else "left")
+        for t in report.tensors:
+            c = t.choice
+            tensors.add_row(c.name, "×".join(str(d) for d in reversed(c.shape)), c.source_type.name,
+                            c.target_type.name, f"{t.output_bytes:,}", c.reason, style=None if c.quantizable else "dim")
+        out.print(tensors)
+    types = Table(title=f"{report.file_type.name} ({report.file_type.display_name}): tensors by type")
+    for col in ("type", "tensors", "bytes", "params", "bpw", "share of bytes"):
+        types.add_column(col, justify="left" if col == "type" else "right")
+    total = report.output_bytes or 1
+    for name, t in report.by_type.items():
+        types.add_row(name, str(t.tensors), f"{t.bytes:,}", f"{t.params:,}", f"{t.bits_per_weight:.3f}",
+                      f"{100 * t.bytes / total:.1f} %")
+    out.print(types)
+    if report.fallbacks:
+        fb = Table(title=f"{len(report.fallbacks)} tensors fell back to another type because of their row length")
+        for col in ("tensors", "wanted", "got", "why"):
+            fb.add_column(col)
+        for names, wanted, got, why in _group_by_layer(report.fallbacks):
+            fb.add_row(names, wanted, got, why)
+        out.print(fb)
+    verb = "would be" if report.dry_run else "is"
+    out.print(f"{report.n_params:,} parameters: {mb(report.input_bytes)} "
+              f"({report.input_bits_per_weight:.3f} bits per weight) → {mb(report.output_bytes)} "
+              f"({report.bits_per_weight:.4f} bits per weight) {verb} the tensor data", soft_wrap=True)
+    for note in report.notes:
+        _note(note)
+    if not report.dry_run:
+        err.print(f"wrote {len(report.tensors)} tensors in {report.seconds:.1f} s")
+        out.print(str(report.output_path), soft_wrap=True)
+
+
+@main.command("export-hf")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "f16", "f32"], case_sensitive=False), default="auto",
+              show_default=True, help="Stored dtype (auto: the GGUF's float type; bf16 for quantized files).")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Start a new model-0000N-of-0000M.safetensors past this size (e.g. 500MB, 2GB).")
+@click.option("--force", is_flag=True, help="Overwrite an earlier export in OUTDIR.")
+def export_hf_command(model, outdir, dtype, max_shard_size, force):
+    """Turn a GGUF file back into a HuggingFace checkpoint directory (weights, config, tokenizer)."""
+    from qtool.convert.export_hf import plan_export, write_export
+    from qtool.gguf_io import parse_size
+
+    max_size = parse_size(max_shard_size)
+    t0 = time.perf_counter()
+    plan = plan_export(model, dtype.lower())
+    with Progress(TextColumn("[bold]exporting[/] {task.fields[tensor]}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task("export", total=None, tensor="")
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, tensor=name)
+
+        paths = write_export(plan, outdir, max_shard_size=max_size, force=force, progress=progress)
+    for note in plan.notes:
+        _note(note)
+    shards = sum(p.name.endswith(".safetensors") for p in paths)
+    err.print(f"wrote {len(plan.tensors)} tensors ({plan.dtype.torch}, {plan.nbytes / 1e6:.1f} MB) in {shards} "
+              f"safetensors file(s) and {len(paths) - shards} other file(s) in {time.perf_counter() - t0:.1f} s")
+    out.print(str(outdir), soft_wrap=True)
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("variants", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--dataset", default="wikitext", show_default=True,
+              help="'wikitext' (WikiText-2 raw test: the Hub, or its local cache offline) or a .txt/.raw, "
+                   ".jsonl (a 'text' field per line) or .parquet file.")
+@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", "n_chunks", type=int, default=None, help="Evaluate at most N chunks.")
+@click.option("--max-memory", default=None,
+              help="Memory for float32 weights kept between chunks, all models together (e.g. 8G); "
+                   "models beyond it are dequantized layer by layer. Default: half the available RAM.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the table as Markdown.")
+def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, json_path, markdown_path):
+    """Perplexity of BASE (llama-perplexity's protocol) and of each VARIANT, with KL divergence against BASE.
+
+    All models run on the same chunk before the next one, so no logits are saved.
+    """
+    from rich.progress import MofNCompleteColumn
+
+    from qtool.evaluate import report
+    from qtool.evaluate.datasets import load_eval_text
+    from qtool.evaluate.perplexity import run_perplexity
+    from qtool.gguf_io import parse_size
+
+    for p in (json_path, markdown_path):
+        if p is not None and not p.parent.is_dir():
+            raise QtoolError(f"output directory {p.parent} does not exist")
+    budget = parse_size(max_memory) if max_memory else None
+    data = load_eval_text(dataset)
+    with Progress(TextColumn("[bold]ppl[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[ppl]}"),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("ppl", total=None, rate="", ppl="")
+
+        def progress(p) -> None:
+            rate = f"{p.tokens_evaluated / p.elapsed:,.0f} tok/s" if p.elapsed > 0 else ""
+            bar.update(task, completed=p.chunks_done, total=p.n_chunks, rate=rate,
+                       ppl="PPL " + " | ".join(f"{x:.4f}" for x in p.running_ppl))
+
+        run = run_perplexity(base, variants, data.text, dataset_name=data.name, n_ctx=n_ctx, n_chunks=n_chunks,
+                             max_memory=budget, progress=progress)
+    # piped output keeps every column whole instead of folding the table to 80 characters
+    wide = out if out.is_terminal else Console(file=out.file, width=240, highlight=False)
+    wide.print(report.table(run))
+    if json_path is not None:
+        report.write_json(run, json_path)
+    if markdown_path is not None:
+        report.write_markdown(run, markdown_path)
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe value (e.g. eval.chunks=8).")
+@click.option("--only", type=click.Choice(["export", "convert", "imatrix", "quantize", "eval"]), default=None,
+              help="Run just this stage (the ones before it must be done).")
+@click.option("--force", is_flag=True, help="Redo every stage, even when up to date.")
+def run_cmd(recipe, sets, only, force):
+    """Run a recipe: convert, imatrix, quantize, evaluate, check the gates, write the report. Exit 1 on a failed gate."""
+    from qtool.pipeline import run_recipe
+    from qtool.recipe import load_recipe
+
+    r = load_recipe(recipe, list(sets))
+
+    def log(msg: str) -> None:
+        err.print(f"[dim]{msg}[/]", soft_wrap=True)
+
+    result = run_recipe(r, only=only, force=force, log=log)
+    if result.evaluation is None:
+        err.print(f"stages run: {', '.join(result.stages_run) or 'none'}")
+        return
+    from qtool.report import rows
+    t = Table(title=f"{r.path.name}: {result.evaluation['dataset']}, {result.evaluation['n_chunks']} chunks")
+    for col in ("type", "size MB", "bpw", "PPL", "ΔPPL %", "mean KLD", "same top-1 %", "gate"):
+        t.add_column(col, justify="right" if col not in ("type", "gate") else "left")
+    for row in rows(result, r):
+        fmt = lambda v, s: "–" if v is None else format(v, s)  # noqa: E731
+        t.add_row(row["type"], f"{row['size_bytes'] / 1e6:.1f}", f"{row['bpw']:.3f}",
+                  f"{row['ppl']:.4f} ± {row['ppl_err']:.4f}", fmt(row["delta_ppl_pct"], "+.2f"),
+                  fmt(row["kld_mean"], ".5f"), fmt(row["same_top1_pct"], ".2f"),
+                  {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", None: ""}[row["gate"]])
+    out.print(t)
+    skipped = f" (up to date: {', '.join(result.stages_skipped)})" if result.stages_skipped else ""
+    err.print(f"ran: {', '.join(result.stages_run) or 'nothing'}{skipped}; {result.wall_seconds:.0f} s")
+    for p in result.report_paths:
+        out.print(str(p))
+    if result.failed_gates:
+        for g in result.failed_gates:
+            err.print(f"[bold red]gate failed:[/] {g.message()}", soft_wrap=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help="The text to continue (with --chat: the user's message).")
+@click.option("-n", "--n-predict", type=int, default=128, show_default=True,
+              help="Tokens to generate at most (-1: until end of generation or a full context).")
+@click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature (<= 0: greedy).")
+@click.option("--top-k", type=int, default=40, show_default=True, help="Keep the K most likely tokens (<= 0: all).")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus: smallest set with mass P (1: off).")
+@click.option("--min-p", type=float, default=0.05, show_default=True,
+              help="Drop tokens below P times the best token's probability (0: off).")
+@click.option("--seed", type=int, default=None, help="Random seed, 0..2^32-1 (default: a random one, reported).")
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (same as --temp 0).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as one user turn.")
+def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, chat):
+    """Continue PROMPT with a GGUF model (numpy, KV cache), streaming the text; timings like llama.cpp's at the end."""
+    from qtool.evaluate.generate import SamplingParams, generate_text
+
+    sampling = SamplingParams(temperature=0.0 if greedy else temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                              seed=None if seed in (None, -1) else seed)
+    started = False
+
+    def on_text(piece: str) -> None:
+        nonlocal started
+        if not started and not chat:
+            out.file.write(prompt)     # llama-cli echoes the prompt before the continuation
+        started = True
+        out.file.write(piece)
+        out.file.flush()
+
+    result = generate_text(model, prompt, n_predict=n_predict, sampling=sampling, chat=chat, on_text=on_text)
+    if not started and not chat:
+        out.file.write(prompt)
+    out.file.write("\n")
+    out.file.flush()
+    t = result.timings
+    for note in result.notes:
+        _note(note)
+    err.print(f"load        {1e3 * t.load_seconds:10.2f} ms")
+    err.print(f"prompt eval {1e3 * t.prefill_seconds:10.2f} ms / {t.prompt_tokens:5d} tokens "
+              f"({t.prefill_tokens_per_second:8.2f} tokens per second)")
+    err.print(f"eval        {1e3 * t.decode_seconds:10.2f} ms / {t.decode_runs:5d} runs   "
+              f"({t.decode_tokens_per_second:8.2f} tokens per second)")
+    err.print(f"sampling    {1e3 * t.sample_seconds:10.2f} ms / {t.samples:5d} tokens")
+    err.print(f"stopped: {result.stop_reason} after {len(result.tokens)} tokens"
+              + (f"; seed {result.seed}" if result.seed is not None else "; greedy"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
