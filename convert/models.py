@@ -329,6 +329,19 @@ def gguf_name(hf_name: str) -> str | None:
     return None
 
 
+def hf_name_for_gguf(gguf: str) -> str | None:
+    """The inverse of gguf_name (GGUF -> HF), for tensors that map one to one."""
+    for hf, g in _GLOBAL_MAP.items():
+        if g == gguf:
+            return hf
+    parts = gguf.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdecimal():
+        for hf, g in _LAYER_MAP.items():
+            if g == parts[2]:
+                return f"model.layers.{int(parts[1])}.{hf}"
+    return None
+
+
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half q/k rows -> ggml NORM-rope order: row h*d + 2i + j takes row h*d + j*d/2 + i."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

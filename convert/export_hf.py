@@ -1,0 +1,1008 @@
+"""GGUF -> HuggingFace checkpoint directory: the inverse of ``convert``.
+
+``plan_export(gguf_path, dtype)`` reads the GGUF header and decides everything (config.json, tensor names and
+shapes, tokenizer files, notes) without touching tensor data; ``write_export(plan, outdir, ...)`` streams the
+tensors one at a time (dequantize, undo the rotary permutation / re-fuse Baichuan's W_pack, cast) into
+safetensors shards and renames the finished directory into place.
+
+The output is built so that ``qtool convert`` turns it back into the same GGUF: identical tensor bytes for F32
+files (F16/BF16 after the rounding --dtype implies) and identical tokenizer metadata. What a GGUF does not
+record is reconstructed from conventions and said in the plan's notes:
+
+* llama3 rope scaling exists in a GGUF only as the ``rope_freqs`` tensor. It fixes the factor and the two
+  wavelength thresholds (original_max_position_embeddings / low_freq_factor and .../high_freq_factor), not the
+  three numbers themselves; low_freq_factor = 1 (Llama 3.x's value) is assumed, which reproduces the same
+  factors. The recovered parameters are checked by recomputing the tensor with the converter's own code.
+* Baichuan2's lm_head rows are already unit-norm when the GGUF came from ``qtool convert`` (it applies
+  NormHead); HF's NormHead normalises them again on the first forward, which leaves unit rows unchanged.
+* Special ids with no tokenizer-file home (e.g. an unk id on a SentencePiece vocab) go to config.json as
+  ``{type}_token_id``, where the converter (and llama.cpp's) reads them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ROPE_DEPTH, Arch, arch_for_gguf
+from qtool.errors import QtoolError
+from qtool.gguf_io import GGUFFile, GGUFTensorInfo, Progress, read_gguf
+
+from .models import (BAICHUAN2_VOCAB_SIZE, expected_hf_tensors, hf_name_for_gguf, llama3_rope_factors,
+                     model_spec, unpermute_rows)
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9     # transformers' save_pretrained default, "5GB"
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str           # --dtype
+    safetensors: str    # safetensors header dtype
+    torch: str          # config.json torch_dtype
+    itemsize: int
+
+
+DTYPES = {
+    "f32": DType("f32", "F32", "float32", 4),
+    "f16": DType("f16", "F16", "float16", 2),
+    "bf16": DType("bf16", "BF16", "bfloat16", 2),
+}
+
+
+@dataclass
+class HFTensor:
+    """One tensor of the exported checkpoint: its HF name, shape, and how to make its float32 data."""
+
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray] = field(repr=False)
+    source: str = ""                     # GGUF tensor(s) it comes from, for messages
+
+
+@dataclass
+class ExportPlan:
+    gguf_path: Path
+    arch: Arch
+    dtype: DType
+    config: dict[str, Any]
+    generation_config: dict[str, Any]
+    tensors: list[HFTensor]
+    files: dict[str, bytes]              # the small files besides config.json: tokenizer, README.md
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_numel(t.shape) * self.dtype.itemsize for t in self.tensors)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _open_gguf(path: Path) -> tuple[dict[str, Any], dict[str, tuple[GGUFFile, GGUFTensorInfo]]]:
+    """Metadata (from the first split) and name -> (file, tensor) across all splits of a GGUF."""
+    path = Path(path)
+    m = _SHARD.match(path.name)
+    paths = [path]
+    if m:
+        n = int(m.group("count"))
+        paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+        if (missing := [p for p in paths if not p.is_file()]):
+            raise QtoolError(f"{path}: split file {missing[0].name} is missing")
+    files = [read_gguf(p) for p in paths]
+    kv = {k: v.value for k, v in files[0].kv.items()}
+    tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]] = {}
+    for f in files:
+        for t in f.tensors:
+            if t.name in tensors:
+                raise QtoolError(f"{path}: tensor {t.name!r} appears twice")
+            tensors[t.name] = (f, t)
+    return kv, tensors
+
+
+def _nice_float(x: float) -> float:
+    """The shortest decimal that is the same float32 (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(x)))
+
+
+# --- config.json -----------------------------------------------------------------------------------------------
+
+def _hparams(kv: dict[str, Any], arch: Arch, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a GGUF records about the model, with llama.cpp's runtime defaults for missing keys."""
+    a = arch.gguf_name
+
+    def need(key: str) -> int:
+        v = kv.get(f"{a}.{key}")
+        if v is None:
+            raise QtoolError(f"GGUF has no {a}.{key}")
+        return int(v)
+
+    n_embd, n_head = need("embedding_length"), need("attention.head_count")
+    hp = {
+        "n_layer": need("block_count"), "n_embd": n_embd, "n_ff": need("feed_forward_length"), "n_head": n_head,
+        "n_head_kv": int(kv.get(f"{a}.attention.head_count_kv", n_head)),
+        "n_ctx": kv.get(f"{a}.context_length"),
+        "eps": kv.get(f"{a}.attention.layer_norm_rms_epsilon"),
+        "theta": kv.get(f"{a}.rope.freq_base"),
+        "key_length": kv.get(f"{a}.attention.key_length"),
+        "value_length": kv.get(f"{a}.attention.value_length"),
+        "rope_dim": kv.get(f"{a}.rope.dimension_count"),
+    }
+    if hp["eps"] is None:
+        raise QtoolError(f"GGUF has no {a}.attention.layer_norm_rms_epsilon")
+    if "token_embd.weight" not in tensors:
+        raise QtoolError("GGUF has no token_embd.weight (a vocab-only file?)")
+    hp["n_vocab"] = tensors["token_embd.weight"][1].shape[0]
+    hp["head_dim"] = int(hp["key_length"] or n_embd // n_head)
+    if hp["value_length"] is not None and hp["value_length"] != hp["head_dim"]:
+        raise QtoolError(f"key_length {hp['head_dim']} != value_length {hp['value_length']}: "
+                         f"no HF {a} config can express that")
+    if hp["rope_dim"] is not None and hp["rope_dim"] != hp["head_dim"] and a != "baichuan":
+        raise QtoolError(f"partial rotary embedding (rope.dimension_count {hp['rope_dim']} < head size "
+                         f"{hp['head_dim']}) has no HF {a} equivalent")
+    if n_head % hp["n_head_kv"]:
+        raise QtoolError(f"head_count {n_head} is not a multiple of head_count_kv {hp['n_head_kv']}")
+    return hp
+
+
+_BAICHUAN_REPOS = {
+    # (layers, Baichuan2?) -> (HF repo holding the remote code, architecture spelling, config class)
+    (BAICHUAN_ROPE_DEPTH, False): ("baichuan-inc/Baichuan-7B", "BaiChuanForCausalLM", "BaiChuanConfig"),
+    (BAICHUAN_ALIBI_DEPTH, False): ("baichuan-inc/Baichuan-13B-Base", "BaichuanForCausalLM", "BaichuanConfig"),
+    (BAICHUAN_ROPE_DEPTH, True): ("baichuan-inc/Baichuan2-7B-Base", "BaichuanForCausalLM", "BaichuanConfig"),
+    (BAICHUAN_ALIBI_DEPTH, True): ("baichuan-inc/Baichuan2-13B-Base", "BaichuanForCausalLM", "BaichuanConfig"),
+}
+
+
+def _hf_config(kv: dict[str, Any], arch: Arch, hp: dict[str, Any], tensors: dict[str, Any], dtype: DType,
+               notes: list[str]) -> dict[str, Any]:
+    a = arch.gguf_name
+    tied = "output.weight" not in tensors
+    if tied and arch.output_required:
+        raise QtoolError(f"GGUF has no output.weight, which {a} requires (llama.cpp cannot load this file either)")
+    c: dict[str, Any] = {
+        "hidden_act": "silu",
+        "hidden_size": hp["n_embd"],
+        "initializer_range": 0.02,
+        "intermediate_size": hp["n_ff"],
+        "num_attention_heads": hp["n_head"],
+        "num_hidden_layers": hp["n_layer"],
+        "rms_norm_eps": _nice_float(hp["eps"]),
+        "tie_word_embeddings": tied,
+        "torch_dtype": dtype.torch,
+        "use_cache": True,
+        "vocab_size": hp["n_vocab"],
+    }
+    n_ctx = hp["n_ctx"]
+    if a == "baichuan":
+        is_v2 = hp["n_vocab"] == BAICHUAN2_VOCAB_SIZE
+        repo = _BAICHUAN_REPOS.get((hp["n_layer"], is_v2))
+        c["architectures"] = [repo[1] if repo else "BaichuanForCausalLM"]
+        if repo:
+            # transformers resolves "repo--module.Class" against that repo's remote code (trust_remote_code)
+            c["auto_map"] = {"AutoConfig": f"{repo[0]}--configuration_baichuan.{repo[2]}",
+                             "AutoModelForCausalLM": f"{repo[0]}--modeling_baichuan.{repo[1]}"}
+        else:
+            notes.append(f"warning: baichuan with {hp['n_layer']} layers matches no Baichuan release; "
+                         "config.json has no auto_map")
+        c["model_type"] = "baichuan"
+        if n_ctx is not None:
+            # Baichuan-7B's remote code reads max_position_embeddings, the 13B ones model_max_length
+            c["max_position_embeddings"] = c["model_max_length"] = int(n_ctx)
+        if hp["n_head_kv"] != hp["n_head"]:
+            raise QtoolError("baichuan with grouped-query attention has no HF equivalent")
+        if hp["theta"] is not None and hp["theta"] != 10000.0:
+            notes.append(f"warning: rope.freq_base {hp['theta']:g} dropped: Baichuan's HF code uses 10000")
+        if is_v2:
+            c["z_loss_weight"] = 0
+            notes.append("Baichuan2: output.weight is written as stored. If it came from qtool convert its rows "
+                         "are already unit-norm (NormHead applied), which HF's NormHead leaves unchanged; a "
+                         "llama.cpp-converted file has raw rows, which HF normalises but llama.cpp does not")
+        return dict(sorted(c.items()))
+
+    c["architectures"] = [arch.hf_names[0]]
+    c["model_type"] = a
+    c["attention_dropout"] = 0.0
+    c["num_key_value_heads"] = hp["n_head_kv"]
+    c["max_position_embeddings"] = int(n_ctx) if n_ctx is not None else (2048 if a == "llama" else 32768)
+    c["rope_theta"] = _nice_float(hp["theta"]) if hp["theta"] is not None else 10000.0
+    c["rope_scaling"] = _rope_scaling(kv, a, notes)
+    if a == "llama":
+        c["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        c["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
+        c["head_dim"] = hp["head_dim"]
+        c["pretraining_tp"] = 1
+    else:
+        c["max_window_layers"] = hp["n_layer"]
+        c["sliding_window"] = None
+        c["use_sliding_window"] = False
+        if a == "qwen3":
+            c["attention_bias"] = "blk.0.attn_q.bias" in tensors
+            c["head_dim"] = hp["head_dim"]
+        elif hp["key_length"] is not None:
+            c["head_dim"] = hp["head_dim"]
+    return dict(sorted(c.items()))
+
+
+def _rope_scaling(kv: dict[str, Any], a: str, notes: list[str]) -> dict[str, Any] | None:
+    kind = kv.get(f"{a}.rope.scaling.type")
+    factor = kv.get(f"{a}.rope.scaling.factor")
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"factor": _nice_float(factor), "rope_type": "linear"}
+    if kind == "yarn":
+        out: dict[str, Any] = {"factor": _nice_float(factor), "rope_type": "yarn"}
+        if (n := kv.get(f"{a}.rope.scaling.original_context_length")) is not None:
+            out["original_max_position_embeddings"] = int(n)
+        for key, hf in (("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor"),
+                        ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if (v := kv.get(f"{a}.rope.scaling.{key}")) is not None:
+                out[hf] = _nice_float(v)
+        return out
+    raise QtoolError(f"rope scaling type {kind!r} has no HF {a} equivalent")
+
+
+# --- llama3 rope scaling from the rope_freqs tensor ------------------------------------------------------------
+
+def recover_llama3_rope(factors: np.ndarray, check: Callable[[dict[str, Any]], np.ndarray | None],
+                        rope_theta: float, head_dim: int) -> tuple[dict[str, Any], str]:
+    """llama3 rope_scaling parameters that reproduce `factors` (llama.cpp's rope_freqs), and a note.
+
+    Per dimension the factor is 1 (wavelength below C/H), `factor` (above C/L), or in between
+    1/((1-s)/factor + s) with s = (C/wavelength - L)/(H - L), where C = original_max_position_embeddings,
+    L/H = low/high_freq_factor. Only C/L and C/H are observable, so L = 1 is assumed; with a single
+    in-between dimension H = 4 is assumed too, and with none C = 8192 (all three are Llama 3.x's values).
+    `check(params)` recomputes the tensor the converter would write; the first candidate that matches
+    bit for bit wins, else the closest one is returned with a warning.
+    """
+    f = factors.astype(np.float64)
+    factor = float(f.max())
+    if not factor > 1.0:
+        raise QtoolError("rope_freqs.weight is all ones: no llama3 scaling to recover")
+    freqs = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    if len(wavelen) != len(f):
+        raise QtoolError(f"rope_freqs.weight has {len(f)} entries, head size {head_dim} implies {len(wavelen)}")
+    rel = 1e-6
+    ones, full = f <= 1.0 + rel, f >= factor * (1 - rel)
+    between = ~ones & ~full
+    low = 1.0
+    if between.sum() >= 2:
+        # 1/f = (1-s)/factor + s  =>  s, which is linear in 1/wavelength: s = C/(H-L) * x - L/(H-L)
+        s = (1 / f[between] - 1 / factor) / (1 - 1 / factor)
+        slope, icpt = np.polyfit(1 / wavelen[between], s, 1)
+        high = low - low / icpt
+        ctx = slope * (high - low)
+        how = "fitted to the in-between dimensions, low_freq_factor=1 assumed"
+    elif between.sum() == 1:
+        high = 4.0
+        s = (1 / f[between][0] - 1 / factor) / (1 - 1 / factor)
+        ctx = (s * (high - low) + low) * wavelen[between][0]
+        how = "one in-between dimension: low_freq_factor=1 and high_freq_factor=4 assumed"
+    else:
+        # every C with H * (longest unscaled wavelength) < C < (shortest fully scaled one) gives these factors
+        high = 4.0
+        lowest = high * float(wavelen[ones].max()) if ones.any() else 0.0
+        highest = float(wavelen[full].min())      # not empty: the largest factor is in it
+        ctx = 8192.0 if lowest < 8192.0 < highest else (lowest + highest) / 2
+        how = "no in-between dimension: low_freq_factor=1, high_freq_factor=4 assumed"
+
+    candidates: list[dict[str, Any]] = []
+    for c in (round(ctx), ctx):
+        for h in (round(high * 1000) / 1000, round(high, 1), high):
+            for fac in (_nice_float(factor), factor):
+                p = {"factor": fac, "high_freq_factor": float(h), "low_freq_factor": low,
+                     "original_max_position_embeddings": int(round(c)) if float(c).is_integer() else float(c),
+                     "rope_type": "llama3"}
+                if p not in candidates:
+                    candidates.append(p)
+    target = factors.astype(np.float32).view(np.uint32)
+    best, best_err = candidates[0], math.inf
+    for p in candidates:
+        got = check(p)
+        if got is None or got.shape != factors.shape:
+            continue
+        if np.array_equal(got.astype(np.float32).view(np.uint32), target):
+            return p, f"llama3 rope scaling recovered from rope_freqs ({how}); reproduces it exactly"
+        err = float(np.max(np.abs(got.astype(np.float64) - f)))
+        if err < best_err:
+            best, best_err = p, err
+    return best, (f"warning: llama3 rope scaling recovered from rope_freqs only approximately ({how}; "
+                  f"max difference {best_err:.3g})")
+
+
+# --- tensors ---------------------------------------------------------------------------------------------------
+
+def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any],
+                  tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]]) -> list[HFTensor]:
+    spec = model_spec(config, normhead=False)
+    expected = expected_hf_tensors(spec)
+    if config.get("tie_word_embeddings"):
+        expected.pop("lm_head.weight", None)
+
+    def loader(name: str) -> Callable[[], np.ndarray]:
+        f, t = tensors[name]
+        return lambda: f.array(t)
+
+    # GGUF tensors -> HF names; Baichuan's attn_q/k/v are gathered into W_pack
+    by_hf: dict[str, HFTensor] = {}
+    for name, (_, t) in tensors.items():
+        if name == "rope_freqs.weight" and arch.gguf_name == "llama":
+            continue  # carried by config.json rope_scaling
+        layer_qkv = re.fullmatch(r"blk\.(\d+)\.attn_([qkv])\.weight", name)
+        if arch.gguf_name == "baichuan" and layer_qkv:
+            i = int(layer_qkv.group(1))
+            hf = f"model.layers.{i}.self_attn.W_pack.weight"
+            if hf not in expected:
+                raise QtoolError(f"GGUF tensor {name!r} has no place in a HF {spec.hf_arch}")
+            if tuple(t.shape) != (hp["n_embd"], hp["n_embd"]):
+                raise QtoolError(f"GGUF tensor {name!r} has shape {list(t.shape)}, but W_pack needs "
+                                 f"{[hp['n_embd'], hp['n_embd']]} parts")
+            if hf not in by_hf:
+                by_hf[hf] = HFTensor(hf, (3 * hp["n_embd"], hp["n_embd"]), _w_pack_loader(tensors, i, hp["n_head"]),
+                                     f"blk.{i}.attn_{{q,k,v}}.weight")
+            continue
+        hf = hf_name_for_gguf(name)
+        if hf is None or hf not in expected:
+            raise QtoolError(f"GGUF tensor {name!r} has no place in a HF {spec.hf_arch}")
+        load = loader(name)
+        if arch.permute_qk and re.search(r"\.attn_q\.(weight|bias)$", name):
+            load = _unpermuted(load, hp["n_head"])
+        elif arch.permute_qk and re.search(r"\.attn_k\.(weight|bias)$", name):
+            load = _unpermuted(load, hp["n_head_kv"])
+        by_hf[hf] = HFTensor(hf, tuple(t.shape), load, name)
+
+    missing = [n for n in expected if n not in by_hf]
+    if missing:
+        raise QtoolError(f"GGUF lacks the tensor for {missing[0]!r}"
+                         + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+    if arch.gguf_name == "baichuan":
+        for i in range(hp["n_layer"]):
+            absent = [f"blk.{i}.attn_{p}.weight" for p in "qkv" if f"blk.{i}.attn_{p}.weight" not in tensors]
+            if absent:
+                raise QtoolError(f"GGUF lacks {absent[0]!r}, needed for W_pack")
+    out = []
+    for hf, shape in expected.items():
+        t = by_hf[hf]
+        if t.shape != shape:
+            raise QtoolError(f"GGUF tensor {t.source} has shape {list(t.shape)}, but a {spec.hf_arch} with this "
+                             f"config needs {list(shape)} for {hf}")
+        out.append(t)
+    return out
+
+
+def _unpermuted(load: Callable[[], np.ndarray], n_head: int) -> Callable[[], np.ndarray]:
+    return lambda: unpermute_rows(load(), n_head)
+
+
+def _w_pack_loader(tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]], layer: int,
+                   n_head: int) -> Callable[[], np.ndarray]:
+    """W_pack rows are [q; k; v]; q and k lose the rotary permutation the converter gave them (MHA)."""
+    def load() -> np.ndarray:
+        parts = []
+        for p in "qkv":
+            f, t = tensors[f"blk.{layer}.attn_{p}.weight"]
+            w = f.array(t)
+            parts.append(unpermute_rows(w, n_head) if p != "v" else w)
+        return np.concatenate(parts, axis=0)
+    return load
+
+
+# --- casting ---------------------------------------------------------------------------------------------------
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (as torch and llama.cpp do)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded = np.where(nan, np.uint32(0x7FC0) | ((bits >> np.uint32(16)) & np.uint32(0x8000)), rounded)
+    return rounded.astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def encode_as(x: np.ndarray, dtype: DType, name: str) -> np.ndarray:
+    """float32 data -> the little-endian bytes safetensors stores for `dtype`; refuses NaN and overflow."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        raise QtoolError(f"tensor {name!r} contains {bad} NaN/Inf value(s)")
+    if dtype.name == "f32":
+        out = x
+    elif dtype.name == "f16":
+        with np.errstate(over="ignore"):
+            out = x.astype(np.float16)
+        if not np.isfinite(out).all():
+            raise QtoolError(f"tensor {name!r} has values beyond float16's range (max {np.abs(x).max():g}); "
+                             "use --dtype bf16 or f32")
+    else:
+        out = f32_to_bf16_bits(x)
+        if ((out & 0x7FFF) == 0x7F80).any():
+            raise QtoolError(f"tensor {name!r} has values beyond bfloat16's range; use --dtype f32")
+    return out.reshape(-1).view(np.uint8)
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------------
+
+# gguf TokenType / sentencepiece piece type values (the same numbering)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+_ID_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+            "unk": "tokenizer.ggml.unknown_token_id", "sep": "tokenizer.ggml.seperator_token_id",
+            "pad": "tokenizer.ggml.padding_token_id", "mask": "tokenizer.ggml.mask_token_id"}
+_ADD_KEYS = {"bos": "tokenizer.ggml.add_bos_token", "eos": "tokenizer.ggml.add_eos_token",
+             "sep": "tokenizer.ggml.add_sep_token"}
+# the ids every HF config class has a field for
+_CONFIG_ID_TYPES = ("bos", "eos", "pad")
+
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(add_prefix_space: bool, trim_offsets: bool, use_regex: bool) -> dict[str, Any]:
+    return {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": trim_offsets,
+            "use_regex": use_regex}
+
+
+def _split(regex: str) -> dict[str, Any]:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+# pre-tokenizers for which llama.cpp's runtime adds BOS when the GGUF has no add_bos_token key
+_BOS_BY_DEFAULT = frozenset({"llama-bpe", "llama3", "llama-v3"})
+
+
+# tokenizer.ggml.pre -> (normalizer, pre_tokenizer, decoder, ignore_merges), as the reference checkpoints of
+# each family write them (Meta-Llama-3, Qwen1.5-3, SmolLM/StarCoder2, GPT-2); these are also the shapes
+# qtool convert recognises, so the name survives the round trip
+def _bpe_family(pre: str) -> tuple[Any, Any, Any, bool]:
+    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe"):
+        # llama.cpp runs the Llama-3 names with ignore_merges, Smaug without
+        return (None, {"type": "Sequence", "pretokenizers": [_split(_LLAMA3_REGEX), _byte_level(False, True, False)]},
+                _byte_level(True, True, True), pre != "smaug-bpe")
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+        return ({"type": "NFC"},
+                {"type": "Sequence", "pretokenizers": [_split(_QWEN2_REGEX), _byte_level(False, False, False)]},
+                _byte_level(False, False, False), False)
+    if pre in ("smollm", "starcoder", "refact"):
+        return (None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                             _byte_level(False, True, True)]},
+                _byte_level(True, True, True), False)
+    if pre == "gpt-2":
+        return None, _byte_level(False, True, True), _byte_level(True, True, True), False
+    raise QtoolError(f"BPE pre-tokenizer {pre!r} cannot be exported yet; known: llama-bpe, smaug-bpe, qwen2, "
+                     "deepseek-r1-qwen, smollm, starcoder, refact, gpt-2")
+
+
+def _added_token(content: str, special: bool) -> dict[str, Any]:
+    # normalized=False: llama.cpp matches added tokens in the raw text, before any normalization
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": special}
+
+
+@dataclass
+class _Vocab:
+    model: str
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None
+    merges: list[str] | None
+    ids: dict[str, int]                      # special ids present in the GGUF
+    add: dict[str, bool]                     # add_{bos,eos,sep} flags present in the GGUF
+    add_space_prefix: bool | None
+    add_space_prefix_first: bool             # written before tokenizer.ggml.model (tokenizer_config's flag)
+    chat_template: Any
+
+
+def _read_vocab(kv: dict[str, Any], notes: list[str]) -> _Vocab | None:
+    model = kv.get("tokenizer.ggml.model")
+    if model is None:
+        notes.append("warning: the GGUF has no tokenizer; none written")
+        return None
+    if model not in ("llama", "gpt2"):
+        raise QtoolError(f"tokenizer model {model!r} cannot be exported (only SentencePiece 'llama' and BPE 'gpt2')")
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise QtoolError("GGUF tokenizer has no tokens")
+    types = kv.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    n = len(tokens)
+    ids = {}
+    for typ, key in _ID_KEYS.items():
+        if (v := kv.get(key)) is not None:
+            if 0 <= v < n:
+                ids[typ] = int(v)
+            else:
+                notes.append(f"warning: {key} {v} is outside the vocab ({n} tokens), dropped")
+    # eot/eom become extra stop ids in generation_config.json; these have no HF home
+    for extra in ("cls", "prefix", "suffix", "middle", "fim_pre", "fim_suf", "fim_mid"):
+        if kv.get(f"tokenizer.ggml.{extra}_token_id") is not None:
+            notes.append(f"tokenizer.ggml.{extra}_token_id has no HF tokenizer field, not carried over")
+    add = {typ: bool(kv[key]) for typ, key in _ADD_KEYS.items() if key in kv}
+    keys = list(kv)
+    prefix = kv.get("tokenizer.ggml.add_space_prefix")
+    first = (prefix is not None and "tokenizer.ggml.model" in keys
+             and keys.index("tokenizer.ggml.add_space_prefix") < keys.index("tokenizer.ggml.model"))
+    template: Any = kv.get("tokenizer.chat_template")
+    named = kv.get("tokenizer.chat_templates") or []
+    if named:
+        template = ([{"name": "default", "template": template}] if template is not None else []) + [
+            {"name": nm, "template": kv[f"tokenizer.chat_template.{nm}"]} for nm in named
+            if f"tokenizer.chat_template.{nm}" in kv]
+    for key in ("tokenizer.ggml.normalizer.lowercase", "tokenizer.ggml.normalizer.strip_accents"):
+        if key in kv:
+            notes.append(f"warning: {key} is not carried over")
+    return _Vocab(model, list(tokens), [int(t) for t in types], kv.get("tokenizer.ggml.scores"),
+                  kv.get("tokenizer.ggml.merges"), ids, add, prefix, first, template)
+
+
+def _dump(obj: Any, indent: int | None = 2) -> bytes:
+    return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _spm_files(v: _Vocab, n_ctx: int | None, notes: list[str]) -> tuple[dict[str, bytes], set[str]]:
+    """tokenizer.model (a SentencePiece ModelProto built from the GGUF vocab) and its tokenizer_config.json."""
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    scores = v.scores or [0.0] * len(v.tokens)
+    proto = sp_pb2.ModelProto()
+    odd_types = 0
+    for text, score, ttype in zip(v.tokens, scores, v.types):
+        piece = proto.pieces.add()
+        piece.piece = text
+        piece.score = score
+        if ttype not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            odd_types += 1
+            ttype = NORMAL
+        piece.type = ttype
+    if odd_types:
+        notes.append(f"warning: {odd_types} token(s) with an undefined token type written as NORMAL")
+    unk = next((i for i, t in enumerate(v.types) if t == UNKNOWN), None)
+    if unk is None:
+        raise QtoolError("SentencePiece vocab has no UNKNOWN token; sentencepiece cannot load it")
+
+    # the fields sentencepiece reads at load time: model type, byte fallback, the special pieces
+    ts = proto.trainer_spec
+    ts.model_type = sp_pb2.TrainerSpec.BPE
+    ts.vocab_size = len(v.tokens)
+    ts.byte_fallback = BYTE in v.types
+    ts.unk_id, ts.unk_piece = unk, v.tokens[unk]
+    for typ, id_field, piece_field in (("bos", "bos_id", "bos_piece"), ("eos", "eos_id", "eos_piece"),
+                                       ("pad", "pad_id", "pad_piece")):
+        tid = v.ids.get(typ, -1)
+        if tid >= 0 and v.types[tid] != CONTROL:
+            tid = -1  # sentencepiece only accepts control pieces here
+        setattr(ts, id_field, tid)
+        if tid >= 0:
+            setattr(ts, piece_field, v.tokens[tid])
+    ns = proto.normalizer_spec
+    ns.name = "identity"                    # llama.cpp's runtime does not normalize either
+    ns.add_dummy_prefix = v.add_space_prefix is not False
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    raw = proto.SerializeToString()
+    try:
+        SentencePieceProcessor().LoadFromSerializedProto(raw)
+    except Exception as e:  # sentencepiece raises RuntimeError with its own message
+        raise QtoolError(f"the GGUF vocab does not make a valid SentencePiece model: {e}") from None
+
+    tc: dict[str, Any] = {
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    if n_ctx is not None:
+        tc["model_max_length"] = int(n_ctx)
+    if v.add_space_prefix is not None:
+        tc["add_prefix_space"] = v.add_space_prefix
+    for typ, flag in v.add.items():
+        tc[f"add_{typ}_token"] = flag
+    special_map = {}
+    for typ, tid in v.ids.items():
+        tc[f"{typ}_token"] = special_map[f"{typ}_token"] = v.tokens[tid]
+    if v.chat_template is not None:
+        tc["chat_template"] = v.chat_template
+    files = {"tokenizer.model": raw, "tokenizer_config.json": _dump(dict(sorted(tc.items()))),
+             "special_tokens_map.json": _dump(special_map)}
+    # without a tokenizer.json the converters take every special id from config.json
+    return files, set(v.ids)
+
+
+def _bpe_files(v: _Vocab, n_ctx: int | None, notes: list[str], pre: str) -> tuple[dict[str, bytes], set[str]]:
+    """tokenizer.json (byte-level BPE with the family's pre-tokenizer) and its tokenizer_config.json."""
+    from tokenizers import Tokenizer
+
+    normalizer, pre_tokenizer, decoder, ignore_merges = _bpe_family(pre)
+    add = dict(v.add)
+    if "bos" not in add and pre in _BOS_BY_DEFAULT:
+        # llama.cpp's runtime adds BOS for these even without the key; HF needs it spelled out
+        add["bos"] = True
+        notes.append(f"add_bos_token=true written: llama.cpp adds BOS for pre-tokenizer {pre!r} by default")
+    vocab: dict[str, int] = {}
+    added: list[dict[str, Any]] = []
+    dropped = 0
+    for i, (text, ttype) in enumerate(zip(v.tokens, v.types)):
+        if ttype == UNUSED and text == f"[PAD{i}]":
+            continue  # fillers up to vocab_size; the converter makes them again
+        if text in vocab:
+            dropped += 1
+            continue
+        # every token, added ones included, sits in the model vocab: tokenizers gives an added token that is
+        # not in it the next free id, whatever id the file says
+        vocab[text] = i
+        if ttype in (CONTROL, USER_DEFINED):
+            added.append({"id": i, **_added_token(text, special=ttype == CONTROL)})
+    if dropped:
+        notes.append(f"warning: {dropped} duplicate token text(s) dropped (a BPE vocab maps each text to one id)")
+    if not v.merges:
+        raise QtoolError("BPE vocab has no merges")
+    merges = []
+    for m in v.merges:
+        # llama.cpp splits an entry at the first space after its first character
+        cut = m.find(" ", 1)
+        if cut < 0:
+            raise QtoolError(f"malformed BPE merge {m!r}")
+        merges.append([m[:cut], m[cut + 1:]])
+
+    # The post-processor says which specials encode() adds. The converter reads the add_* flags from it
+    # (ByteLevel: bos/eos false unless set; a template: true for the specials it adds), then fills the
+    # rest from tokenizer_config.json, so together they reproduce exactly the flags the GGUF has.
+    processors: list[dict[str, Any]] = []
+    if "bos" in add and "eos" in add:
+        processors.append(_byte_level(True, False, True))
+    single: list[dict[str, Any]] = [{"Sequence": {"id": "A", "type_id": 0}}]
+    pair: list[dict[str, Any]] = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]
+    specials: dict[str, Any] = {}
+    for typ, where in (("bos", 0), ("eos", None)):
+        if not add.get(typ):
+            continue
+        if typ not in v.ids:
+            raise QtoolError(f"tokenizer.ggml.add_{typ}_token is set but the GGUF has no {typ} token id")
+        text = v.tokens[v.ids[typ]]
+        if where == 0:
+            single.insert(0, {"SpecialToken": {"id": text, "type_id": 0}})
+            pair = [{"SpecialToken": {"id": text, "type_id": 0}}, pair[0],
+                    {"SpecialToken": {"id": text, "type_id": 1}}, pair[-1]]
+        else:
+            single.append({"SpecialToken": {"id": text, "type_id": 0}})
+            pair.append({"SpecialToken": {"id": text, "type_id": 1}})
+        specials[text] = {"id": text, "ids": [v.ids[typ]], "tokens": [text]}
+    if specials:
+        processors.append({"type": "TemplateProcessing", "single": single, "pair": pair,
+                           "special_tokens": specials})
+    post = None if not processors else processors[0] if len(processors) == 1 else \
+        {"type": "Sequence", "processors": processors}
+
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": a["id"], "content": a["content"], "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": a["normalized"], "special": a["special"]} for a in added],
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post,
+        "decoder": decoder,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+    }
+    text = json.dumps(tokenizer_json, ensure_ascii=False)
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise QtoolError(f"the GGUF vocab does not make a valid tokenizer.json: {e}") from None
+    wrong = next((a for a in added if tok.token_to_id(a["content"]) != a["id"]), None)
+    if wrong is not None:
+        raise QtoolError(f"internal: added token {wrong['content']!r} did not keep id {wrong['id']}")
+
+    tc: dict[str, Any] = {
+        "added_tokens_decoder": {str(a["id"]): {k: a[k] for k in sorted(a) if k != "id"} for a in added},
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    if n_ctx is not None:
+        tc["model_max_length"] = int(n_ctx)
+    if v.add_space_prefix is not None:
+        tc["add_prefix_space"] = v.add_space_prefix
+    for typ, flag in add.items():
+        tc[f"add_{typ}_token"] = flag
+    special_map: dict[str, Any] = {}
+    in_files = set()
+    added_ids = {a["id"] for a in added}
+    for typ, tid in v.ids.items():
+        # tokenizer_config names only added tokens: the converter looks the text up among them, and naming a
+        # plain vocab entry would make transformers (and the converter) turn it into a special token
+        if tid in added_ids:
+            tc[f"{typ}_token"] = special_map[f"{typ}_token"] = v.tokens[tid]
+            in_files.add(typ)
+    if v.chat_template is not None:
+        tc["chat_template"] = v.chat_template
+    files = {"tokenizer.json": (text + "\n").encode("utf-8"),
+             "tokenizer_config.json": _dump(dict(sorted(tc.items()))),
+             "special_tokens_map.json": _dump(special_map)}
+    return files, {typ for typ in v.ids if typ not in in_files}
+
+
+def hf_tokenizer_files(kv: dict[str, Any], n_ctx: int | None = None,
+                       notes: list[str] | None = None) -> tuple[dict[str, bytes], dict[str, int]]:
+    """The HF tokenizer files for the GGUF metadata `kv` (key -> value): file name -> content, and the
+    ``{type}_token_id`` entries config.json must carry. `n_ctx` becomes model_max_length."""
+    files, ids, _ = _tokenizer_files(kv, n_ctx, notes if notes is not None else [])
+    return files, ids
+
+
+def _tokenizer_files(kv: dict[str, Any], n_ctx: int | None,
+                     notes: list[str]) -> tuple[dict[str, bytes], dict[str, int], _Vocab | None]:
+    v = _read_vocab(kv, notes)
+    if v is None:
+        return {}, {}, None
+    if v.model == "llama":
+        if kv.get("tokenizer.ggml.pre") not in (None, "default"):
+            notes.append(f"warning: SentencePiece vocab with pre-tokenizer {kv['tokenizer.ggml.pre']!r}: "
+                         "written as a plain SentencePiece model")
+        files, config_types = _spm_files(v, n_ctx, notes)
+    else:
+        pre = kv.get("tokenizer.ggml.pre") or "default"
+        files, config_types = _bpe_files(v, n_ctx, notes, pre)
+    config_types |= {t for t in _CONFIG_ID_TYPES if t in v.ids}
+    ids = {f"{typ}_token_id": v.ids[typ] for typ in _ID_KEYS if typ in config_types}
+    return files, ids, v
+
+
+def _generation_config(kv: dict[str, Any], v: _Vocab | None) -> dict[str, Any]:
+    g: dict[str, Any] = {}
+    if v is not None:
+        for typ in ("bos", "pad"):
+            if typ in v.ids:
+                g[f"{typ}_token_id"] = v.ids[typ]
+        # HF stops on any of a list of ids; llama.cpp keeps end-of-turn/-message apart from eos
+        stops = [v.ids["eos"]] if "eos" in v.ids else []
+        for extra in ("eot", "eom"):
+            tid = kv.get(f"tokenizer.ggml.{extra}_token_id")
+            if tid is not None and tid not in stops and 0 <= tid < len(v.tokens):
+                stops.append(int(tid))
+        if stops:
+            g["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    # general.sampling.* under the names llama.cpp's converter reads back (and HF's where it has one)
+    sampling = {"top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "temp": "temperature",
+                "penalty_repeat": "penalty_repeat", "penalty_last_n": "penalty_last_n", "sequence": "sequence",
+                "xtc_probability": "xtc_probability", "xtc_threshold": "xtc_threshold", "mirostat": "mirostat",
+                "mirostat_tau": "mirostat_tau", "mirostat_eta": "mirostat_eta"}
+    for key, name in sampling.items():
+        value = kv.get(f"general.sampling.{key}")
+        if value is None:
+            continue
+        g[name] = _nice_float(value) if isinstance(value, float) else value
+    if "penalty_repeat" in g:
+        g["repetition_penalty"] = g["penalty_repeat"]
+    if any(k in g for k in ("temperature", "top_k", "top_p", "min_p")):
+        g["do_sample"] = g.get("temperature", 1.0) > 0
+    return dict(sorted(g.items()))
+
+
+# general.* key -> model-card front-matter key that gguf's Metadata.load (used by qtool convert) reads back
+_CARD_KEYS = {"general.name": "name", "general.author": "author", "general.version": "version",
+              "general.organization": "organization", "general.description": "description",
+              "general.finetune": "finetune", "general.basename": "basename", "general.size_label": "size_label",
+              "general.license": "license", "general.license.name": "license_name",
+              "general.license.link": "license_link", "general.tags": "tags", "general.languages": "language"}
+
+
+def _model_card(kv: dict[str, Any], gguf_path: Path, dtype: DType, quantized: bool) -> bytes:
+    """README.md: YAML front matter with the GGUF's general.* metadata, and where the weights came from."""
+    # JSON scalars and lists are valid YAML flow values, so json.dumps does the quoting
+    front = [f"{card}: {json.dumps(kv[key], ensure_ascii=False)}" for key, card in _CARD_KEYS.items()
+             if kv.get(key) not in (None, "", [])]
+    title = kv.get("general.name") or gguf_path.stem
+    origin = ("dequantized from its quantized tensors, so it carries their rounding error"
+              if quantized else "copied from its tensors")
+    body = (f"# {title}\n\nExported from `{gguf_path.name}` by `qtool export-hf` as {dtype.torch}; the weights "
+            f"were {origin}.\n")
+    return (("---\n" + "\n".join(front) + "\n---\n\n" if front else "") + body).encode("utf-8")
+
+
+# --- plan ------------------------------------------------------------------------------------------------------
+
+def _default_dtype(tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]]) -> DType:
+    """The GGUF's own float type when its weights are unquantized, else bf16 (the usual HF dtype)."""
+    weights = {t.qtype for _, t in tensors.values() if len(t.shape) >= 2}
+    if weights <= {GGMLQuantizationType.F32}:
+        return DTYPES["f32"]
+    if weights <= {GGMLQuantizationType.F16, GGMLQuantizationType.F32}:
+        return DTYPES["f16"]
+    return DTYPES["bf16"]
+
+
+def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
+    gguf_path = Path(gguf_path)
+    kv, tensors = _open_gguf(gguf_path)
+    arch_name = kv.get("general.architecture")
+    if arch_name is None:
+        raise QtoolError(f"{gguf_path}: no general.architecture")
+    arch = arch_for_gguf(arch_name)
+    if not tensors:
+        raise QtoolError(f"{gguf_path}: no tensors (a vocab-only file?)")
+    if dtype == "auto":
+        dt = _default_dtype(tensors)
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise QtoolError(f"unknown --dtype {dtype!r}; choose one of: {', '.join([*DTYPES, 'auto'])}")
+
+    notes: list[str] = []
+    hp = _hparams(kv, arch, tensors)
+    config = _hf_config(kv, arch, hp, tensors, dt, notes)
+    tok_files, config_ids, vocab = _tokenizer_files(kv, hp["n_ctx"], notes)
+    config.update(config_ids)
+    if vocab is not None and len(vocab.tokens) != hp["n_vocab"]:
+        notes.append(f"warning: {len(vocab.tokens)} tokens but token_embd has {hp['n_vocab']} rows; "
+                     "qtool convert will not give back the same vocab")
+    if arch.gguf_name == "llama" and "rope_freqs.weight" in tensors:
+        f, t = tensors["rope_freqs.weight"]
+        factors = np.array(f.array(t), dtype=np.float32)
+
+        def check(params: dict[str, Any]) -> np.ndarray | None:
+            trial = {**config, "rope_scaling": params}
+            return llama3_rope_factors(model_spec(trial))
+
+        params, note = recover_llama3_rope(factors, check, config["rope_theta"], hp["head_dim"])
+        config["rope_scaling"] = params
+        notes.append(note)
+    config = dict(sorted(config.items()))
+    hf_tensors = _plan_tensors(arch, hp, config, tensors)
+    quantized = any(t.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+                    for _, t in tensors.values())
+    if quantized:
+        notes.append(f"quantized tensors dequantized to float32, then stored as {dt.torch}")
+    files = {**tok_files, "README.md": _model_card(kv, gguf_path, dt, quantized)}
+    return ExportPlan(gguf_path, arch, dt, config, _generation_config(kv, vocab), hf_tensors, files, notes)
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+def shard_groups(plan: ExportPlan, max_shard_size: int) -> list[list[HFTensor]]:
+    """Tensors per safetensors file: a new file when the next tensor would pass the limit (as transformers
+    does; a tensor larger than the limit gets a file of its own)."""
+    groups: list[list[HFTensor]] = [[]]
+    size = 0
+    for t in plan.tensors:
+        nbytes = _numel(t.shape) * plan.dtype.itemsize
+        if groups[-1] and max_shard_size and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes
+    return groups
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_safetensors(path: Path, group: list[HFTensor], dtype: DType, on_tensor: Callable[[int, str], None]) -> None:
+    """Streams one safetensors file: the header is known from shapes alone, then each tensor's bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in group:
+        nbytes = _numel(t.shape) * dtype.itemsize
+        header[t.name] = {"dtype": dtype.safetensors, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)   # the data section starts 8-byte aligned, as the reference writer pads it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in group:
+            data = encode_as(t.load(), dtype, t.name)
+            expected = _numel(t.shape) * dtype.itemsize
+            if data.nbytes != expected:
+                raise QtoolError(f"internal: tensor {t.name} has {data.nbytes} bytes, expected {expected}")
+            f.write(memoryview(data))
+            on_tensor(data.nbytes, t.name)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_OWNED = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+                    r"generation_config\.json|tokenizer\.json|tokenizer\.model|tokenizer_config\.json|"
+                    r"special_tokens_map\.json|README\.md)$")
+
+
+def write_export(plan: ExportPlan, outdir: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 force: bool = False, progress: Progress | None = None) -> list[Path]:
+    """Write the checkpoint into `outdir` (created; an existing one needs `force`). Returns the files written.
+
+    Everything is written into a temporary directory first and moved into place only when complete, so a
+    failure never leaves a partial checkpoint. With `force`, files of an earlier export in `outdir` that this
+    one does not write (e.g. shards of another count) are removed; other files are left alone.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise QtoolError(f"{outdir} exists and is not a directory")
+    parent = outdir.parent if not outdir.exists() else outdir
+    if not parent.is_dir():
+        raise QtoolError(f"{parent} does not exist")
+    groups = shard_groups(plan, max_shard_size)
+    names = _shard_names(len(groups))
+    files: dict[str, bytes] = {
+        "config.json": _dump(plan.config),
+        "generation_config.json": _dump(plan.generation_config),
+        **plan.files,
+    }
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": plan.nbytes},
+                 "weight_map": {t.name: name for name, g in zip(names, groups) for t in g}}
+        files["model.safetensors.index.json"] = _dump(index)
+    written = names + list(files)
+    stale: list[Path] = []
+    if outdir.exists():
+        ours = [p for p in outdir.iterdir() if _OWNED.match(p.name)]
+        if ours and not force:
+            shown = min(ours, key=lambda p: (p.name != "config.json", p.name)).name
+            raise QtoolError(f"{outdir} already holds {shown} (use --force to overwrite)")
+        stale = [p for p in ours if p.name not in written]
+
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".qtool-tmp-", dir=parent))
+    except OSError as e:
+        raise QtoolError(f"cannot write to {parent}: {e.strerror}") from None
+    try:
+        total, done = plan.nbytes, 0
+
+        def on_tensor(nbytes: int, name: str) -> None:
+            nonlocal done
+            done += nbytes
+            if progress is not None:
+                progress(done, total, name)
+
+        try:
+            for name, group in zip(names, groups):
+                _write_safetensors(tmp / name, group, plan.dtype, on_tensor)
+            for name, content in files.items():
+                (tmp / name).write_bytes(content)
+        except OSError as e:
+            raise QtoolError(f"writing {outdir}: {e.strerror or e}") from None
+        try:
+            if not outdir.exists():
+                os.rename(tmp, outdir)
+            else:
+                for name in written:
+                    os.replace(tmp / name, outdir / name)
+                for p in stale:
+                    p.unlink()
+        except OSError as e:
+            raise QtoolError(f"moving the export into {outdir}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [outdir / n for n in written]
+
+
+def export_hf(gguf_path: str | Path, outdir: str | Path, *, dtype: str = "auto",
+              max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
+              progress: Progress | None = None) -> tuple[ExportPlan, list[Path]]:
+    plan = plan_export(gguf_path, dtype)
+    return plan, write_export(plan, outdir, max_shard_size=max_shard_size, force=force, progress=progress)
