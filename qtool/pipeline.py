@@ -223,7 +223,7 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
         def do_imatrix() -> None:
             from qtool.evaluate.imatrix import compute_imatrix_file
             compute_imatrix_file(base, im["dataset"] if im["dataset"] == "wikitext" else str(recipe.resolve(im["dataset"])),
-                                 imatrix_path, n_ctx=im.get("ctx", 512), n_chunks=im.get("chunks"))
+                                 imatrix_path, n_ctx=im.get("ctx", 512), n_chunks=im.get("chunks"), force=True)
         ds = im["dataset"]
         ds_fp = ds if ds == "wikitext" else fingerprint(recipe.resolve(ds)) if recipe.resolve(ds).exists() else ds
         step("imatrix", {"base": fingerprint(base) if base.exists() else "", "dataset": ds_fp, **im},
