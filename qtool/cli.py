@@ -280,10 +280,13 @@ def _print_quantize_report(report) -> None:
     if report.fallbacks:
         fb = Table(title=f"{len(report.fallbacks)} tensors fell back to another type because of their row length")
         for col in ("tensors", "wanted", "got", "why"):
-            fb.add_column(col)
+            fb.add_column(col, overflow="fold")
         for names, wanted, got, why in _group_by_layer(report.fallbacks):
             fb.add_row(names, wanted, got, why)
         out.print(fb)
+        extra = report.fallback_extra_bytes
+        out.print(f"the fallbacks cost {mb(extra)} (+{8 * extra / report.n_params:.3f} bits per weight) over the "
+                  f"types the rules wanted", soft_wrap=True)
     verb = "would be" if report.dry_run else "is"
     out.print(f"{report.n_params:,} parameters: {mb(report.input_bytes)} "
               f"({report.input_bits_per_weight:.3f} bits per weight) → {mb(report.output_bytes)} "
@@ -465,6 +468,88 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, 
     err.print(f"sampling    {1e3 * t.sample_seconds:10.2f} ms / {t.samples:5d} tokens")
     err.print(f"stopped: {result.stop_reason} after {len(result.tokens)} tokens"
               + (f"; seed {result.seed}" if result.seed is not None else "; greedy"))
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--dataset", "-f", default=None,
+              help="Calibration text: a .txt/.raw, .jsonl ('text' field) or .parquet file, or 'wikitext'.")
+@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", "n_chunks", type=int, default=None, help="Use at most N chunks.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("imatrix.gguf"), show_default=True,
+              help="The imatrix file to write.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "dat"], case_sensitive=False), default=None,
+              help="gguf (llama.cpp's current format) or dat (legacy). Default: dat for a .dat name, else gguf.")
+@click.option("--process-output", is_flag=True, help="Also collect output.weight (not a tied output).")
+@click.option("--in-file", "in_files", multiple=True, type=click.Path(path_type=Path),
+              help="An earlier imatrix to add in (repeatable). Without --dataset the files are only combined.")
+@click.option("--parse-special", is_flag=True, help="Tokenize special-token texts in the dataset as special tokens.")
+@click.option("--max-memory", default=None, help="Memory for float32 weights kept between chunks (e.g. 8G).")
+@click.option("--show", "show_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Print per-tensor statistics of an imatrix file (with MODEL: also its uncalibrated tensors).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def imatrix(model, dataset, n_ctx, n_chunks, output, fmt, process_output, in_files, parse_special, max_memory,
+            show_file, force):
+    """Importance matrix of MODEL over a calibration text, as llama-imatrix computes it (for quantize --imatrix)."""
+    from qtool.evaluate.imatrix import compute_imatrix_file, summarize_imatrix
+    from qtool.gguf_io import parse_size
+
+    if show_file is not None:
+        _print_imatrix_summary(summarize_imatrix(show_file, model))
+        return
+    if dataset is None and not in_files:
+        raise QtoolError("missing --dataset (a calibration text), or --in-file files to combine, or --show FILE")
+    with Progress(TextColumn("[bold]imatrix[/]"), BarColumn(), TextColumn("{task.fields[chunks]}"),
+                  TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[eta]}"),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("imatrix", total=None, chunks="", rate="", eta="")
+
+        def progress(p) -> None:
+            eta = p.eta_seconds
+            bar.update(task, completed=p.tokens_done, total=p.n_tokens, chunks=f"{p.chunks_done}/{p.n_chunks} chunks",
+                       rate=f"{p.tokens_per_second:,.0f} tok/s",
+                       eta=f"ETA {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else "")
+
+        run = compute_imatrix_file(model, dataset, output, n_ctx=n_ctx, n_chunks=n_chunks, fmt=fmt,
+                                   process_output=process_output, in_files=in_files, parse_special=parse_special,
+                                   max_memory=parse_size(max_memory) if max_memory else None, force=force,
+                                   progress=progress)
+    for note in run.notes:
+        _note(note)
+    merged = f"{len(in_files)} file(s) merged; " if in_files else ""
+    collected = (f"{run.n_chunks} chunks of {run.n_ctx} tokens in {run.seconds:.1f} s "
+                 f"({run.tokens_per_second:,.0f} tok/s); " if run.n_chunks else "")
+    err.print(f"{collected}{merged}{run.n_entries} tensors, {run.chunk_count} chunks recorded ({run.format})")
+    out.print(str(run.path), soft_wrap=True)
+
+
+def _print_imatrix_summary(s) -> None:
+    legacy = s.legacy
+    t = Table(title=f"{s.path} ({'legacy .dat' if legacy else 'GGUF'}): {len(s.tensors)} tensors")
+    cols = ("tensor", "chunks" if legacy else "tokens", "coverage", "Σ(Act²)", "mean", "min", "max", "zero cols")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "tensor" else "right")
+    for ts in s.tensors:
+        seen = f"{ts.chunks:g}" if legacy else f"{ts.tokens:,}"
+        coverage = f"{100 * ts.coverage:.1f} %"
+        if ts.n_mat > 1:
+            coverage += f" ({ts.matrices_with_data}/{ts.n_mat} experts)"
+        partial = ts.coverage < 1 or ts.matrices_with_data < ts.n_mat
+        t.add_row(ts.name, seen, f"[yellow]{coverage}[/]" if partial else coverage, f"{ts.total:.4g}",
+                  f"{ts.mean:.4g}", f"{ts.min:.4g}", f"{ts.max:.4g}",
+                  f"[yellow]{ts.zero_columns}[/]" if ts.zero_columns else "0")
+    wide = out if out.is_terminal else Console(file=out.file, width=200, highlight=False)
+    wide.print(t)
+    size = "" if legacy else f" of {s.chunk_size} tokens"
+    out.print(f"datasets: {', '.join(s.datasets) or '(none recorded)'}; {s.chunk_count} chunks{size}", soft_wrap=True)
+    if s.zero_columns:
+        n = sum(1 for ts in s.tensors if ts.zero_columns)
+        _note(f"warning: {s.zero_columns} columns in {n} tensors never saw a non-zero input; "
+              f"quantizers ignore them")
+    if s.missing:
+        shown = ", ".join(s.missing[:4]) + (", …" if len(s.missing) > 4 else "")
+        _note(f"warning: {len(s.missing)} matrices of the model have no entry and will be quantized without "
+              f"the imatrix: {shown}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,7 +42,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     qtype: GGMLQuantizationType
-    load: Callable[[], np.ndarray]
+    load: Callable[[], np.ndarray]   # float data to encode as qtype, or uint8: the stored bytes, written as-is
 
 
 def add_kv(writer: gguf.GGUFWriter, key: str, value: Any, vtype: GGUFValueType,
@@ -120,7 +120,9 @@ def write_gguf(path: Path, arch: str, kvs: Sequence[tuple[str, Any, GGUFValueTyp
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in tensors:
-                data = encode_tensor(t.load(), t.qtype)
+                data = t.load()
+                if data.dtype != np.uint8:      # uint8 is already the stored bytes (e.g. quantized by qtool)
+                    data = encode_tensor(data, t.qtype)
                 if data.nbytes != tensor_nbytes(t.shape, t.qtype):
                     raise QtoolError(f"internal: tensor {t.name} has {data.nbytes} bytes, "
                                      f"expected {tensor_nbytes(t.shape, t.qtype)}")

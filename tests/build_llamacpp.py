@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fetch_llamacpp import DEFAULT_VERSION  # noqa: E402
 from tests.llamacpp import ensure_llamacpp  # noqa: E402
 
-TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-gguf-split", "llama-tokenize")
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-gguf-split", "llama-tokenize",
+         "llama-completion")
 
 
 def build_dir(version: str = DEFAULT_VERSION) -> Path:

@@ -1,0 +1,453 @@
+"""One transformer forward pass for every supported GGUF architecture, in float32 numpy.
+
+The architectures differ only in switches held by `ModelConfig` (rope style, ALiBi, q/k norm, biases,
+tied output); the pass itself is the llama graph of llama.cpp (src/models/{llama,qwen2,qwen3,baichuan}.cpp):
+
+    x = token_embd[tokens]
+    for each layer:  x += attention(rms_norm(x)) ;  x += ffn(rms_norm(x))
+    logits = rms_norm(x) @ output.T
+
+Weights are read in the GGUF layout (q/k rows permuted for llama/baichuan, whose NORM rope rotates
+adjacent pairs), so no tensor is rewritten on load.
+
+Two extension points:
+- `on_matmul_input(weight_name, x)`: called with the input rows of every matrix product, before it runs
+  (an importance-matrix collector squares and sums them). One attribute test when unused.
+- `KVCache`: pass one to `forward` to decode incrementally; keys and values of earlier calls are reused.
+
+`forward` processes a batch of sequences layer by layer, so a model whose float32 weights are not kept
+in memory dequantizes each layer once per batch, not once per sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from numba import njit, prange
+
+from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
+from qtool.errors import QtoolError
+from qtool.evaluate.weights import GGUFWeights
+
+MatmulHook = Callable[[str, np.ndarray], None]
+
+# ggml's YaRN defaults; the GGUF yarn_beta_* keys are not read by these architectures (reference §A.6).
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
+# Query rows per causal attention block: smaller skips more masked products, larger keeps BLAS efficient.
+ATTENTION_BLOCK = 128
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    rms_eps: float
+    context_length: int
+    position: str = "rope"          # "rope" | "alibi" | "none" (Baichuan at depths other than 32 and 40)
+    rope_style: str = "neox"        # "norm": pairs (2i, 2i+1) ; "neox": pairs (i, i + n_rot/2)
+    n_rot: int = 0                  # leading dims of each head that rotate
+    rope_base: float = 10000.0
+    rope_freq_scale: float = 1.0    # 1 / rope.scaling.factor
+    yarn_orig_ctx: int = 0          # > 0: YaRN scaling with this original context
+    alibi_max_bias: float = 0.0
+    qk_norm: bool = False
+    tied_output: bool = False
+
+    @property
+    def n_group(self) -> int:
+        """Query heads per key/value head (GQA)."""
+        return self.n_head // self.n_head_kv
+
+    @classmethod
+    def from_weights(cls, w: GGUFWeights) -> ModelConfig:
+        name = w.value("general.architecture")
+        if name is None:
+            raise QtoolError(f"{w.path}: no general.architecture key")
+        arch = arch_for_gguf(name)
+
+        def key(suffix: str, default=_REQUIRED):
+            v = w.value(f"{name}.{suffix}")
+            if v is None:
+                if default is _REQUIRED:
+                    raise QtoolError(f"{w.path}: missing metadata key {name}.{suffix}")
+                return default
+            if isinstance(v, list):  # per-layer arrays are allowed by llama.cpp; we need them uniform
+                if len(set(v)) != 1:
+                    raise QtoolError(f"{w.path}: per-layer {name}.{suffix} values are not supported")
+                v = v[0]
+            return v
+
+        n_layer = int(key("block_count"))
+        n_embd = int(key("embedding_length"))
+        n_head = int(key("attention.head_count"))
+        n_head_kv = int(key("attention.head_count_kv", n_head))
+        head_dim = int(key("attention.key_length", n_embd // n_head))
+        if n_head_kv <= 0 or n_head % n_head_kv:
+            raise QtoolError(f"{w.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+
+        scaling = str(key("rope.scaling.type", "linear"))
+        factor = float(key("rope.scaling.factor", 0.0) or key("rope.scale_linear", 0.0))
+        if scaling not in ("none", "linear", "yarn"):
+            raise QtoolError(f"{w.path}: rope scaling {scaling!r} is not supported")
+        freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
+        context_length = int(key("context_length"))
+        yarn_orig = int(key("rope.scaling.original_context_length", context_length)) if scaling == "yarn" else 0
+
+        position, rope_style, alibi = "rope", arch.rope_style, 0.0
+        if arch.rope_style == "baichuan":
+            # llama.cpp decides by depth alone: 7B-shaped -> NORM rope, 13B-shaped -> ALiBi, else nothing
+            rope_style = "norm"
+            position = {BAICHUAN_ROPE_DEPTH: "rope", BAICHUAN_ALIBI_DEPTH: "alibi"}.get(n_layer, "none")
+            alibi = BAICHUAN_ALIBI_MAX_BIAS if position == "alibi" else 0.0
+
+        if not w.has("token_embd.weight"):
+            raise QtoolError(f"{w.path}: tensor 'token_embd.weight' is missing")
+        n_vocab, embd_cols = w.shape("token_embd.weight")
+        if embd_cols != n_embd:
+            raise QtoolError(f"{w.path}: token_embd has {embd_cols} columns, embedding_length is {n_embd}")
+        tied = not w.has("output.weight")
+        if tied and arch.output_required:
+            raise QtoolError(f"{w.path}: tensor 'output.weight' is missing ({name} has no tied output)")
+        return cls(arch=name, n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                   n_head_kv=n_head_kv, head_dim=head_dim, n_ff=int(key("feed_forward_length")),
+                   rms_eps=float(key("attention.layer_norm_rms_epsilon")), context_length=context_length,
+                   position=position, rope_style=rope_style, n_rot=int(key("rope.dimension_count", head_dim)),
+                   rope_base=float(key("rope.freq_base", 10000.0)), rope_freq_scale=freq_scale,
+                   yarn_orig_ctx=yarn_orig, alibi_max_bias=alibi, qk_norm=arch.qk_norm, tied_output=tied)
+
+
+# --- building blocks --------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight for the rows of 2-D float32 x (sum in float64, as ggml)."""
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        total = 0.0
+        for i in range(n):
+            total += x[r, i] * x[r, i]
+        scale = np.float32(1.0 / math.sqrt(total / n + eps))
+        for i in range(n):
+            out[r, i] = x[r, i] * scale * weight[i]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm over the last axis of a C-contiguous float32 array (out may be x itself)."""
+    if out is None:
+        out = np.empty_like(x)
+    n = x.shape[-1]
+    rms_norm_rows(x.reshape(-1, n), weight, eps, out.reshape(-1, n))
+    return out
+
+
+def rope_angles(cfg: ModelConfig, positions: np.ndarray, freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, each (len(positions), n_rot/2) float32, of ggml's rope (with linear / YaRN / llama3 scaling)."""
+    half = cfg.n_rot // 2
+    i = np.arange(half, dtype=np.float64)
+    theta_extrap = positions[:, None].astype(np.float64) * cfg.rope_base ** (-2.0 * i / cfg.n_rot)
+    if freq_factors is not None:
+        theta_extrap = theta_extrap / freq_factors.astype(np.float64)
+    theta = cfg.rope_freq_scale * theta_extrap
+    mscale = 1.0
+    if cfg.yarn_orig_ctx:
+        def corr_dim(n_rotations: float) -> float:
+            return cfg.n_rot * math.log(cfg.yarn_orig_ctx / (n_rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_base))
+        low = max(0.0, math.floor(corr_dim(YARN_BETA_FAST)))
+        high = min(cfg.n_rot - 1.0, math.ceil(corr_dim(YARN_BETA_SLOW)))
+        ramp = 1.0 - np.clip((i - low) / max(0.001, high - low), 0.0, 1.0)
+        theta = theta * (1.0 - ramp) + theta_extrap * ramp
+        mscale = 1.0 + 0.1 * math.log(1.0 / cfg.rope_freq_scale)
+    return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+
+
+@njit(parallel=True, cache=True)
+def rope_rows(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_pos: int, neox: bool) -> None:
+    """Rotate x (rows, heads, head_dim) in place; row r is at position index r % n_pos of cos/sin (n_pos, n_rot/2).
+
+    NORM (llama, baichuan) rotates the pairs (2i, 2i+1), NEOX (qwen) the pairs (i, i + n_rot/2).
+    """
+    n_rows, n_heads, _ = x.shape
+    half = cos.shape[1]
+    for r in prange(n_rows):
+        t = r % n_pos
+        for h in range(n_heads):
+            for i in range(half):
+                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                x0, x1 = x[r, h, a], x[r, h, b]
+                x[r, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
+                x[r, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> None:
+    """Rotate x (B, T, heads, head_dim), C-contiguous, in place; cos/sin are (T, n_rot/2)."""
+    B, T, H, d = x.shape
+    rope_rows(x.reshape(B * T, H, d), cos, sin, T, style == "neox")
+
+
+def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
+    """Per-head ALiBi slopes as ggml's soft_max derives them from max_bias."""
+    n2 = 2 ** math.floor(math.log2(n_head))
+    m0 = 2.0 ** (-max_bias / n2)
+    m1 = 2.0 ** (-(max_bias / 2.0) / n2)
+    h = np.arange(n_head)
+    return np.where(h < n2, m0 ** (h + 1), m1 ** (2 * (h - n2) + 1)).astype(np.float32)
+
+
+@njit(parallel=True, cache=True)
+def causal_softmax_(scores: np.ndarray, q_start: int, slopes: np.ndarray, n_group: int) -> None:
+    """Masked softmax in place over attention scores (n_head_kv, n_q * n_group, n_k).
+
+    Row r of kv head h is query r // n_group (at position q_start + r // n_group) of query head
+    h * n_group + r % n_group. Keys after the query's position get probability 0 and are never exponentiated.
+    With ALiBi `slopes` (per query head; empty otherwise) each score first gets slope * (key position - query
+    position), as ggml's soft_max adds slope * mask with mask = -|i - j|. Sums in float64, as ggml.
+    """
+    n_kv, n_rows, n_k = scores.shape
+    alibi = slopes.size > 0
+    for idx in prange(n_kv * n_rows):
+        h = idx // n_rows
+        r = idx - h * n_rows
+        pos = q_start + r // n_group
+        row = scores[h, r]
+        if alibi:
+            slope = slopes[h * n_group + r % n_group]
+            for j in range(pos + 1):
+                row[j] += slope * np.float32(j - pos)
+        top = row[0]
+        for j in range(1, pos + 1):
+            top = max(top, row[j])
+        total = 0.0
+        for j in range(pos + 1):
+            e = math.exp(row[j] - top)
+            row[j] = e
+            total += e
+        inv = np.float32(1.0 / total)
+        for j in range(pos + 1):
+            row[j] *= inv
+        for j in range(pos + 1, n_k):
+            row[j] = 0.0
+
+
+@njit(parallel=True, cache=True)
+def silu_mul_(gate: np.ndarray, up: np.ndarray) -> None:
+    """gate = silu(gate) * up = gate / (1 + e^-gate) * up, in place over 2-D float32 rows."""
+    n_rows, n = gate.shape
+    for r in prange(n_rows):
+        for i in range(n):
+            g = gate[r, i]
+            gate[r, i] = g / (np.float32(1.0) + math.exp(-g)) * up[r, i]
+
+
+# --- caches -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, per layer (batch, n_head_kv, max_len, head_dim)."""
+
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+        shape = (batch, cfg.n_head_kv, max_len, cfg.head_dim)
+        return cls([np.zeros(shape, np.float32) for _ in range(cfg.n_layer)],
+                   [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)])
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+
+class _Workspace:
+    """Work buffers by role, reallocated only when a shape changes (each run reuses the same memory)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def __call__(self, role: str, shape: tuple[int, ...]) -> np.ndarray:
+        buf = self._bufs.get(role)
+        if buf is None or buf.shape != shape:
+            buf = self._bufs[role] = np.empty(shape, np.float32)
+        return buf
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+class Model:
+    """A GGUF causal language model: `forward(tokens) -> logits`."""
+
+    def __init__(self, weights: GGUFWeights, on_matmul_input: MatmulHook | None = None):
+        self.weights = weights
+        self.config = ModelConfig.from_weights(weights)
+        self.on_matmul_input = on_matmul_input
+        self._ws = _Workspace()
+        self._rope: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        c = self.config
+        self.rope_freqs = weights.get("rope_freqs.weight") if weights.has("rope_freqs.weight") else None
+        if self.rope_freqs is not None and self.rope_freqs.shape != (c.n_rot // 2,):
+            raise QtoolError(f"{weights.path}: rope_freqs has shape {self.rope_freqs.shape}, expected ({c.n_rot // 2},)")
+        self.alibi = alibi_slopes(c.n_head, c.alibi_max_bias) if c.position == "alibi" else np.empty(0, np.float32)
+        self.output_name = "token_embd.weight" if c.tied_output else "output.weight"
+        self._check_shapes()
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.n_vocab
+
+    def _check_shapes(self) -> None:
+        c, w = self.config, self.weights
+        q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        expected = {"output_norm.weight": (c.n_embd,)}
+        if not c.tied_output:
+            expected["output.weight"] = (c.n_vocab, c.n_embd)
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            expected.update({p + "attn_norm.weight": (c.n_embd,), p + "attn_q.weight": (q, c.n_embd),
+                             p + "attn_k.weight": (kv, c.n_embd), p + "attn_v.weight": (kv, c.n_embd),
+                             p + "attn_output.weight": (c.n_embd, q), p + "ffn_norm.weight": (c.n_embd,),
+                             p + "ffn_gate.weight": (c.n_ff, c.n_embd), p + "ffn_up.weight": (c.n_ff, c.n_embd),
+                             p + "ffn_down.weight": (c.n_embd, c.n_ff)})
+            if c.qk_norm:
+                expected[p + "attn_q_norm.weight"] = (c.head_dim,)
+                expected[p + "attn_k_norm.weight"] = (c.head_dim,)
+        for name, shape in expected.items():
+            if not w.has(name):
+                if name.startswith("blk.") and "attn_q." in name and w.has(name.replace("attn_q.", "attn_qkv.")):
+                    raise QtoolError(f"{w.path}: fused attn_qkv tensors are not supported")
+                raise QtoolError(f"{w.path}: tensor {name!r} is missing")
+            if w.shape(name) != shape:
+                raise QtoolError(f"{w.path}: tensor {name!r} has shape {w.shape(name)}, expected {shape}")
+
+    # --- pieces -------------------------------------------------------------------------------------------------
+    def _linear(self, name: str, x: np.ndarray, role: str) -> np.ndarray:
+        """x @ W.T (+ bias) into the work buffer `role`; `name` is the tensor name without '.weight'."""
+        if self.on_matmul_input is not None:
+            self.on_matmul_input(name + ".weight", x)
+        w = self.weights.get(name + ".weight")
+        out = np.matmul(x, w.T, out=self._ws(role, (x.shape[0], w.shape[0])))
+        if self.weights.has(name + ".bias"):
+            out += self.weights.get(name + ".bias")
+        return out
+
+    def _rope_tables(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (start, n)
+        tables = self._rope.get(key)
+        if tables is None:
+            if len(self._rope) > 8:
+                self._rope.clear()
+            tables = self._rope[key] = rope_angles(self.config, np.arange(start, start + n), self.rope_freqs)
+        return tables
+
+    def _attention(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int,
+                   cache: KVCache | None, out: np.ndarray) -> None:
+        """q (B, T, n_head, d), k/v (B, T, n_head_kv, d) -> out (B, T, n_head*d)."""
+        c = self.config
+        B, T = q.shape[:2]
+        G, d = c.n_group, c.head_dim
+        for b in range(B):
+            if cache is not None:
+                cache.k[il][b, :, start:start + T] = k[b].transpose(1, 0, 2)
+                cache.v[il][b, :, start:start + T] = v[b].transpose(1, 0, 2)
+                keys, values = cache.k[il][b], cache.v[il][b]
+            else:
+                keys = self._ws("keys", (c.n_head_kv, T, d))
+                values = self._ws("values", (c.n_head_kv, T, d))
+                keys[...] = k[b].transpose(1, 0, 2)
+                values[...] = v[b].transpose(1, 0, 2)
+            # query head h reads key/value head h // G: each kv head's G query heads, query-major, form one
+            # matrix whose consecutive row blocks are consecutive queries
+            queries = self._ws("queries", (c.n_head_kv, T * G, d))
+            queries.reshape(c.n_head_kv, T, G, d)[...] = q[b].reshape(T, c.n_head_kv, G, d).transpose(1, 0, 2, 3)
+            context = self._ws("context", (c.n_head_kv, T * G, d))
+            # causal blocks: queries [q0, q1) only need keys [0, start + q1), which skips ~40% of the products
+            for q0 in range(0, T, ATTENTION_BLOCK):
+                q1 = min(T, q0 + ATTENTION_BLOCK)
+                n_k = start + q1
+                rows = slice(q0 * G, q1 * G)
+                scores = self._ws("scores", (c.n_head_kv * ATTENTION_BLOCK * G * (start + T),))
+                scores = scores[:c.n_head_kv * (q1 - q0) * G * n_k].reshape(c.n_head_kv, (q1 - q0) * G, n_k)
+                np.matmul(queries[:, rows], keys[:, :n_k].transpose(0, 2, 1), out=scores)
+                causal_softmax_(scores, start + q0, self.alibi, G)
+                np.matmul(scores, values[:, :n_k], out=context[:, rows])
+            out[b] = context.reshape(c.n_head_kv, T, G, d).transpose(1, 0, 2, 3).reshape(T, -1)
+
+    # --- the pass -----------------------------------------------------------------------------------------------
+    def forward(self, tokens: np.ndarray, *, output_from: int = 0, cache: KVCache | None = None) -> np.ndarray:
+        """Logits (B, T - output_from, n_vocab) float32 for token ids (B, T) (or (T,) -> (T - output_from, n_vocab)).
+
+        Each row of `tokens` is one sequence at positions 0..T-1, or, with a `cache`, at positions
+        cache.length.. (the cache is extended by T). Only positions >= output_from get logits.
+        """
+        tokens = np.asarray(tokens)
+        squeeze = tokens.ndim == 1
+        if squeeze:
+            tokens = tokens[None]
+        B, T = tokens.shape
+        c, w, ws = self.config, self.weights, self._ws
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if cache.k[0].shape[0] != B or start + T > cache.capacity:
+                raise QtoolError(f"KV cache holds {cache.k[0].shape[0]} sequences of {cache.capacity} positions; "
+                                 f"got {B} x {T} tokens after {start}")
+        if not 0 <= output_from <= T:
+            raise ValueError(f"output_from {output_from} outside 0..{T}")
+        d, nq = c.head_dim, c.n_head * c.head_dim
+        rows = B * T
+        inv_sqrt_d = np.float32(1.0 / math.sqrt(d))
+
+        x = w.rows("token_embd.weight", tokens.reshape(-1))          # (B*T, n_embd)
+        cos, sin = self._rope_tables(start, T) if c.position == "rope" else (None, None)
+        attn_out = ws("attn_out", (B, T, nq))
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            h = rms_norm(x, w.get(p + "attn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd)))
+            q = self._linear(p + "attn_q", h, "q").reshape(B, T, c.n_head, d)
+            k = self._linear(p + "attn_k", h, "k").reshape(B, T, c.n_head_kv, d)
+            v = self._linear(p + "attn_v", h, "v").reshape(B, T, c.n_head_kv, d)
+            if c.qk_norm:
+                rms_norm(q, w.get(p + "attn_q_norm.weight"), c.rms_eps, out=q)
+                rms_norm(k, w.get(p + "attn_k_norm.weight"), c.rms_eps, out=k)
+            if cos is not None:
+                apply_rope(q, cos, sin, c.rope_style)
+                apply_rope(k, cos, sin, c.rope_style)
+            q *= inv_sqrt_d
+            self._attention(il, q, k, v, start, cache, attn_out)
+            x += self._linear(p + "attn_output", attn_out.reshape(rows, nq), "o")
+
+            h = rms_norm(x, w.get(p + "ffn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd)))
+            gate = self._linear(p + "ffn_gate", h, "gate")
+            up = self._linear(p + "ffn_up", h, "up")
+            silu_mul_(gate, up)
+            x += self._linear(p + "ffn_down", gate, "down")
+
+        if cache is not None:
+            cache.length = start + T
+        n_out = T - output_from
+        final = x.reshape(B, T, c.n_embd)[:, output_from:].reshape(B * n_out, c.n_embd)
+        final = rms_norm(final, w.get("output_norm.weight"), c.rms_eps)
+        logits = self._output(final)
+        logits = logits.reshape(B, n_out, c.n_vocab)
+        return logits[0] if squeeze else logits
+
+    def _output(self, h: np.ndarray) -> np.ndarray:
+        if self.on_matmul_input is not None:
+            self.on_matmul_input(self.output_name, h)
+        logits = np.empty((h.shape[0], self.config.n_vocab), np.float32)
+        for first, block in self.weights.row_blocks(self.output_name):
+            np.matmul(h, block.T, out=logits[:, first:first + block.shape[0]])
+        if self.weights.has("output.bias"):
+            logits += self.weights.get("output.bias")
+        return logits

@@ -1,0 +1,216 @@
+"""The block-format table: one entry per GGML type qtool writes, and the only module that knows block layouts.
+
+Each entry declares its block size, bytes per block, the row kernel that quantizes it byte-identically to
+llama.cpp's ``ggml_quantize_chunk`` (numba, ``quantize/kernels/``), and where its fp16 scales sit so that the
+output is validated the way llama-quantize validates it (``ggml_validate_row_data``). Dequantization is
+gguf-py's, which matches llama.cpp for every type.
+
+gguf-py's numpy quantizers are byte-exact too for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 without an imatrix (and F16/BF16),
+but on a 4096x4096 tensor, one thread, they ran at 94-202 MB/s against 450-580 MB/s for the numba kernels
+(BF16: 185 against ~3000), and they cannot run in parallel; so the kernels serve every case and gguf-py is a
+test reference (``python -m qtool.quantize.kernels.bench --gguf``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from qtool.errors import QtoolError
+
+__all__ = ["Format", "FORMATS", "format_for", "quantize", "dequantize"]
+
+RowKernel = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+NO_IMATRIX = np.empty(0, dtype=np.float32)
+
+
+@cache
+def _load_kernel(module: str, function: str, type_name: str) -> RowKernel:
+    try:
+        mod = importlib.import_module(f"qtool.quantize.kernels.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"qtool.quantize.kernels.{module}":
+            raise
+        raise QtoolError(f"{type_name} not available: its kernel module quantize/kernels/{module}.py "
+                         "is missing from this installation") from None
+    return getattr(mod, function)
+
+
+def _numba_kernel(module: str, function: str) -> Callable[[str], RowKernel]:
+    # Imported on first use: importing numba and loading cached kernels is not free, and a format whose
+    # kernel module is absent must fail only when someone asks for it.
+    return lambda type_name: _load_kernel(module, function, type_name)
+
+
+def _cannot_write(type_name: str) -> RowKernel:
+    raise QtoolError(f"qtool does not write {type_name} tensors")
+
+
+def _encode_f32(x: np.ndarray, imatrix: np.ndarray, out: np.ndarray) -> None:
+    out.view(np.float32)[...] = x
+
+
+@dataclass(frozen=True)
+class Format:
+    """One GGML storage type. ``needs_imatrix`` mirrors ggml_quantize_requires_imatrix, which is true only for
+    IQ2_XXS/IQ2_XS/IQ1_S — none of the types here. (Q2_K_S's need for an imatrix is a file-type rule of
+    llama-quantize, decided per tensor in the mixture, not a property of the Q2_K block format.)"""
+
+    qtype: T
+    name: str
+    block_size: int
+    type_size: int
+    needs_imatrix: bool = False
+    # False where llama.cpp ignores the imatrix (Q8_0 and the float types): the bytes do not depend on it.
+    uses_imatrix: bool = True
+    # Byte offsets of the fp16 scale fields inside a block; ggml_validate_row_data rejects inf/NaN there.
+    half_offsets: tuple[int, ...] = ()
+    # Returns the row kernel (loading it on first use); the default serves decode-only entries.
+    load_kernel: Callable[[str], RowKernel] = field(default=_cannot_write, repr=False, compare=False)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block_size
+
+    def row_bytes(self, n_per_row: int) -> int:
+        if n_per_row <= 0 or n_per_row % self.block_size:
+            raise QtoolError(f"{self.name} needs rows that are a whole number of {self.block_size}-element "
+                             f"blocks; this row has {n_per_row} elements")
+        return n_per_row // self.block_size * self.type_size
+
+    def quantize(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """float32 [..., n] -> uint8 [..., row_bytes], the bytes llama-quantize writes for these rows."""
+        x = np.asarray(x)
+        if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
+            raise QtoolError(f"{self.name}: expected rows of floats, got a {x.dtype} array of shape {x.shape}")
+        n = x.shape[-1]
+        row_bytes = self.row_bytes(n)
+        rows = np.ascontiguousarray(x.reshape(-1, n), dtype=np.float32)
+        _refuse_non_finite(rows, "row")
+        weights = self._imatrix_for(imatrix, n)
+        out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+        self.load_kernel(self.name)(rows, weights, out)
+        self._validate(out)
+        return out.reshape(x.shape[:-1] + (row_bytes,))
+
+    def dequantize(self, raw: np.ndarray, n_per_row: int) -> np.ndarray:
+        """uint8 [..., row_bytes] -> float32 [..., n_per_row]."""
+        raw = np.asarray(raw)
+        row_bytes = self.row_bytes(n_per_row)
+        if raw.dtype != np.uint8 or raw.ndim == 0 or raw.shape[-1] != row_bytes:
+            raise QtoolError(f"{self.name}: expected uint8 rows of {row_bytes} bytes for {n_per_row} elements, "
+                             f"got a {raw.dtype} array of shape {raw.shape}")
+        try:
+            return np.asarray(gguf.quants.dequantize(raw, self.qtype), dtype=np.float32)
+        except NotImplementedError:
+            raise QtoolError(f"cannot decode {self.name} tensors (gguf-py has no decoder for them)") from None
+
+    def _imatrix_for(self, imatrix: np.ndarray | None, n: int) -> np.ndarray:
+        if imatrix is None:
+            if self.needs_imatrix:
+                raise QtoolError(f"{self.name} requires an importance matrix")
+            return NO_IMATRIX
+        if not self.uses_imatrix:
+            return NO_IMATRIX
+        weights = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if weights.shape != (n,):
+            raise QtoolError(f"{self.name}: the importance matrix has shape {weights.shape}, "
+                             f"expected one value per column ({n})")
+        _refuse_non_finite(weights[None, :], "the importance matrix")
+        return weights
+
+    def _validate(self, out: np.ndarray) -> None:
+        """llama-quantize aborts when a stored scale (or an F16/BF16 value) is inf/NaN; so do we, naming where."""
+        from qtool.quantize.kernels.common import first_all_ones_exponent
+
+        if self.qtype in (T.F16, T.BF16):
+            exponent = 0x7C00 if self.qtype == T.F16 else 0x7F80
+            row, col = first_all_ones_exponent(out.view(np.uint16), exponent)
+            if row >= 0:
+                limit = " (|x| >= 65520)" if self.qtype == T.F16 else ""
+                raise QtoolError(f"{self.name}: row {row}, column {col}: a value overflows {self.name}{limit}; "
+                                 "llama-quantize rejects this too")
+            return
+        if not self.half_offsets:
+            return
+        blocks = out.reshape(out.shape[0], -1, self.type_size)
+        bad = np.zeros(blocks.shape[:2], dtype=bool)
+        for offset in self.half_offsets:
+            halves = blocks[:, :, offset].astype(np.uint16) | (blocks[:, :, offset + 1].astype(np.uint16) << 8)
+            bad |= (halves & 0x7C00) == 0x7C00
+        if bad.any():
+            row, block = np.argwhere(bad)[0]
+            raise QtoolError(f"{self.name}: row {row}, block {block}: a block scale overflows fp16 (values too "
+                             "large for this type); llama-quantize rejects this too")
+
+
+def _refuse_non_finite(rows: np.ndarray, what: str) -> None:
+    from qtool.quantize.kernels.common import first_non_finite
+
+    row, col = first_non_finite(rows)
+    if row >= 0:
+        where = f"{what} {row}" if what == "row" else what
+        raise QtoolError(f"{where} has a non-finite value ({rows[row, col]} at column {col}); "
+                         "llama-quantize refuses such data too")
+
+
+def _entry(qtype: T, half_offsets: tuple[int, ...], load_kernel, uses_imatrix: bool = True) -> Format:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return Format(qtype, qtype.name, block_size, type_size, uses_imatrix=uses_imatrix,
+                  half_offsets=half_offsets, load_kernel=load_kernel)
+
+
+FORMATS: dict[T, Format] = {f.qtype: f for f in (
+    _entry(T.F32, (), lambda name: _encode_f32, uses_imatrix=False),
+    _entry(T.F16, (), _numba_kernel("floats", "quantize_f16"), uses_imatrix=False),
+    _entry(T.BF16, (), _numba_kernel("floats", "quantize_bf16"), uses_imatrix=False),
+    _entry(T.Q8_0, (0,), _numba_kernel("legacy", "quantize_q8_0"), uses_imatrix=False),
+    _entry(T.Q4_0, (0,), _numba_kernel("legacy", "quantize_q4_0")),
+    _entry(T.Q4_1, (0, 2), _numba_kernel("legacy", "quantize_q4_1")),
+    _entry(T.Q5_0, (0,), _numba_kernel("legacy", "quantize_q5_0")),
+    _entry(T.Q5_1, (0, 2), _numba_kernel("legacy", "quantize_q5_1")),
+    _entry(T.Q2_K, (80, 82), _numba_kernel("kquants_low", "quantize_q2_k")),
+    _entry(T.Q3_K, (108,), _numba_kernel("kquants_low", "quantize_q3_k")),
+    _entry(T.Q4_K, (0, 2), _numba_kernel("kquants", "quantize_q4_k")),
+    _entry(T.Q5_K, (0, 2), _numba_kernel("kquants", "quantize_q5_k")),
+    _entry(T.Q6_K, (208,), _numba_kernel("kquants", "quantize_q6_k")),
+    _entry(T.IQ4_NL, (0,), _numba_kernel("iq4", "quantize_iq4_nl")),
+    _entry(T.IQ4_XS, (0,), _numba_kernel("iq4", "quantize_iq4_xs")),
+)}
+
+
+def _parse_type(qtype: T | int | str) -> T:
+    try:
+        return T[qtype.upper()] if isinstance(qtype, str) else T(qtype)
+    except (KeyError, ValueError):
+        raise QtoolError(f"unknown GGML type {qtype!r}") from None
+
+
+def format_for(qtype: T | int | str) -> Format:
+    """The table entry for a GGML type (enum, id, or name in any case)."""
+    key = _parse_type(qtype)
+    if key not in FORMATS:
+        known = ", ".join(f.name for f in FORMATS.values())
+        raise QtoolError(f"qtool does not write {key.name} tensors (it writes {known})")
+    return FORMATS[key]
+
+
+def quantize(x: np.ndarray, qtype: T | int | str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    return format_for(qtype).quantize(x, imatrix)
+
+
+def dequantize(raw: np.ndarray, qtype: T | int | str, n_per_row: int) -> np.ndarray:
+    """Any type gguf-py can decode, not only those qtool writes: evaluation reads GGUFs from anywhere."""
+    key = _parse_type(qtype)
+    if key in FORMATS:
+        return FORMATS[key].dequantize(raw, n_per_row)
+    if key not in gguf.GGML_QUANT_SIZES:
+        raise QtoolError(f"cannot decode {key.name} tensors")
+    block_size, type_size = gguf.GGML_QUANT_SIZES[key]
+    return Format(key, key.name, block_size, type_size).dequantize(raw, n_per_row)

@@ -1,0 +1,398 @@
+"""Scalar building blocks shared by the kernels, each reproducing one piece of ggml-quants.c bit for bit.
+
+Arithmetic rules (reference §0, §2.8): everything is float32, every operation rounds on its own (no
+fastmath, so LLVM never contracts a*b+c into an FMA), sums run sequentially in index order, and the
+parenthesisation of the C source is kept. Numba promotes ``int64 op float32`` and Python float literals to
+float64, so integers and constants are converted to float32 explicitly (``F32(...)`` or module-level
+float32 constants); ``nearest_int`` refuses anything but a float32 at compile time, which catches a
+float64 leaking into the integer codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+F32 = np.float32
+
+GROUP_MAX_EPS = F32(1e-15)
+ROUNDING_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round-to-nearest-even(f) in the low mantissa bits
+
+# kvalues_iq4nl of ggml-common.h, as float32 because the C compares and subtracts them as floats.
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+@intrinsic
+def float32_bits(typingctx, value):
+    """The IEEE bits of a float32 as an int32 (C's memcpy type pun)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits``."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, inline='always')
+def nearest_int(f):
+    # The bit trick, not rint: for |f| > 4194303 (reachable in the refinement steps) C returns the trick's
+    # garbage value, which callers then clamp; a byte-exact port has to produce the same garbage.
+    bits = np.int64(float32_bits(f + ROUNDING_MAGIC))
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+@njit(cache=True, inline='always')
+def c_float_to_int(v):
+    """C's (int) conversion of a float as x86-64 performs it (cvttss2si): truncation toward zero, and the
+    "integer indefinite" INT_MIN for NaN and out-of-range values. The legacy ref paths reach those with
+    subnormal data (1/d overflows to inf); a plain numba cast would be undefined there."""
+    if v != v or v >= F32(2147483648.0) or v < F32(-2147483648.0):
+        return np.int64(-2147483648)
+    return np.int64(np.int32(v))
+
+
+@njit(cache=True, inline='always')
+def c_float_to_int8(v):
+    """(int8_t)v on x86-64: the low byte of the int conversion, read as signed."""
+    return ((c_float_to_int(v) & 0xFF) ^ 0x80) - 0x80
+
+
+@njit(cache=True, inline='always')
+def fp32_to_fp16_bits(f):
+    """ggml_compute_fp32_to_fp16: round to nearest even, subnormals, overflow to inf, NaN -> 0x7E00|sign.
+    Every case is computed and one selected, without branches, so that F16 rows vectorize."""
+    u = np.int64(float32_bits(f)) & 0xFFFFFFFF
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    # A normal half: rebias the exponent, round the 13 dropped mantissa bits to even.
+    m = a - 0x38000000
+    normal = (m + 0xFFF + ((m >> 13) & 1)) >> 13
+    # A subnormal half counts units of 2**-24: shift the whole significand down (by 14..24 where this case
+    # is selected; clamped so the shift stays defined elsewhere) and round to even.
+    shift = min(max(126 - (a >> 23), 14), 24)
+    significand = (a & 0x7FFFFF) | 0x800000
+    q = significand >> shift
+    rest = significand & ((np.int64(1) << shift) - 1)
+    half = np.int64(1) << (shift - 1)
+    subnormal = q + ((rest > half) | ((rest == half) & ((q & 1) == 1)))
+    if a > 0x7F800000:
+        magnitude = 0x7E00
+    elif a >= 0x477FF000:  # 65520 and above round to infinity
+        magnitude = 0x7C00
+    elif a >= 0x38800000:
+        magnitude = normal
+    elif a <= 0x33000000:  # at most 2**-25: rounds (ties to even) to zero
+        magnitude = 0
+    else:
+        magnitude = subnormal
+    return sign | magnitude
+
+
+@njit(cache=True)
+def fp16_bits_to_fp32(h):
+    """GGML_FP16_TO_FP32 (exact)."""
+    sign = (np.int64(h) & 0x8000) << 16
+    exponent = (h >> 10) & 0x1F
+    mantissa = h & 0x3FF
+    if exponent == 0:  # zero or subnormal half: a normal float32 (or zero), exact
+        bits = sign | (np.int64(float32_bits(F32(mantissa) * F32(2.0 ** -24))) & 0x7FFFFFFF)
+    elif exponent == 31:
+        bits = sign | 0x7F800000 | (mantissa << 13)
+    else:
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13)
+    return float32_from_bits(np.int32(bits - 0x100000000 if bits >= 0x80000000 else bits))
+
+
+@njit(cache=True)
+def store_fp16(out, offset, f):
+    """Writes fp16(f) little-endian at out[offset:offset+2]; returns the stored bits."""
+    h = fp32_to_fp16_bits(f)
+    out[offset] = h & 0xFF
+    out[offset + 1] = h >> 8
+    return h
+
+
+@njit(cache=True, inline='always')
+def first_absmax(x, start, n):
+    """Signed value of the first element with the largest |x| (strict >, ties keep the first); 0 if all 0.
+    Returns (that value, its magnitude). NaN-free input (formats.py refuses NaN)."""
+    # For non-NaN floats the order of |x| is the integer order of the sign-cleared bits: an integer max
+    # vectorizes, the float compare-and-keep-the-value loop does not. A second short scan finds the first hit.
+    top = np.int32(0)
+    for i in range(start, start + n):
+        b = float32_bits(x[i]) & np.int32(0x7FFFFFFF)
+        top = b if b > top else top
+    if top == 0:
+        return F32(0.0), F32(0.0)  # all (signed) zeros: C's max keeps its +0 initial value
+    for i in range(start, start + n):
+        if float32_bits(x[i]) & np.int32(0x7FFFFFFF) == top:
+            return x[i], abs(x[i])
+    return F32(0.0), F32(0.0)
+
+
+@njit(cache=True, inline='always')
+def best_index_int8(x):
+    """Index of the kvalues_iq4nl entry nearest to x; an exact tie goes to the upper index (C's binary search
+    of best_index_int8, written without branches so that loops over it vectorize)."""
+    values = IQ4NL_VALUES
+    # upper = first index whose value exceeds x, kept within 1..15; the ends fall out of the final test:
+    # x <= values[0] picks 0 and x >= values[15] picks 15, as C's early returns do.
+    upper = 1
+    for k in range(1, 15):
+        upper += values[k] <= x
+    pick_lower = (x - values[upper - 1]) < (values[upper] - x)
+    index = upper - 1 if pick_lower else upper
+    return index if x == x else 15  # NaN (inf*0 with subnormal data) fails all of C's tests and ends at 15
+
+
+QX_STEPS = 18  # the candidate scales -(nmax + 0.1*step)/max, step = -9..9 without 0
+QX_SCRATCH = 3 * QX_STEPS
+
+
+@njit(cache=True, inline='always')
+def make_qx_quants(n, nmax, x, xs, L, ls, w, ws, scratch=None):
+    """Symmetric signed quantization of x[xs:xs+n] to L[ls:ls+n] in 0..2*nmax-1 (rmse_type 1) with weights
+    w[ws:ws+n], searching 19 candidate scales; returns the (signed) least-squares scale. ``scratch``: float32
+    [QX_SCRATCH] reused across calls (allocated per call when omitted)."""
+    if scratch is None:
+        scratch = np.empty(QX_SCRATCH, np.float32)
+    # Views indexed by range() counters let LLVM drop numba's negative-index checks.
+    xb = x[xs:xs + n]
+    Lb = L[ls:ls + n]
+    wb = w[ws:ws + n]
+    vmax, amax = first_absmax(xb, 0, n)
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            Lb[i] = 0
+        return F32(0.0)
+    fnmax = F32(nmax)
+    iscale = -fnmax / vmax
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i])))
+        Lb[i] = l + nmax
+        fl = F32(l)
+        sumlx += (wb[i] * xb[i]) * fl
+        suml2 += (wb[i] * fl) * fl
+    scale = sumlx / suml2 if suml2 != 0 else F32(0.0)
+    best = scale * sumlx
+    # The 18 candidates' sums do not depend on which candidate wins, only the choice does. So all are
+    # accumulated in one sweep with the step loop innermost: each sum still adds its terms in element order
+    # (identical rounding), but 36 independent chains pipeline (and vectorize) where C waits on two.
+    iscales = scratch[0:QX_STEPS]
+    step_lx = scratch[QX_STEPS:2 * QX_STEPS]
+    step_l2 = scratch[2 * QX_STEPS:3 * QX_STEPS]
+    for k in range(QX_STEPS):
+        step = k - 9 if k < 9 else k - 8
+        iscales[k] = -(fnmax + F32(0.1) * F32(step)) / vmax
+        step_lx[k] = F32(0.0)
+        step_l2[k] = F32(0.0)
+    lo = np.int32(-nmax)
+    hi = np.int32(nmax - 1)
+    for i in range(n):
+        xi = xb[i]
+        wi = wb[i]
+        wx = wi * xi
+        for k in range(QX_STEPS):
+            bits = float32_bits(iscales[k] * xi + ROUNDING_MAGIC)  # nearest_int, in int32 to vectorize
+            fl = F32(max(lo, min(hi, (bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))))
+            step_lx[k] += wx * fl
+            step_l2[k] += (wi * fl) * fl
+    winner = -1
+    for k in range(QX_STEPS):  # C's sequential acceptance, in C's step order
+        if step_l2[k] > 0 and step_lx[k] * step_lx[k] > best * step_l2[k]:
+            scale = step_lx[k] / step_l2[k]
+            best = scale * step_lx[k]
+            winner = k
+    if winner >= 0:
+        for i in range(n):
+            Lb[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscales[winner] * xb[i])))
+    return scale
+
+
+@njit(cache=True, inline='always')
+def make_qkx_quants(n, nmax, x, xs, w, L, ls, Laux, rmin, rdelta, nstep, use_mad):
+    """Asymmetric (scale, min) quantization of x[xs:xs+n] to L[ls:ls+n] in 0..nmax with weights w[0:n]
+    (make_qkx2_quants / make_qkx3_quants, identical for non-NULL weights). Returns (scale, the_min) with
+    x ≈ scale*L - the_min."""
+    xb = x[xs:xs + n]
+    Lb = L[ls:ls + n]
+    vmin = xb[0]
+    vmax = xb[0]
+    sum_w = w[0]
+    sum_x = sum_w * xb[0]
+    for i in range(1, n):
+        v = xb[i]
+        if v < vmin:
+            vmin = v
+        if v > vmax:
+            vmax = v
+        sum_w += w[i]
+        sum_x += w[i] * v
+    if vmin > 0:
+        vmin = F32(0.0)
+    if vmax == vmin:
+        for i in range(n):
+            Lb[i] = 0
+        return F32(0.0), -vmin
+    fnmax = F32(nmax)
+    iscale = fnmax / (vmax - vmin)
+    scale = F32(1.0) / iscale
+    best_error = F32(0.0)
+    for i in range(n):
+        l = max(0, min(nmax, nearest_int(iscale * (xb[i] - vmin))))
+        Lb[i] = l
+        diff = ((scale * F32(l)) + vmin) - xb[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += w[i] * diff
+    for step in range(nstep + 1):
+        iscale = ((rmin + rdelta * F32(step)) + fnmax) / (vmax - vmin)
+        sum_l = F32(0.0)
+        sum_l2 = F32(0.0)
+        sum_xl = F32(0.0)
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (xb[i] - vmin))))
+            Laux[i] = l
+            fl = F32(l)
+            sum_l += w[i] * fl
+            sum_l2 += (w[i] * fl) * fl
+            sum_xl += (w[i] * fl) * xb[i]
+        D = (sum_w * sum_l2) - (sum_l * sum_l)
+        if D > 0:
+            this_scale = ((sum_w * sum_xl) - (sum_x * sum_l)) / D
+            this_min = ((sum_l2 * sum_x) - (sum_l * sum_xl)) / D
+            if this_min > 0:
+                this_min = F32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur_error = F32(0.0)
+            for i in range(n):
+                diff = ((this_scale * F32(Laux[i])) + this_min) - xb[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += w[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    Lb[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                vmin = this_min
+    return scale, -vmin
+
+
+@njit(cache=True)
+def make_qp_quants(n, nmax, x, L, qw):
+    """Quantizes the non-negative x[0:n] (sub-block scales or mins) to L in 0..nmax with weights qw; returns
+    the super-scale. L is uint8 as in C, so out-of-range codes wrap the way C's conversion does."""
+    vmax = F32(0.0)
+    for i in range(n):
+        vmax = vmax if vmax > x[i] else x[i]
+    if vmax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0)
+    fnmax = F32(nmax)
+    iscale = fnmax / vmax
+    for i in range(n):
+        L[i] = nearest_int(iscale * x[i]) & 0xFF
+    scale = F32(1.0) / iscale
+    best_mse = F32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * F32(L[i])
+        best_mse += (qw[i] * diff) * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_step = (F32(0.1) * F32(step) + fnmax) / vmax
+        scale_step = F32(1.0) / iscale_step
+        mse = F32(0.0)
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_step * x[i]))
+            diff = x[i] - scale_step * F32(l)
+            mse += (qw[i] * diff) * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_step
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = l & 0xFF
+        # The sums use the int code, L keeps its uint8 image (they differ only for a negative input).
+        fl = F32(l)
+        sumlx += (qw[i] * x[i]) * fl
+        suml2 += (qw[i] * fl) * fl
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = qw[i]
+            fl = F32(L[i])
+            slx = sumlx - (w * x[i]) * fl
+            sl2 = suml2 - (w * fl) * fl
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, nearest_int((x[i] * sl2) / slx))
+                if new_l != L[i]:
+                    fnew = F32(new_l)
+                    slx += (w * x[i]) * fnew
+                    sl2 += (w * fnew) * fnew
+                    if (slx * slx) * suml2 > (sumlx * sumlx) * sl2:
+                        L[i] = new_l & 0xFF
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else F32(0.0)
+
+
+@njit(parallel=True, cache=True)
+def first_non_finite(x):
+    """(row, column) of the first NaN/inf in the 2-D float32 x, or (-1, -1): one pass, no temporary array."""
+    rows, n = x.shape
+    bad_rows = np.zeros(rows, np.bool_)
+    for r in prange(rows):
+        # An all-ones exponent marks inf/NaN; an integer max over the exponent fields vectorizes, float tests don't.
+        top = np.int32(0)
+        for j in range(n):
+            e = float32_bits(x[r, j]) & np.int32(0x7F800000)
+            top = e if e > top else top
+        bad_rows[r] = top == np.int32(0x7F800000)
+    for r in range(rows):
+        if bad_rows[r]:
+            for j in range(n):
+                if not np.isfinite(x[r, j]):
+                    return r, j
+    return -1, -1
+
+
+@njit(parallel=True, cache=True)
+def first_all_ones_exponent(halves, exponent_mask):
+    """(row, column) of the first 16-bit float in the 2-D uint16 ``halves`` whose exponent field (given by
+    ``exponent_mask``: 0x7C00 for F16, 0x7F80 for BF16) is all ones — an inf or NaN — or (-1, -1)."""
+    rows, n = halves.shape
+    bad_rows = np.zeros(rows, np.bool_)
+    for r in prange(rows):
+        top = 0
+        for j in range(n):
+            top = max(top, halves[r, j] & exponent_mask)  # an integer max vectorizes
+        bad_rows[r] = top == exponent_mask
+    for r in range(rows):
+        if bad_rows[r]:
+            for j in range(n):
+                if halves[r, j] & exponent_mask == exponent_mask:
+                    return r, j
+    return -1, -1

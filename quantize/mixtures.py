@@ -1,0 +1,626 @@
+"""File type (Q4_K_M, …) → the type of every tensor, exactly as llama-quantize chooses it.
+
+Source of the rules: llama.cpp `src/llama-quant.cpp` (`tensor_allows_quantization`, `llama_tensor_get_type`,
+`llama_tensor_get_type_impl`, `tensor_type_fallback`), summarised in quantization.md §4. The decisions depend on
+the order tensors are visited (attn_v and ffn_* counters), so the unit of work is the whole tensor list:
+`choose_tensor_types` sorts it the way llama.cpp's loader does and walks it once.
+
+Unlike llama-quantize, every choice carries its reason, and a forced change of type (a row length that is not a
+multiple of the block size) is recorded as a fallback so it can be reported.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import gguf
+from gguf import GGMLQuantizationType as T
+
+from qtool.errors import QtoolError
+
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+class FileType(enum.IntEnum):
+    """llama.cpp's `llama_ftype` values for the file types qtool writes (the number in general.file_type)."""
+
+    F32 = 0          # LLAMA_FTYPE_ALL_F32
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q8_0 = 7
+    Q5_0 = 8
+    Q5_1 = 9
+    Q2_K = 10
+    Q3_K_S = 11
+    Q3_K_M = 12
+    Q3_K_L = 13
+    Q4_K_S = 14
+    Q4_K_M = 15
+    Q5_K_S = 16
+    Q5_K_M = 17
+    Q6_K = 18
+    Q2_K_S = 21
+    IQ4_NL = 25
+    IQ4_XS = 30
+    BF16 = 32
+
+    @property
+    def default_type(self) -> T:
+        """`llama_ftype_get_default_type`: the tensor type the rules start from."""
+        return _DEFAULT_TYPE[self]
+
+    @property
+    def display_name(self) -> str:
+        """`llama_ftype_name`: how llama.cpp prints this file type."""
+        return _DISPLAY_NAME[self]
+
+    @property
+    def description(self) -> str:
+        """llama-quantize's description (QUANT_OPTIONS), without its leading padding."""
+        return _DESCRIPTION[self].strip()
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.default_type not in FLOAT_TYPES
+
+
+_DEFAULT_TYPE = {
+    FileType.F32: T.F32, FileType.F16: T.F16, FileType.BF16: T.BF16,
+    FileType.Q4_0: T.Q4_0, FileType.Q4_1: T.Q4_1, FileType.Q5_0: T.Q5_0, FileType.Q5_1: T.Q5_1,
+    FileType.Q8_0: T.Q8_0,
+    FileType.Q2_K: T.Q2_K, FileType.Q2_K_S: T.Q2_K,
+    FileType.Q3_K_S: T.Q3_K, FileType.Q3_K_M: T.Q3_K, FileType.Q3_K_L: T.Q3_K,
+    FileType.Q4_K_S: T.Q4_K, FileType.Q4_K_M: T.Q4_K,
+    FileType.Q5_K_S: T.Q5_K, FileType.Q5_K_M: T.Q5_K,
+    FileType.Q6_K: T.Q6_K, FileType.IQ4_NL: T.IQ4_NL, FileType.IQ4_XS: T.IQ4_XS,
+}
+
+_DISPLAY_NAME = {
+    FileType.F32: "all F32", FileType.F16: "F16", FileType.BF16: "BF16",
+    FileType.Q4_0: "Q4_0", FileType.Q4_1: "Q4_1", FileType.Q5_0: "Q5_0", FileType.Q5_1: "Q5_1",
+    FileType.Q8_0: "Q8_0", FileType.Q2_K: "Q2_K - Medium", FileType.Q2_K_S: "Q2_K - Small",
+    FileType.Q3_K_S: "Q3_K - Small", FileType.Q3_K_M: "Q3_K - Medium", FileType.Q3_K_L: "Q3_K - Large",
+    FileType.Q4_K_S: "Q4_K - Small", FileType.Q4_K_M: "Q4_K - Medium",
+    FileType.Q5_K_S: "Q5_K - Small", FileType.Q5_K_M: "Q5_K - Medium", FileType.Q6_K: "Q6_K",
+    FileType.IQ4_NL: "IQ4_NL - 4.5 bpw", FileType.IQ4_XS: "IQ4_XS - 4.25 bpw",
+}
+
+# QUANT_OPTIONS of tools/quantize/quantize.cpp, verbatim, in its order (the order `--list` prints).
+_DESCRIPTION = {
+    FileType.Q4_0: " 4.34G, +0.4685 ppl @ Llama-3-8B",
+    FileType.Q4_1: " 4.78G, +0.4511 ppl @ Llama-3-8B",
+    FileType.Q5_0: " 5.21G, +0.1316 ppl @ Llama-3-8B",
+    FileType.Q5_1: " 5.65G, +0.1062 ppl @ Llama-3-8B",
+    FileType.Q2_K: " 2.96G, +3.5199 ppl @ Llama-3-8B",
+    FileType.Q2_K_S: " 2.96G, +3.1836 ppl @ Llama-3-8B",
+    FileType.Q3_K_S: " 3.41G, +1.6321 ppl @ Llama-3-8B",
+    FileType.Q3_K_M: " 3.74G, +0.6569 ppl @ Llama-3-8B",
+    FileType.Q3_K_L: " 4.03G, +0.5562 ppl @ Llama-3-8B",
+    FileType.IQ4_NL: " 4.50 bpw non-linear quantization",
+    FileType.IQ4_XS: " 4.25 bpw non-linear quantization",
+    FileType.Q4_K_S: " 4.37G, +0.2689 ppl @ Llama-3-8B",
+    FileType.Q4_K_M: " 4.58G, +0.1754 ppl @ Llama-3-8B",
+    FileType.Q5_K_S: " 5.21G, +0.1049 ppl @ Llama-3-8B",
+    FileType.Q5_K_M: " 5.33G, +0.0569 ppl @ Llama-3-8B",
+    FileType.Q6_K: " 6.14G, +0.0217 ppl @ Llama-3-8B",
+    FileType.Q8_0: " 7.96G, +0.0026 ppl @ Llama-3-8B",
+    FileType.F16: "14.00G, +0.0020 ppl @ Mistral-7B",
+    FileType.BF16: "14.00G, -0.0050 ppl @ Mistral-7B",
+    FileType.F32: "26.00G              @ 7B",
+}
+
+# llama-quantize accepts these short names as the K-quant "medium" mixtures.
+_ALIASES = {"Q3_K": FileType.Q3_K_M, "Q4_K": FileType.Q4_K_M, "Q5_K": FileType.Q5_K_M}
+
+# Tensor types qtool can write (a file type's rules, an override or a fallback may name any of them).
+WRITABLE_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
+                  T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
+
+
+def list_file_types() -> list[tuple[str, FileType]]:
+    """Every accepted file type name with its FileType, in llama-quantize's QUANT_OPTIONS order (aliases included)."""
+    order = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL",
+             "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
+    return [(name, _ALIASES.get(name) or FileType[name]) for name in order]
+
+
+def parse_file_type(text: str) -> FileType:
+    """A file type by name (case-insensitive, llama-quantize's aliases Q3_K/Q4_K/Q5_K included) or ftype number."""
+    key = str(text).strip().upper()
+    if key in _ALIASES:
+        return _ALIASES[key]
+    if key in FileType.__members__:
+        return FileType[key]
+    if key.isdigit() and int(key) in FileType._value2member_map_:
+        return FileType(int(key))
+    names = ", ".join(name for name, _ in list_file_types())
+    raise QtoolError(f"unknown or unsupported file type {text!r}; qtool writes: {names}")
+
+
+def parse_tensor_type(text: str) -> T:
+    """A ggml tensor type name as llama-quantize's --tensor-type/--output-tensor-type take it (case-insensitive)."""
+    key = str(text).strip().upper()
+    qtype = T.__members__.get(key)
+    if qtype is None:
+        raise QtoolError(f"unknown tensor type {text!r}; use one of: "
+                         + ", ".join(t.name.lower() for t in WRITABLE_TYPES))
+    if qtype not in WRITABLE_TYPES:
+        raise QtoolError(f"qtool cannot write tensor type {qtype.name}; use one of: "
+                         + ", ".join(t.name.lower() for t in WRITABLE_TYPES))
+    return qtype
+
+
+def bits_per_weight(qtype: T) -> float:
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    return 8.0 * nbytes / block
+
+
+def block_size(qtype: T) -> int:
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+# --- the model facts the rules read --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What llama-quant's rules know about a model besides its tensor names."""
+
+    arch: str
+    n_layer: int
+    n_head: int = 0        # of layer 0
+    n_head_kv: int = 0     # of layer 0
+    n_expert: int = 0
+
+    @property
+    def gqa(self) -> int:
+        """`llama_hparams::n_gqa()`: integer division, 0 when there are no KV heads."""
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+    @property
+    def is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B, which earns attn_v an extra bump; set per architecture by layer count."""
+        if self.arch == "llama":
+            return self.n_expert != 8 and self.n_layer == 80 and self.n_head != self.n_head_kv
+        if self.arch in ("qwen2", "deci", "olmo"):
+            return self.n_layer == 80
+        if self.arch == "jais2":
+            return self.n_layer == 68
+        return False
+
+    @property
+    def is_falcon(self) -> bool:
+        return self.arch == "falcon"
+
+    @classmethod
+    def from_metadata(cls, kv: dict) -> "ModelInfo":
+        """From GGUF key/values (plain values, as `GGUFFile.value` returns them)."""
+        arch = kv.get("general.architecture")
+        if not arch:
+            raise QtoolError("the model has no general.architecture key")
+
+        def first(value, default):
+            if isinstance(value, (list, tuple)):
+                return int(value[0]) if value else default
+            return default if value is None else int(value)
+
+        n_layer = kv.get(f"{arch}.block_count")
+        if n_layer is None:
+            raise QtoolError(f"the model has no {arch}.block_count key")
+        n_head = first(kv.get(f"{arch}.attention.head_count"), 0)
+        # llama.cpp's loader defaults the KV head count to the head count
+        n_head_kv = first(kv.get(f"{arch}.attention.head_count_kv"), n_head)
+        n_expert = first(kv.get(f"{arch}.expert_count"), 0)
+        return cls(arch, int(n_layer), n_head, n_head_kv, n_expert)
+
+
+# --- options and results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorTypeOverride:
+    """One `--tensor-type PATTERN=TYPE`: the pattern is lower-cased and searched, as llama-quantize does."""
+
+    pattern: str
+    qtype: T
+    regex: re.Pattern = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.pattern = self.pattern.lower()
+        try:
+            self.regex = re.compile(self.pattern)
+        except re.error as e:
+            raise QtoolError(f"--tensor-type pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+
+    @classmethod
+    def parse(cls, text: str) -> "TensorTypeOverride":
+        pattern, sep, type_name = str(text).partition("=")
+        if not sep or not pattern:
+            raise QtoolError(f"--tensor-type {text!r}: use PATTERN=TYPE, e.g. attn_v=q8_0")
+        if not type_name:
+            raise QtoolError(f"--tensor-type {text!r}: missing tensor type after '='")
+        return cls(pattern, parse_tensor_type(type_name))
+
+
+@dataclass
+class MixtureOptions:
+    output_tensor_type: T | None = None
+    token_embedding_type: T | None = None
+    tensor_types: Sequence[TensorTypeOverride] = ()
+    pure: bool = False
+    leave_output_tensor: bool = False
+    has_imatrix: bool = False      # changes the Q4_0/Q5_0/IQ4 ffn_down rules
+
+
+@dataclass
+class TensorChoice:
+    name: str
+    shape: tuple[int, ...]          # numpy order (rows first; the row length is shape[-1])
+    source_type: T
+    target_type: T
+    reason: str                     # why target_type (a rule, an override, or why it is kept as is)
+    quantizable: bool               # False: llama-quantize never changes this tensor's type
+    wanted_type: T | None = None    # set when the shape forced a different type than the rules wanted
+    fallback: str | None = None     # why, in words
+    requires_imatrix: bool = False
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+# --- tensor order and categories ------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"blk\.\s*([+-]?\d+)")
+
+
+def layer_of(name: str) -> int:
+    """`sscanf(name, "blk.%d.")`, -1 when the name is not a block tensor."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def llama_tensor_order(names: Sequence[str]) -> list[str]:
+    """llama.cpp's `weight_name_comparer`: layer number first (-1 for non-block tensors), then the name's bytes.
+
+    This is the order llama-quantize writes and the order its layer counters advance in.
+    """
+    return sorted(names, key=lambda n: (layer_of(n), n.encode()))
+
+
+class Category(enum.Enum):
+    OUTPUT = "output"
+    TOKEN_EMBD = "token_embd"
+    ATTENTION_QKV = "attn_qkv"
+    ATTENTION_KV_B = "attn_kv_b"
+    ATTENTION_V = "attn_v"
+    ATTENTION_K = "attn_k"
+    ATTENTION_Q = "attn_q"
+    ATTENTION_OUTPUT = "attn_output"
+    FFN_UP = "ffn_up"
+    FFN_GATE = "ffn_gate"
+    FFN_DOWN = "ffn_down"
+    OTHER = "other"
+
+
+def category_of(name: str) -> Category:
+    if name == "output.weight":
+        return Category.OUTPUT
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return Category.TOKEN_EMBD
+    for needle, cat in (("attn_qkv.weight", Category.ATTENTION_QKV), ("attn_kv_b.weight", Category.ATTENTION_KV_B),
+                        ("attn_v.weight", Category.ATTENTION_V), ("attn_k.weight", Category.ATTENTION_K),
+                        ("attn_q.weight", Category.ATTENTION_Q), ("attn_output.weight", Category.ATTENTION_OUTPUT),
+                        ("ffn_up", Category.FFN_UP), ("ffn_gate", Category.FFN_GATE), ("ffn_down", Category.FFN_DOWN)):
+        if needle in name:
+            return cat
+    return Category.OTHER
+
+
+_ATTN_V_LIKE = (Category.ATTENTION_V, Category.ATTENTION_QKV, Category.ATTENTION_KV_B)
+
+# Substrings that keep a tensor in its source type (`tensor_allows_quantization`); small or precision-critical.
+_NEVER_QUANTIZED = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
+    "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight", "indexer.q_proj.weight",
+    "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight", "time_mix_w2.weight",
+    "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight", "time_mix_a0.weight", "time_mix_a1.weight",
+    "time_mix_a2.weight", "time_mix_g1.weight", "time_mix_g2.weight", "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
+    ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger",
+    "a.rvq.codebook", "mm.a.code_embd",
+)
+
+
+def ggml_n_dims(shape: Sequence[int]) -> int:
+    """ggml counts dimensions up to the last one larger than 1 (ggml order is numpy order reversed)."""
+    ne = list(reversed([int(d) for d in shape]))
+    for i in range(len(ne) - 1, 0, -1):
+        if ne[i] > 1:
+            return i + 1
+    return 1
+
+
+def why_not_quantized(name: str, shape: Sequence[int], options: MixtureOptions) -> str | None:
+    """None when llama-quantize may change this tensor's type, else the reason it is kept."""
+    if ggml_n_dims(shape) < 2:
+        return "1-D"
+    if not name.endswith("weight"):
+        return "not a weight"
+    if name == "output.weight" and options.leave_output_tensor:
+        return "--leave-output-tensor"
+    if name in ("position_embd.weight", "token_types.weight"):
+        return "position/type embedding"
+    for needle in _NEVER_QUANTIZED:
+        if needle in name:
+            return "norm" if needle == "_norm.weight" else f"never quantized ({needle.strip('.')})"
+    return None
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """The layers llama.cpp gives more bits: the first and last eighth, and every third one in between."""
+    return i < n // 8 or i >= 7 * n // 8 or _c_mod(i - n // 8, 3) == 2
+
+
+def _c_mod(a: int, b: int) -> int:
+    """C's % (truncating), which differs from Python's for negative a."""
+    r = abs(a) % b
+    return -r if a < 0 else r
+
+
+# --- the rules ------------------------------------------------------------------------------------------------
+
+
+class _Rules:
+    """`llama_tensor_get_type_impl` and the state it advances (one instance per walk over the tensors)."""
+
+    def __init__(self, ftype: FileType, model: ModelInfo, options: MixtureOptions, names: Sequence[str]):
+        self.ftype, self.model, self.options = ftype, model, options
+        categories = [category_of(n) for n in names]
+        self.n_attention_wv = sum(c in _ATTN_V_LIKE for c in categories)
+        self.has_tied_embeddings = Category.OUTPUT not in categories
+        self.n_layer = model.n_layer
+        self.i_attention_wv = self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
+        self.output_fallback: tuple[T, str] | None = None    # set by `choose` when the output rule hit the shape
+
+    def _layer(self, counter: int, name: str) -> tuple[int, int]:
+        if self.model.n_expert > 1:
+            # expert tensors of one layer need not be adjacent, so the layer comes from the name
+            i = layer_of(name)
+            if not name.startswith("blk."):
+                raise QtoolError(f"cannot determine the layer of tensor {name}")
+            if not 0 <= i < self.n_layer:
+                raise QtoolError(f"bad layer {i} for tensor {name}: must be in [0, {self.n_layer})")
+            return i, self.n_layer
+        return counter, self.n_layer
+
+    def choose(self, name: str, row_length: int, category: Category, new_type: T) -> tuple[T, str]:
+        F, m, o = FileType, self.model, self.options
+        ft = self.ftype
+        if category == Category.OUTPUT or (self.has_tied_embeddings and category == Category.TOKEN_EMBD):
+            tied = " (tied to token_embd)" if category == Category.TOKEN_EMBD else ""
+            if o.output_tensor_type is not None:
+                return o.output_tensor_type, f"--output-tensor-type{tied}"
+            if m.is_falcon:
+                return T.Q8_0, "output of a Falcon model"
+            if row_length % block_size(new_type) != 0:
+                # llama-quantize does not count this as a fallback, but it is one: Q6_K does not fit the row
+                wanted = T.Q8_0 if new_type == T.Q8_0 else T.Q6_K
+                self.output_fallback = (wanted, f"row length {row_length} is not a multiple of "
+                                                f"{block_size(new_type)} ({new_type.name}): the output rule "
+                                                f"takes Q8_0")
+                return T.Q8_0, f"output{tied}"
+            if new_type != T.Q8_0:
+                return T.Q6_K, f"output{tied} → Q6_K"
+            return new_type, f"output{tied}"
+        if category == Category.TOKEN_EMBD:
+            if o.token_embedding_type is not None:
+                return o.token_embedding_type, "--token-embedding-type"
+            return new_type, "file type default"
+        if category in _ATTN_V_LIKE:
+            i, n = self.i_attention_wv, self.n_attention_wv
+            reason = "file type default"
+            if ft == F.Q2_K:
+                new_type, reason = (T.Q4_K, "attn_v, GQA ≥ 4") if m.gqa >= 4 else (T.Q3_K, "attn_v")
+            elif ft == F.Q2_K_S and m.gqa >= 4:
+                new_type, reason = T.Q4_K, "attn_v, GQA ≥ 4"
+            elif ft == F.Q3_K_M:
+                new_type, reason = (T.Q5_K, f"attn_v, first two ({i})") if i < 2 else (T.Q4_K, "attn_v")
+            elif ft == F.Q3_K_L:
+                new_type, reason = T.Q5_K, "attn_v"
+            elif ft in (F.IQ4_NL, F.IQ4_XS) and m.gqa >= 4:
+                new_type, reason = T.Q5_K, "attn_v, GQA ≥ 4"
+            elif ft in (F.Q4_K_M, F.Q5_K_M) and use_more_bits(i, n):
+                new_type, reason = T.Q6_K, f"attn_v, more bits for layer {i}/{n}"
+            elif ft == F.Q4_K_S and i < 4:
+                new_type, reason = T.Q5_K, f"attn_v, first four ({i})"
+            if m.is_70b and new_type in (T.Q3_K, T.Q4_K):
+                new_type, reason = T.Q5_K, "attn_v of a 70B model"
+            if m.n_expert == 8:
+                new_type, reason = T.Q8_0, "attn_v of an 8-expert model"
+            self.i_attention_wv += 1
+            return new_type, reason
+        if category == Category.ATTENTION_K:
+            if m.n_expert == 8:
+                return T.Q8_0, "attn_k of an 8-expert model"
+            return new_type, "file type default"
+        if category == Category.FFN_DOWN:
+            i, n = self._layer(self.i_ffn_down, name)
+            self.i_ffn_down += 1
+            if ft == F.Q2_K:
+                return T.Q3_K, "ffn_down"
+            if ft == F.Q2_K_S:
+                return (T.Q4_K, f"ffn_down, first eighth ({i}/{n})") if i < n // 8 else (new_type, "file type default")
+            if ft == F.Q3_K_M:
+                if i < n // 16:
+                    return T.Q5_K, f"ffn_down, first sixteenth ({i}/{n})"
+                if not m.is_falcon or use_more_bits(i, n):
+                    return T.Q4_K, "ffn_down"
+                return T.Q3_K, "ffn_down (Falcon)"
+            if ft == F.Q3_K_L:
+                return (T.Q4_K, "ffn_down (Falcon)") if m.is_falcon else (T.Q5_K, "ffn_down")
+            if ft == F.Q4_K_M:
+                if m.is_falcon:
+                    if i < n // 16:
+                        return T.Q6_K, f"ffn_down, first sixteenth ({i}/{n})"
+                    return (T.Q5_K, f"ffn_down, more bits for layer {i}/{n}") if use_more_bits(i, n) \
+                        else (T.Q4_K, "file type default")
+                if use_more_bits(i, n):
+                    return T.Q6_K, f"ffn_down, more bits for layer {i}/{n}"
+                return new_type, "file type default"
+            if ft in (F.IQ4_NL, F.IQ4_XS) and i < n // 8 and not o.has_imatrix:
+                return T.Q5_K, f"ffn_down, first eighth ({i}/{n}), no imatrix"
+            if ft == F.Q5_K_M and use_more_bits(i, n):
+                return T.Q6_K, f"ffn_down, more bits for layer {i}/{n}"
+            if ft == F.Q4_K_S and not m.is_falcon and i < n // 8:
+                return T.Q5_K, f"ffn_down, first eighth ({i}/{n})"
+            if ft in (F.Q4_0, F.Q5_0) and o.has_imatrix and i < n // 8:
+                return ((T.Q4_1 if ft == F.Q4_0 else T.Q5_1),
+                        f"ffn_down, first eighth ({i}/{n}), with imatrix")
+            return new_type, "file type default"
+        if category == Category.ATTENTION_OUTPUT:
+            if not m.is_falcon:
+                if m.n_expert == 8:
+                    if ft in (F.Q2_K, F.Q3_K_S, F.Q3_K_M, F.IQ4_NL, F.Q4_K_S, F.Q4_K_M, F.IQ4_XS):
+                        return T.Q5_K, "attn_output of an 8-expert model"
+                else:
+                    bumped = {F.Q2_K: T.Q3_K, F.Q3_K_M: T.Q4_K, F.Q3_K_L: T.Q5_K}.get(ft)
+                    if bumped is not None:
+                        return bumped, "attn_output"
+            elif ft == F.Q3_K_L:
+                return T.Q4_K, "attn_output (Falcon)"
+            return new_type, "file type default"
+        if category == Category.FFN_GATE:
+            self._layer(self.i_ffn_gate, name)
+            self.i_ffn_gate += 1
+        elif category == Category.FFN_UP:
+            self._layer(self.i_ffn_up, name)
+            self.i_ffn_up += 1
+        # (the separate attn_qkv branch of llama-quant.cpp is unreachable: attn_qkv is attn_v-like above)
+        return new_type, "file type default"
+
+
+_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+             T.IQ4_XS: T.IQ4_NL}
+
+
+def shape_fallback(qtype: T, row_length: int) -> tuple[T, str | None]:
+    """`tensor_type_fallback`: a type whose block divides the row, and the reason when it differs from `qtype`."""
+    block = block_size(qtype)
+    if row_length % block == 0:
+        return qtype, None
+    if qtype in _FALLBACK:
+        fallback = _FALLBACK[qtype]
+    elif block <= 32:
+        fallback = qtype
+    else:
+        raise QtoolError(f"no fallback type is defined for {qtype.name} (row length {row_length})")
+    reason = f"row length {row_length} is not a multiple of {block} ({qtype.name})"
+    if row_length % block_size(fallback) != 0:
+        return T.F16, reason + f" nor of {block_size(fallback)}: must use F16"
+    return fallback, reason
+
+
+def tensor_requires_imatrix(name: str, qtype: T, ftype: FileType) -> bool:
+    """llama-quantize refuses to write these without an importance matrix (of the in-scope types: Q2_K_S's Q2_K)."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return qtype == T.Q2_K and ftype == FileType.Q2_K_S
+
+
+def choose_tensor_types(tensors: Sequence[tuple[str, Sequence[int], T]], ftype: FileType, model: ModelInfo,
+                        options: MixtureOptions | None = None) -> list[TensorChoice]:
+    """Every tensor's target type, in llama-quantize's tensor order (the order the output file gets).
+
+    `tensors` are (name, numpy shape, source type); the shape's last axis is the row length.
+    """
+    options = options or MixtureOptions()
+    by_name = {name: (tuple(int(d) for d in shape), qtype) for name, shape, qtype in tensors}
+    if len(by_name) != len(tensors):
+        raise QtoolError("the model has duplicate tensor names")
+    order = llama_tensor_order(list(by_name))
+    rules = _Rules(ftype, model, options, order)
+    default = ftype.default_type
+    out = []
+    for name in order:
+        shape, source = by_name[name]
+        out.append(tensor_type_for(name, shape, source, ftype, default, rules, options))
+    return out
+
+
+def tensor_type_for(name: str, shape: tuple[int, ...], source: T, ftype: FileType, default: T, rules: _Rules,
+                    options: MixtureOptions) -> TensorChoice:
+    """`llama_tensor_get_type`: one tensor, visited in order (the rules' counters advance here)."""
+    kept = why_not_quantized(name, shape, options)
+    if kept is not None:
+        return TensorChoice(name, shape, source, source, f"kept: {kept}", quantizable=False)
+    category = category_of(name)
+    row_length = shape[-1]
+
+    def done(qtype: T, reason: str, wanted: T | None = None, fallback: str | None = None) -> TensorChoice:
+        return TensorChoice(name, shape, source, qtype, reason, True, wanted, fallback,
+                            tensor_requires_imatrix(name, qtype, ftype))
+
+    if options.token_embedding_type is not None and category == Category.TOKEN_EMBD:
+        named = name == "per_layer_token_embd.weight" and any(o.regex.search(name) for o in options.tensor_types)
+        if not named:
+            return done(options.token_embedding_type, "--token-embedding-type")
+    if options.output_tensor_type is not None and category == Category.OUTPUT:
+        return done(options.output_tensor_type, "--output-tensor-type")
+    if not ftype.is_quantized:
+        # float file types: every quantizable tensor takes the type; overrides and fallbacks do not apply
+        return done(default, "file type default")
+
+    new_type, reason = default, "file type default"
+    override = next((o for o in options.tensor_types if o.regex.search(name)), None)
+    if override is not None:
+        new_type, reason = override.qtype, f"--tensor-type {override.pattern}={override.qtype.name.lower()}"
+    elif not options.pure:
+        rules.output_fallback = None
+        new_type, reason = rules.choose(name, row_length, category, default)
+        if rules.output_fallback is not None:
+            wanted, why = rules.output_fallback
+            final, more = shape_fallback(new_type, row_length)
+            return done(final, reason, wanted=wanted, fallback=why + (f"; {more}" if more else ""))
+    else:
+        reason = "--pure"
+    final, why = shape_fallback(new_type, row_length)
+    if why is not None:
+        return done(final, reason, wanted=new_type, fallback=why)
+    return done(final, reason)
+
+
+# --- a reference model for `qtool quantize --list` ---------------------------------------------------------------
+
+# Llama-3.1-8B's tensor list (32 layers, GQA 4, untied output): the model llama.cpp's README sizes file types on.
+LLAMA31_8B = ModelInfo("llama", n_layer=32, n_head=32, n_head_kv=8)
+
+
+def llama31_8b_tensors() -> list[tuple[str, tuple[int, ...], T]]:
+    hidden, ffn, vocab, kv = 4096, 14336, 128256, 1024
+    tensors = [("token_embd.weight", (vocab, hidden), T.F16), ("output.weight", (vocab, hidden), T.F16),
+               ("output_norm.weight", (hidden,), T.F32), ("rope_freqs.weight", (64,), T.F32)]
+    for i in range(32):
+        p = f"blk.{i}."
+        tensors += [(p + "attn_norm.weight", (hidden,), T.F32), (p + "ffn_norm.weight", (hidden,), T.F32),
+                    (p + "attn_q.weight", (hidden, hidden), T.F16), (p + "attn_k.weight", (kv, hidden), T.F16),
+                    (p + "attn_v.weight", (kv, hidden), T.F16), (p + "attn_output.weight", (hidden, hidden), T.F16),
+                    (p + "ffn_gate.weight", (ffn, hidden), T.F16), (p + "ffn_up.weight", (ffn, hidden), T.F16),
+                    (p + "ffn_down.weight", (hidden, ffn), T.F16)]
+    return tensors
+
+
+def mixture_bits_per_weight(ftype: FileType, tensors=None, model: ModelInfo = LLAMA31_8B,
+                            options: MixtureOptions | None = None) -> float:
+    """Bits per weight of a whole model (default: Llama-3.1-8B's shapes) under this file type's rules."""
+    from qtool.gguf_io import tensor_nbytes
+    tensors = tensors if tensors is not None else llama31_8b_tensors()
+    choices = choose_tensor_types(tensors, ftype, model, options)
+    nbytes = sum(tensor_nbytes(c.shape, c.target_type) for c in choices)
+    return 8.0 * nbytes / sum(c.n_elements for c in choices)

@@ -1,0 +1,497 @@
+"""The numpy forward pass against an independent float64 reference written from the HF weights and HF conventions.
+
+The reference below never looks at the GGUF file: it reads the checkpoint as HF stores it (unpermuted q/k,
+W_pack, lm_head), applies rotary embedding as HF does (rotate_half on halves), repeats k/v heads, builds
+ALiBi slopes the way Baichuan-13B's `_get_interleave` does, and applies Baichuan2's NormHead. Agreement
+therefore checks the converter's layout and the model's reading of it together.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from qtool.convert.converter import plan_conversion, write_plan
+from qtool.errors import QtoolError
+from qtool.evaluate.model import (KVCache, Model, alibi_slopes, apply_rope, causal_softmax_, rms_norm,
+                                  rope_angles, silu_mul_)
+from qtool.evaluate.weights import GGUFWeights, MemoryBudget
+from qtool.gguf_io import GGUFValueType, PlannedTensor, read_gguf, write_gguf
+from tests.fixtures.checkpoints import read_checkpoint_tensors
+
+RTOL = 1e-4
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gguf_of(checkpoint_factory, tmp_path_factory):
+    """(variant, outtype, **config overrides) -> (checkpoint dir, GGUF path), converted once per session."""
+    cache: dict[str, tuple[Path, Path]] = {}
+    root = tmp_path_factory.mktemp("eval_gguf")
+
+    def get(variant: str, outtype: str = "f32", **overrides) -> tuple[Path, Path]:
+        key = json.dumps([variant, outtype, overrides], sort_keys=True)
+        if key not in cache:
+            ckpt = checkpoint_factory(variant, **overrides)
+            out = root / f"m{len(cache)}-{variant}-{outtype}.gguf"
+            plan = plan_conversion(ckpt, outtype)
+            try:
+                write_plan(plan, out)
+            finally:
+                plan.close()
+            cache[key] = (ckpt, out)
+        return cache[key]
+
+    return get
+
+
+def load(path: Path, budget: int | None = None) -> Model:
+    return Model(GGUFWeights(path, MemoryBudget(budget) if budget is not None else None))
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(ours.astype(np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+# --- the independent reference -----------------------------------------------------------------------------------
+
+def hf_interleave_slopes(n: int) -> list[float]:
+    """Baichuan-13B's ALiBi slopes (`_get_interleave` in its modeling file)."""
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_2(closest) + hf_interleave_slopes(2 * closest)[0::2][: n - closest]
+
+
+def hf_inv_freq(config: dict, dim: int) -> tuple[np.ndarray, float]:
+    """HF's rotary inverse frequencies (and cos/sin scale) for the config's rope scaling."""
+    base = float(config.get("rope_theta", 10000.0))
+    inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    rs = config.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        return inv / rs["factor"], 1.0
+    if kind == "llama3":
+        factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return np.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        factor, old = rs["factor"], rs["original_max_position_embeddings"]
+
+        def corr(rot: float) -> float:
+            return dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
+        low, high = max(math.floor(corr(32)), 0), min(math.ceil(corr(1)), dim - 1)
+        if low == high:
+            high += 0.001
+        extrap = 1 - np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+        return (inv / factor) * (1 - extrap) + inv * extrap, 0.1 * math.log(factor) + 1.0
+    assert kind in (None, "default"), kind
+    return inv, 1.0
+
+
+def hf_forward(model_dir: Path, tokens: np.ndarray, position: str = "auto") -> np.ndarray:
+    """float64 logits (T, vocab) of one sequence, from the HF checkpoint, the HF way."""
+    config = json.loads((model_dir / "config.json").read_text())
+    sd = {k: v.astype(np.float64) for k, v in read_checkpoint_tensors(model_dir).items()}
+    family = config["model_type"]
+    H, n_layer = config["hidden_size"], config["num_hidden_layers"]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    hd = config.get("head_dim") or H // n_head
+    eps = config["rms_norm_eps"]
+    T = len(tokens)
+    if position == "auto":
+        position = "alibi" if family == "baichuan" and n_layer == 40 else "rope"
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+    inv_freq, cs_scale = hf_inv_freq(config, hd)
+    freqs = np.arange(T)[:, None] * inv_freq[None]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    cos, sin = np.cos(emb) * cs_scale, np.sin(emb) * cs_scale
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    if position == "alibi":
+        slopes = np.array(hf_interleave_slopes(n_head))
+        mask = mask[None] + slopes[:, None, None] * np.arange(T)[None, None, :]
+
+    x = sd["model.embed_tokens.weight"][tokens]
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        a = norm(x, sd[p + "input_layernorm.weight"])
+        if family == "baichuan":
+            q, k, v = np.split(a @ sd[p + "self_attn.W_pack.weight"].T, 3, axis=-1)
+        else:
+            q, k, v = (a @ sd[p + f"self_attn.{n}_proj.weight"].T + sd.get(p + f"self_attn.{n}_proj.bias", 0.0)
+                       for n in "qkv")
+        q = q.reshape(T, n_head, hd).transpose(1, 0, 2)
+        k = k.reshape(T, n_kv, hd).transpose(1, 0, 2)
+        v = v.reshape(T, n_kv, hd).transpose(1, 0, 2)
+        if family == "qwen3":
+            q, k = norm(q, sd[p + "self_attn.q_norm.weight"]), norm(k, sd[p + "self_attn.k_norm.weight"])
+        if position == "rope":
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, n_head // n_kv, axis=0), np.repeat(v, n_head // n_kv, axis=0)
+        s = q @ k.transpose(0, 2, 1) / math.sqrt(hd) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = (s @ v).transpose(1, 0, 2).reshape(T, n_head * hd)
+        x = x + o @ sd[p + "self_attn.o_proj.weight"].T + sd.get(p + "self_attn.o_proj.bias", 0.0)
+        f = norm(x, sd[p + "post_attention_layernorm.weight"])
+        g, u = f @ sd[p + "mlp.gate_proj.weight"].T, f @ sd[p + "mlp.up_proj.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ sd[p + "mlp.down_proj.weight"].T
+    x = norm(x, sd["model.norm.weight"])
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    modeling = model_dir / "modeling_baichuan.py"
+    if modeling.exists() and "class NormHead" in modeling.read_text():
+        head = head / np.maximum(np.linalg.norm(head, axis=1, keepdims=True), 1e-12)
+    return x @ head.T
+
+
+def random_tokens(n_vocab: int, T: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, min(n_vocab, 32000), size=T)
+
+
+# --- agreement ----------------------------------------------------------------------------------------------------
+
+VARIANTS = ["llama-spm",      # MHA, NORM rope on permuted q/k, separate output
+            "llama-bpe",      # GQA, tied output, llama3 rope_freqs tensor from the converter
+            "qwen2",          # NEOX rope, q/k/v bias, GQA, tied
+            "qwen3",          # q/k norm, head_dim != hidden/heads
+            "baichuan-7b",    # 32 layers: W_pack, NORM rope
+            "baichuan-13b",   # 40 layers: ALiBi
+            "baichuan2"]      # NormHead
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_f32_logits_equal_the_float64_reference(variant, gguf_of):
+    ckpt, path = gguf_of(variant)
+    model = load(path)
+    tokens = random_tokens(model.n_vocab, 40, seed=len(variant))
+    ours = model.forward(tokens)
+    ref = hf_forward(ckpt, tokens)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) < RTOL
+
+
+# Rope scaling with short original contexts and a small base, so that 40 positions feel it. Making each of these
+# through the converter would cost a checkpoint and a conversion per case; the converter's own tests cover the keys
+# it writes, so here the GGUF metadata (and llama3's rope_freqs tensor) is edited to match the HF config.
+def _llama3_short() -> dict:
+    return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+
+
+SCALED = {
+    "linear": ("llama-spm", {"rope_scaling": {"type": "linear", "factor": 4.0}},
+               {"llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
+                "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32)}),
+    "yarn": ("qwen2", {"rope_theta": 10000.0,
+                       "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+             {"qwen2.rope.freq_base": (10000.0, GGUFValueType.FLOAT32),
+              "qwen2.rope.scaling.type": ("yarn", GGUFValueType.STRING),
+              "qwen2.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32),
+              "qwen2.rope.scaling.original_context_length": (64, GGUFValueType.UINT32)}),
+    "llama3": ("llama-bpe", {"rope_theta": 10000.0, "rope_scaling": _llama3_short()},
+               {"llama.rope.freq_base": (10000.0, GGUFValueType.FLOAT32)}),
+}
+
+
+@pytest.fixture(scope="session")
+def scaled_case(gguf_of, tmp_path_factory):
+    cache: dict[str, tuple[Path, Path, Path]] = {}
+
+    def get(case: str) -> tuple[Path, Path, Path]:
+        """(original checkpoint, checkpoint with the scaled config, GGUF with the scaled metadata)."""
+        if case not in cache:
+            variant, config_changes, kv_changes = SCALED[case]
+            ckpt, path = gguf_of(variant)
+            root = tmp_path_factory.mktemp(f"scaled-{case}")
+            scaled_ckpt = _with_config(ckpt, root / "ckpt", config_changes)
+            replace = {}
+            if case == "llama3":
+                config = json.loads((scaled_ckpt / "config.json").read_text())
+                unscaled, _ = hf_inv_freq({**config, "rope_scaling": None}, config["head_dim"])
+                scaled, _ = hf_inv_freq(config, config["head_dim"])
+                replace["rope_freqs.weight"] = (unscaled / scaled).astype(np.float32)
+            cache[case] = (ckpt, scaled_ckpt, _rewrite(path, root / "m.gguf", set_kv=kv_changes,
+                                                       replace_tensors=replace))
+        return cache[case]
+
+    return get
+
+
+def _with_config(ckpt: Path, dst: Path, changes: dict) -> Path:
+    dst.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("case", list(SCALED))
+def test_rope_scaling_matches_the_reference_and_is_visible(case, scaled_case):
+    ckpt, scaled_ckpt, path = scaled_case(case)
+    model = load(path)
+    tokens = random_tokens(model.n_vocab, 40, seed=9)
+    ours = model.forward(tokens)
+    assert rel_err(ours, hf_forward(scaled_ckpt, tokens)) < RTOL
+    # ignoring the scaling would be caught at this tolerance
+    assert rel_err(ours, hf_forward(ckpt, tokens)) > 10 * RTOL
+
+
+def test_baichuan_at_other_depths_has_no_position_encoding(gguf_of):
+    """llama.cpp gives Baichuan models of neither 32 nor 40 layers no RoPE and no ALiBi."""
+    ckpt, path = gguf_of("baichuan-7b", num_hidden_layers=3)
+    model = load(path)
+    assert model.config.position == "none"
+    tokens = random_tokens(model.n_vocab, 24)
+    ours = model.forward(tokens)
+    assert rel_err(ours, hf_forward(ckpt, tokens, position="none")) < RTOL
+    assert rel_err(ours, hf_forward(ckpt, tokens, position="rope")) > 10 * RTOL
+
+
+def test_alibi_slopes_match_baichuan_for_many_head_counts():
+    for n in (1, 2, 4, 5, 8, 12, 40, 64):
+        np.testing.assert_allclose(alibi_slopes(n, 8.0), hf_interleave_slopes(n), rtol=1e-6)
+
+
+def test_yarn_angles_follow_ggml(scaled_case):
+    _, scaled_ckpt, path = scaled_case("yarn")
+    cfg = load(path).config
+    assert cfg.yarn_orig_ctx == 64 and cfg.rope_freq_scale == 0.25
+    cos, sin = rope_angles(cfg, np.arange(5), None)
+    inv, scale = hf_inv_freq(json.loads((scaled_ckpt / "config.json").read_text()), cfg.n_rot)
+    np.testing.assert_allclose(cos, np.cos(np.arange(5)[:, None] * inv) * scale, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sin, np.sin(np.arange(5)[:, None] * inv) * scale, rtol=1e-6, atol=1e-6)
+
+
+# --- numba kernels against plain numpy ------------------------------------------------------------------------
+
+def test_rms_norm_kernel():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, (7, 96)).astype(np.float32)
+    x[1] = 0.0                                       # all zero: eps keeps it finite
+    x[2, 5] = 1e6                                    # one huge outlier
+    x[3] *= 1e-20                                    # tiny values
+    w = rng.normal(1, 0.1, 96).astype(np.float32)
+    xd = x.astype(np.float64)
+    ref = xd / np.sqrt((xd * xd).mean(1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(rms_norm(x, w, 1e-6), ref, rtol=2e-6, atol=1e-30)
+    inplace = x.copy()
+    rms_norm(inplace, w, 1e-6, out=inplace)
+    np.testing.assert_array_equal(inplace, rms_norm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("style, n_rot", [("norm", 16), ("neox", 16), ("neox", 8)])
+def test_rope_kernel(style, n_rot):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 3, 16)).astype(np.float32)
+    theta = rng.uniform(0, 50, (5, n_rot // 2))
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    ref = x.astype(np.float64).copy()
+    half = n_rot // 2
+    a = np.arange(half) * 2 if style == "norm" else np.arange(half)
+    b = a + 1 if style == "norm" else a + half
+    x0, x1 = ref[..., a].copy(), ref[..., b].copy()
+    c, s_ = cos[:, None, :], sin[:, None, :]
+    ref[..., a], ref[..., b] = x0 * c - x1 * s_, x0 * s_ + x1 * c
+    ours = x.copy()
+    apply_rope(ours, cos, sin, style)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ours[..., n_rot:], x[..., n_rot:])    # dims past n_rot pass through
+
+
+@pytest.mark.parametrize("n_group, start, alibi", [(1, 0, False), (3, 0, False), (2, 4, False), (2, 0, True),
+                                                   (1, 3, True)])
+def test_causal_softmax_kernel(n_group, start, alibi):
+    rng = np.random.default_rng(2)
+    n_kv, n_q = 2, 6
+    n_k = start + n_q
+    scores = rng.normal(0, 5, (n_kv, n_q * n_group, n_k)).astype(np.float32)
+    scores[0, 1, 0] = 80.0                            # a dominant score
+    slopes = alibi_slopes(n_kv * n_group, 8.0) if alibi else np.empty(0, np.float32)
+    # rows are query-major: row r is query r // n_group of head (kv head) * n_group + r % n_group
+    ref = scores.astype(np.float64).reshape(n_kv, n_q, n_group, n_k).copy()
+    q_pos = (start + np.arange(n_q))[:, None, None]
+    k_pos = np.arange(n_k)[None, None, :]
+    if alibi:
+        ref += slopes.reshape(n_kv, 1, n_group, 1) * (k_pos - q_pos)
+    ref = np.where(k_pos > q_pos, -np.inf, ref)
+    ref = np.exp(ref - ref.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    ours = scores.copy()
+    causal_softmax_(ours, start, slopes, n_group)
+    np.testing.assert_allclose(ours, ref.reshape(scores.shape), rtol=1e-5, atol=1e-7)
+
+
+def test_silu_mul_kernel():
+    rng = np.random.default_rng(4)
+    gate = rng.normal(0, 4, (5, 33)).astype(np.float32)
+    gate[0, :4] = [0.0, -200.0, 200.0, -1e-30]         # exp overflow must give 0, not NaN
+    up = rng.normal(size=(5, 33)).astype(np.float32)
+    g = gate.astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref = g / (1 + np.exp(-g)) * up
+    ours = gate.copy()
+    silu_mul_(ours, up)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-30)
+
+
+# --- batching, outputs, caches, hooks, memory modes ---------------------------------------------------------------
+
+def test_batched_sequences_and_output_positions(gguf_of):
+    _, path = gguf_of("qwen2")
+    model = load(path)
+    a, b = random_tokens(model.n_vocab, 16, 1), random_tokens(model.n_vocab, 16, 2)
+    both = model.forward(np.stack([a, b]), output_from=9)
+    assert both.shape == (2, 7, model.n_vocab)
+    np.testing.assert_allclose(both[0], model.forward(a)[9:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both[1], model.forward(b)[9:], rtol=1e-5, atol=1e-6)
+    assert model.forward(a, output_from=16).shape == (0, model.n_vocab)
+
+
+@pytest.mark.parametrize("variant", ["llama-bpe", "baichuan-13b", "qwen3"])
+def test_kv_cache_decoding_equals_the_full_pass(variant, gguf_of):
+    _, path = gguf_of(variant)
+    model = load(path)
+    tokens = np.stack([random_tokens(model.n_vocab, 12, 3), random_tokens(model.n_vocab, 12, 4)])
+    full = model.forward(tokens)
+    cache = KVCache.allocate(model.config, batch=2, max_len=12)
+    steps = [model.forward(tokens[:, :5], cache=cache)]
+    for t in range(5, 12):
+        steps.append(model.forward(tokens[:, t:t + 1], cache=cache))
+    assert cache.length == 12
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(QtoolError, match="KV cache"):
+        model.forward(tokens[:, :1], cache=cache)
+
+
+def test_matmul_hook_sees_the_input_of_every_matrix_product(gguf_of):
+    _, path = gguf_of("qwen3")
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    model = Model(GGUFWeights(path), on_matmul_input=lambda name, x: seen.append((name, x.shape)))
+    c = model.config
+    model.forward(np.stack([random_tokens(c.n_vocab, 10)] * 3), output_from=4)
+    names = [n for n, _ in seen]
+    expected = [f"blk.{i}.{t}.weight" for i in range(c.n_layer)
+                for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+    assert names == expected + ["token_embd.weight"]      # tied output reads token_embd
+    shapes = dict(seen)
+    assert shapes["blk.0.attn_q.weight"] == (30, c.n_embd)
+    assert shapes["blk.1.attn_output.weight"] == (30, c.n_head * c.head_dim)
+    assert shapes["blk.1.ffn_down.weight"] == (30, c.n_ff)
+    assert shapes["token_embd.weight"] == (3 * 6, c.n_embd)
+
+
+def test_streamed_weights_give_the_same_logits(gguf_of, monkeypatch):
+    """A model over the memory budget dequantizes per use (rows by id, output in blocks): same numbers."""
+    import qtool.evaluate.weights as weights_mod
+    _, path = gguf_of("llama-spm", "q8_0")
+    resident, streamed = load(path), load(path, budget=0)
+    assert resident.weights.resident and not streamed.weights.resident
+    monkeypatch.setattr(weights_mod, "OUTPUT_BLOCK_BYTES", 4 * 64 * 1000)   # 1000 rows per block, 32 blocks
+    tokens = np.stack([random_tokens(resident.n_vocab, 20, 5), random_tokens(resident.n_vocab, 20, 6)])
+    np.testing.assert_array_equal(streamed.forward(tokens, output_from=3), resident.forward(tokens, output_from=3))
+    assert not streamed.weights._cache
+
+
+def test_quantized_tensors_are_dequantized_like_gguf_py(gguf_of):
+    _, path = gguf_of("llama-spm", "q8_0")
+    w = GGUFWeights(path)
+    g = read_gguf(path)
+    t = next(t for t in g.tensors if t.qtype == gguf.GGMLQuantizationType.Q8_0)
+    ref = gguf.quants.dequantize(np.array(g.raw(t)), t.qtype).reshape(t.shape)
+    np.testing.assert_array_equal(w.get(t.name), ref)
+    ids = np.array([5, 0, 5, 31999])
+    streamed = GGUFWeights(path, MemoryBudget(0))
+    np.testing.assert_array_equal(streamed.rows("token_embd.weight", ids), w.get("token_embd.weight")[ids])
+    with pytest.raises(QtoolError, match="outside the model's vocabulary"):
+        streamed.rows("token_embd.weight", np.array([32000]))
+
+
+def test_memory_budget_is_shared_between_models(gguf_of):
+    _, path = gguf_of("llama-spm")
+    size = GGUFWeights(path, MemoryBudget(10**12)).float32_bytes
+    budget = MemoryBudget(size + size // 2)
+    assert GGUFWeights(path, budget).resident
+    assert not GGUFWeights(path, budget).resident
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+def _rewrite(src: Path, dst: Path, *, drop_tensors=(), set_kv: dict | None = None,
+             replace_tensors: dict | None = None) -> Path:
+    """A copy of `src` with tensors dropped or replaced and keys set (value None: removed)."""
+    g = read_gguf(src)
+    changes = dict(set_kv or {})
+    replace = dict(replace_tensors or {})
+    arch = changes.pop("general.architecture", (g.value("general.architecture"), None))[0]
+    kvs = [(k, v.value, v.type, v.sub_type) for k, v in g.kv.items()
+           if k != "general.architecture" and k not in changes]
+    kvs += [(k, value, vtype, None) for k, (value, vtype) in changes.items() if value is not None]
+    tensors = [PlannedTensor(t.name, t.shape, t.qtype, (lambda t=t: replace.get(t.name, g.array(t))))
+               for t in g.tensors if t.name not in drop_tensors]
+    write_gguf(dst, arch, kvs, tensors)
+    return dst
+
+
+def test_errors_are_one_line(gguf_of, tmp_path):
+    _, llama = gguf_of("llama-spm")
+    _, baichuan = gguf_of("baichuan-7b", num_hidden_layers=2)
+    with pytest.raises(QtoolError, match="unsupported GGUF architecture 'gpt2'"):
+        load(_rewrite(llama, tmp_path / "a.gguf", set_kv={"general.architecture": ("gpt2", GGUFValueType.STRING)}))
+    with pytest.raises(QtoolError, match="output.weight' is missing .baichuan has no tied output"):
+        load(_rewrite(baichuan, tmp_path / "b.gguf", drop_tensors=("output.weight",)))
+    with pytest.raises(QtoolError, match="blk.1.ffn_up.weight' is missing"):
+        load(_rewrite(llama, tmp_path / "c.gguf", drop_tensors=("blk.1.ffn_up.weight",)))
+    with pytest.raises(QtoolError, match="missing metadata key llama.attention.layer_norm_rms_epsilon"):
+        load(_rewrite(llama, tmp_path / "d.gguf",
+                      set_kv={"llama.attention.layer_norm_rms_epsilon": (None, GGUFValueType.FLOAT32)}))
+    with pytest.raises(QtoolError, match="rope scaling 'longrope' is not supported"):
+        load(_rewrite(llama, tmp_path / "e.gguf", set_kv={"llama.rope.scaling.type": ("longrope", GGUFValueType.STRING)}))
+
+
+def test_tied_llama_reads_token_embd(gguf_of):
+    ckpt, path = gguf_of("llama-spm", tie_word_embeddings=True)
+    model = load(path)
+    assert model.config.tied_output and not model.weights.has("output.weight")
+    tokens = random_tokens(model.n_vocab, 12)
+    assert rel_err(model.forward(tokens), hf_forward(ckpt, tokens)) < RTOL
+
+
+# --- against HF transformers --------------------------------------------------------------------------------------
+
+@pytest.mark.reference
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["llama-spm", "llama-bpe", "qwen2", "qwen3"])
+def test_logits_equal_transformers(variant, gguf_of):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    ckpt, path = gguf_of(variant)
+    model = load(path)
+    tokens = random_tokens(model.n_vocab, 48, seed=7)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    hf.eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens[None])).logits[0].double().numpy()
+    assert rel_err(model.forward(tokens), ref) < RTOL
