@@ -234,7 +234,7 @@ class TextStream:
 def apply_chat_template(template: str, user_message: str, tokenizer: Tokenizer) -> str:
     """The prompt text of one user turn plus the assistant's generation prompt, as llama.cpp formats it.
 
-    Rendered like transformers' apply_chat_template (sandboxed jinja2, trim_blocks, lstrip_blocks,
+    Rendered like transformers' apply_chat_template (sandboxed jinja2, trim_blocks, lstrip_blocks, loop controls,
     raise_exception, strftime_now) with bos_token / eos_token set; then, as common_chat_templates_apply does,
     a leading BOS text is dropped when the tokenizer adds BOS itself (and a trailing EOS when it adds EOS).
     """
@@ -253,7 +253,7 @@ def apply_chat_template(template: str, user_message: str, tokenizer: Tokenizer) 
     bos = tokenizer.token_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
     eos = tokenizer.token_piece(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
     bos, eos = bos.decode("utf-8", "replace"), eos.decode("utf-8", "replace")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
         text = env.from_string(template).render(messages=[{"role": "user", "content": user_message}],

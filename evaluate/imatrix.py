@@ -57,7 +57,8 @@ class ImatrixCollector:
     def __call__(self, weight_name: str, x: np.ndarray) -> None:
         if x.shape[0] < MIN_ROWS or not self.collects(weight_name):
             return
-        squares = np.einsum("ij,ij->j", x, x, dtype=np.float32)
+        with np.errstate(over="ignore"):      # an overflow is reported below, as llama-imatrix does
+            squares = np.einsum("ij,ij->j", x, x, dtype=np.float32)
         sums = self.sums.get(weight_name)
         if sums is None:
             sums = self.sums[weight_name] = np.zeros((1, x.shape[1]), np.float32)
@@ -70,7 +71,8 @@ class ImatrixCollector:
             # a dense weight keeps one count (older files stored one per slice); unequal ones all grow
             counts = self.counts[weight_name] = counts[:1].copy()
             sums = self.sums[weight_name] = sums.reshape(1, -1)
-        sums.reshape(-1)[:] += squares
+        with np.errstate(over="ignore"):
+            sums.reshape(-1)[:] += squares
         counts += x.shape[0]
         if not np.isfinite(sums).all():
             raise QtoolError(f"non-finite sums of squared activations at the input of {weight_name}: the model "

@@ -8,11 +8,15 @@ tied output); the pass itself is the llama graph of llama.cpp (src/models/{llama
     logits = rms_norm(x) @ output.T
 
 Weights are read in the GGUF layout (q/k rows permuted for llama/baichuan, whose NORM rope rotates
-adjacent pairs), so no tensor is rewritten on load.
+adjacent pairs), so no tensor is rewritten on load. Weights of any type are used as float32; by default
+(`activations="llama.cpp"`) the input of every matrix product is rounded the way llama.cpp's CPU backend
+rounds it for that weight type (F16, or 8-bit blocks for quantized weights), which is what makes its
+perplexities llama-perplexity's; `activations="float32"` computes the model exactly in float32.
 
 Two extension points:
-- `on_matmul_input(weight_name, x)`: called with the input rows of every matrix product, before it runs
-  (an importance-matrix collector squares and sums them). One attribute test when unused.
+- `on_matmul_input(weight_name, x)`: called with the input rows (float32, unrounded, as llama-imatrix sees
+  them) of every matrix product before it runs; an importance-matrix collector squares and sums them.
+  q, k and v get the same array. One attribute test when unused.
 - `KVCache`: pass one to `forward` to decode incrementally; keys and values of earlier calls are reused.
 
 `forward` processes a batch of sequences layer by layer, so a model whose float32 weights are not kept
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
@@ -249,6 +254,103 @@ def silu_mul_(gate: np.ndarray, up: np.ndarray) -> None:
             gate[r, i] = g / (np.float32(1.0) + math.exp(-g)) * up[r, i]
 
 
+# --- llama.cpp's activation rounding ------------------------------------------------------------------------------
+# ggml's CPU backend converts the activations of every matrix product to the weight type's vec_dot_type
+# (ggml-cpu.c, type_traits_cpu) before multiplying: F16 weights see F16 activations, Q4_0/Q5_0/Q8_0 (and Q4_1/Q5_1
+# through Q8_1, the same values) see 8-bit blocks of 32 with an F16 scale, k-quants and i-quants see Q8_K (blocks
+# of 256, float scale). On SmolLM2-135M Q4_K_M that moves PPL by 0.7%, so `activations="llama.cpp"` rounds
+# each matrix product's input the same way (its values, not its storage); "float32" keeps them exact.
+
+def _activation_kinds() -> dict[GGMLQuantizationType, str]:
+    kinds = {"F16": "f16", "BF16": "bf16"}
+    kinds.update(dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4"), "q8_0"))
+    kinds.update(dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                                "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"), "q8_K"))
+    return {GGMLQuantizationType[n]: k for n, k in kinds.items() if n in GGMLQuantizationType.__members__}
+
+
+ACTIVATION_KINDS = _activation_kinds()
+ACTIVATION_MODES = ("llama.cpp", "float32")
+
+
+@njit(cache=True)
+def _round_to_f16(v: float) -> np.float32:
+    """The float16 nearest to v >= 0 (ties to even), as float32."""
+    if v == 0.0:
+        return np.float32(0.0)
+    m, e = math.frexp(v)                  # v = m * 2^e, 0.5 <= m < 1
+    if e >= -13:                          # a normal float16: 11 significant bits
+        return np.float32(math.ldexp(np.rint(m * 2048.0), e - 11))
+    return np.float32(np.rint(math.ldexp(v, 24)) * 2.0 ** -24)    # subnormal: steps of 2^-24
+
+
+@njit(parallel=True, cache=True)
+def round_q8_0_(x: np.ndarray, out: np.ndarray) -> None:
+    """Values of ggml's quantize_row_q8_0 (x86): per 32 values d = amax/127 stored as F16, q = rint(x * 127/amax)."""
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        for b in range(0, n, 32):
+            amax = np.float32(0.0)
+            for j in range(b, b + 32):
+                amax = max(amax, abs(x[r, j]))
+            d = _round_to_f16(amax / np.float32(127.0))
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            for j in range(b, b + 32):
+                out[r, j] = np.rint(x[r, j] * inv) * d
+
+
+@njit(parallel=True, cache=True)
+def round_q8_k_(x: np.ndarray, out: np.ndarray) -> None:
+    """Values of ggml's quantize_row_q8_K: per 256 values the signed max m, s = -127/m, q = min(127, rint(s x)), x ~ q/s."""
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        for b in range(0, n, 256):
+            amax = np.float32(0.0)
+            signed_max = np.float32(0.0)
+            for j in range(b, b + 256):
+                if abs(x[r, j]) > amax:
+                    amax = abs(x[r, j])
+                    signed_max = x[r, j]
+            if amax == 0:
+                for j in range(b, b + 256):
+                    out[r, j] = 0.0
+                continue
+            iscale = np.float32(-127.0) / signed_max
+            d = np.float32(1.0) / iscale
+            for j in range(b, b + 256):
+                out[r, j] = min(np.float32(127.0), np.rint(iscale * x[r, j])) * d
+
+
+def round_activations(x: np.ndarray, kind: str, out: np.ndarray) -> np.ndarray:
+    """x (rows, n) rounded as llama.cpp's CPU backend rounds a matrix product's input for `kind` (into out)."""
+    if kind == "q8_0":
+        round_q8_0_(x, out)
+    elif kind == "q8_K":
+        round_q8_k_(x, out)
+    elif kind == "f16":
+        np.copyto(out, x.astype(np.float16))
+    elif kind == "bf16":
+        bits = x.view(np.uint32)
+        out.view(np.uint32)[...] = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) & np.uint32(0xFFFF0000)
+    else:
+        raise ValueError(kind)
+    return out
+
+
+class _Input:
+    """One matrix-product input and its llama.cpp-rounded copies, made once per kind for all products sharing it."""
+
+    def __init__(self, x: np.ndarray, workspace: "_Workspace"):
+        self.x, self._ws, self._rounded = x, workspace, {}
+
+    def rounded(self, kind: str | None) -> np.ndarray:
+        if kind is None:
+            return self.x
+        if kind not in self._rounded:
+            self._rounded[kind] = round_activations(self.x, kind, self._ws(f"act-{kind}-{self.x.shape[1]}", self.x.shape))
+        return self._rounded[kind]
+
+
 # --- caches -----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -288,10 +390,14 @@ class _Workspace:
 class Model:
     """A GGUF causal language model: `forward(tokens) -> logits`."""
 
-    def __init__(self, weights: GGUFWeights, on_matmul_input: MatmulHook | None = None):
+    def __init__(self, weights: GGUFWeights, on_matmul_input: MatmulHook | None = None,
+                 activations: str = "llama.cpp"):
+        if activations not in ACTIVATION_MODES:
+            raise QtoolError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, not {activations!r}")
         self.weights = weights
         self.config = ModelConfig.from_weights(weights)
         self.on_matmul_input = on_matmul_input
+        self.activations = activations
         self._ws = _Workspace()
         self._rope: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         c = self.config
@@ -331,12 +437,18 @@ class Model:
                 raise QtoolError(f"{w.path}: tensor {name!r} has shape {w.shape(name)}, expected {shape}")
 
     # --- pieces -------------------------------------------------------------------------------------------------
-    def _linear(self, name: str, x: np.ndarray, role: str) -> np.ndarray:
+    def _activation_kind(self, weight_name: str) -> str | None:
+        if self.activations == "float32":
+            return None
+        return ACTIVATION_KINDS.get(self.weights.qtype(weight_name))
+
+    def _linear(self, name: str, x: _Input, role: str) -> np.ndarray:
         """x @ W.T (+ bias) into the work buffer `role`; `name` is the tensor name without '.weight'."""
         if self.on_matmul_input is not None:
-            self.on_matmul_input(name + ".weight", x)
+            self.on_matmul_input(name + ".weight", x.x)
         w = self.weights.get(name + ".weight")
-        out = np.matmul(x, w.T, out=self._ws(role, (x.shape[0], w.shape[0])))
+        out = np.matmul(x.rounded(self._activation_kind(name + ".weight")), w.T,
+                        out=self._ws(role, (x.x.shape[0], w.shape[0])))
         if self.weights.has(name + ".bias"):
             out += self.weights.get(name + ".bias")
         return out
@@ -413,7 +525,7 @@ class Model:
         attn_out = ws("attn_out", (B, T, nq))
         for il in range(c.n_layer):
             p = f"blk.{il}."
-            h = rms_norm(x, w.get(p + "attn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd)))
+            h = _Input(rms_norm(x, w.get(p + "attn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd))), ws)
             q = self._linear(p + "attn_q", h, "q").reshape(B, T, c.n_head, d)
             k = self._linear(p + "attn_k", h, "k").reshape(B, T, c.n_head_kv, d)
             v = self._linear(p + "attn_v", h, "v").reshape(B, T, c.n_head_kv, d)
@@ -425,13 +537,13 @@ class Model:
                 apply_rope(k, cos, sin, c.rope_style)
             q *= inv_sqrt_d
             self._attention(il, q, k, v, start, cache, attn_out)
-            x += self._linear(p + "attn_output", attn_out.reshape(rows, nq), "o")
+            x += self._linear(p + "attn_output", _Input(attn_out.reshape(rows, nq), ws), "o")
 
-            h = rms_norm(x, w.get(p + "ffn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd)))
+            h = _Input(rms_norm(x, w.get(p + "ffn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd))), ws)
             gate = self._linear(p + "ffn_gate", h, "gate")
             up = self._linear(p + "ffn_up", h, "up")
             silu_mul_(gate, up)
-            x += self._linear(p + "ffn_down", gate, "down")
+            x += self._linear(p + "ffn_down", _Input(gate, ws), "down")
 
         if cache is not None:
             cache.length = start + T
@@ -445,9 +557,11 @@ class Model:
     def _output(self, h: np.ndarray) -> np.ndarray:
         if self.on_matmul_input is not None:
             self.on_matmul_input(self.output_name, h)
+        kind = self._activation_kind(self.output_name)
+        hr = h if kind is None else round_activations(h, kind, np.empty_like(h))
         logits = np.empty((h.shape[0], self.config.n_vocab), np.float32)
         for first, block in self.weights.row_blocks(self.output_name):
-            np.matmul(h, block.T, out=logits[:, first:first + block.shape[0]])
+            np.matmul(hr, block.T, out=logits[:, first:first + block.shape[0]])
         if self.weights.has("output.bias"):
             logits += self.weights.get("output.bias")
         return logits

@@ -29,7 +29,7 @@ from qtool.errors import QtoolError
 # llama-perplexity's default n_batch: it evaluates max(1, n_batch / n_ctx) chunks at a time.
 DEFAULT_BATCH_TOKENS = 2048
 # Cap on the float32 logits one group of chunks keeps for the base model (large vocabularies).
-GROUP_LOGPROB_BYTES = 512 * 1024 * 1024
+GROUP_LOGIT_BYTES = 512 * 1024 * 1024
 MIN_CTX = 4
 
 
@@ -164,7 +164,7 @@ def group_size(n_ctx: int, n_vocab: int, batch_tokens: int = DEFAULT_BATCH_TOKEN
     """Chunks evaluated together: llama-perplexity's n_seq, bounded by the base log-probs kept per group."""
     n_seq = max(1, batch_tokens // n_ctx)
     per_chunk = 4 * scored_per_chunk(n_ctx) * n_vocab
-    return max(1, min(n_seq, GROUP_LOGPROB_BYTES // max(1, per_chunk)))
+    return max(1, min(n_seq, GROUP_LOGIT_BYTES // max(1, per_chunk)))
 
 
 def evaluate(models: Sequence[LanguageModel], tokens: np.ndarray, n_ctx: int, *, n_chunks: int | None = None,
@@ -309,6 +309,7 @@ class PerplexityRun:
     n_tokens_scored: int
     wall_seconds: float
     tokens_per_second: float       # forward-pass tokens of all models per second of the evaluation loop
+    activations: str = "llama.cpp"
     models: list[ModelSummary] = field(default_factory=list)
 
 
@@ -331,15 +332,20 @@ def check_same_vocab(base, variant) -> None:
 
 def run_perplexity(base_path: str | Path, variant_paths: Sequence[str | Path], text: str, *, dataset_name: str,
                    n_ctx: int = 512, n_chunks: int | None = None, max_memory: int | None = None,
+                   activations: str = "llama.cpp",
                    progress: Callable[[Progress], None] | None = None) -> PerplexityRun:
-    """Load the models, tokenize `text` with the base's vocabulary, evaluate in lockstep, summarize."""
+    """Load the models, tokenize `text` with the base's vocabulary, evaluate in lockstep, summarize.
+
+    `activations`: "llama.cpp" rounds every matrix product's input as llama.cpp's CPU backend does for the
+    weight's type (the numbers llama-perplexity prints), "float32" keeps activations exact.
+    """
     from qtool.evaluate.model import Model
     from qtool.evaluate.tokenizer import Tokenizer
     from qtool.evaluate.weights import GGUFWeights, MemoryBudget
 
     budget = MemoryBudget(max_memory)
     paths = [Path(base_path), *map(Path, variant_paths)]
-    models = [Model(GGUFWeights(p, budget)) for p in paths]
+    models = [Model(GGUFWeights(p, budget), activations=activations) for p in paths]
     for m in models[1:]:
         check_same_vocab(models[0], m)
     for m in models:
@@ -359,4 +365,4 @@ def run_perplexity(base_path: str | Path, variant_paths: Sequence[str | Path], t
     return PerplexityRun(dataset=dataset_name, n_ctx=n_ctx, n_chunks=n_total,
                          n_tokens_scored=n_total * scored_per_chunk(n_ctx), wall_seconds=wall,
                          tokens_per_second=len(models) * n_total * n_ctx / wall if wall > 0 else 0.0,
-                         models=summaries)
+                         activations=activations, models=summaries)

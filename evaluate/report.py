@@ -10,6 +10,8 @@ JSON schema (version 1), every number a JSON number, `null` where a field does n
       "n_tokens_scored": int,         # n_chunks * (n_ctx - n_ctx // 2 - 1)
       "wall_seconds": float,          # the evaluation loop (loading and tokenizing excluded)
       "tokens_per_second": float,     # forward-pass tokens of all models / wall_seconds
+      "activations": str,             # "llama.cpp" (matrix-product inputs rounded as llama.cpp's CPU backend
+                                      # rounds them for each weight type) or "float32"
       "models": [                     # the base first, then the variants in command-line order
         {"path": str, "size_bytes": int, "n_params": int, "bpw": float,   # bpw: tensor bits per parameter
          "ppl": float, "ppl_err": float,
@@ -41,7 +43,7 @@ SCHEMA = "qtool.ppl/1"
 def to_json_dict(run: PerplexityRun) -> dict[str, Any]:
     return {"schema": SCHEMA, "dataset": run.dataset, "n_ctx": run.n_ctx, "n_chunks": run.n_chunks,
             "n_tokens_scored": run.n_tokens_scored, "wall_seconds": run.wall_seconds,
-            "tokens_per_second": run.tokens_per_second,
+            "tokens_per_second": run.tokens_per_second, "activations": run.activations,
             "models": [dataclasses.asdict(m) for m in run.models]}
 
 
@@ -87,7 +89,7 @@ HEADERS = ["model", "size MB", "bpw", "PPL", "ΔPPL", "KLD", "KLD median", "KLD 
 
 def _caption(run: PerplexityRun) -> str:
     return (f"{run.dataset}: {run.n_chunks} chunks of {run.n_ctx} tokens, {run.n_tokens_scored:,} scored; "
-            f"{run.wall_seconds:.1f} s, {run.tokens_per_second:,.0f} tokens/s")
+            f"{run.activations} activations; {run.wall_seconds:.1f} s, {run.tokens_per_second:,.0f} tokens/s")
 
 
 def table(run: PerplexityRun) -> Table:

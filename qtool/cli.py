@@ -342,9 +342,12 @@ def export_hf_command(model, outdir, dtype, max_shard_size, force):
 @click.option("--max-memory", default=None,
               help="Memory for float32 weights kept between chunks, all models together (e.g. 8G); "
                    "models beyond it are dequantized layer by layer. Default: half the available RAM.")
+@click.option("--activations", type=click.Choice(["llama.cpp", "float32"]), default="llama.cpp", show_default=True,
+              help="llama.cpp: round each matrix product's input as llama.cpp's CPU backend does for the weight "
+                   "type (8-bit for quantized weights), giving llama-perplexity's numbers; float32: exact.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the table as Markdown.")
-def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, json_path, markdown_path):
+def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, activations, json_path, markdown_path):
     """Perplexity of BASE (llama-perplexity's protocol) and of each VARIANT, with KL divergence against BASE.
 
     All models run on the same chunk before the next one, so no logits are saved.
@@ -372,7 +375,7 @@ def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, json_path, markdow
                        ppl="PPL " + " | ".join(f"{x:.4f}" for x in p.running_ppl))
 
         run = run_perplexity(base, variants, data.text, dataset_name=data.name, n_ctx=n_ctx, n_chunks=n_chunks,
-                             max_memory=budget, progress=progress)
+                             max_memory=budget, activations=activations, progress=progress)
     # piped output keeps every column whole instead of folding the table to 80 characters
     wide = out if out.is_terminal else Console(file=out.file, width=240, highlight=False)
     wide.print(report.table(run))

@@ -402,7 +402,8 @@ def _results(plan: QuantizePlan) -> list[TensorResult]:
 
 def quantize_model(input_path: str | Path, output_path: str | Path | None, options: QuantizeOptions, *,
                    dry_run: bool = False, progress: Progress | None = None) -> QuantizeReport:
-    """Quantize `input_path` into `output_path` (default: the input's name with the new type label).
+    """Quantize `input_path` into `output_path` (default, or when it is a directory: the input's name with the new
+    type label).
 
     With `dry_run` nothing is read but the header: the report shows the types and sizes the file would get.
     """
@@ -414,8 +415,10 @@ def quantize_model(input_path: str | Path, output_path: str | Path | None, optio
         return QuantizeReport(input_path, None, options.file_type, _results(plan), notes, time.perf_counter() - t0,
                               dry_run=True)
 
-    output_path = Path(output_path) if output_path is not None else default_output_path(input_path,
-                                                                                       options.file_type)
+    default = default_output_path(input_path, options.file_type)
+    output_path = default if output_path is None else Path(output_path)
+    if output_path.is_dir():
+        output_path = output_path / default.name
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise QtoolError(f"input and output are the same file: {output_path}")
     check_overwrite([output_path], options.force)

@@ -357,6 +357,76 @@ def test_silu_mul_kernel():
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-30)
 
 
+def _ref_q8_0(x: np.ndarray) -> np.ndarray:
+    """ggml quantize_row_q8_0 (x86) then dequantize, block by block in plain numpy float32."""
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], 32):
+            blk = x[r, b:b + 32]
+            amax = np.abs(blk).max()
+            d = np.float32(np.float16(amax / np.float32(127)))
+            inv = np.float32(127) / amax if amax else np.float32(0)
+            out[r, b:b + 32] = np.rint(blk * inv) * d
+    return out
+
+
+def _ref_q8_k(x: np.ndarray) -> np.ndarray:
+    """ggml quantize_row_q8_K_ref then dequantize."""
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], 256):
+            blk = x[r, b:b + 256]
+            i = int(np.argmax(np.abs(blk)))            # first index of the largest magnitude
+            if blk[i] == 0:
+                out[r, b:b + 256] = 0
+                continue
+            iscale = np.float32(-127) / blk[i]
+            out[r, b:b + 256] = np.minimum(np.float32(127), np.rint(iscale * blk)) * (np.float32(1) / iscale)
+    return out
+
+
+def _activation_cases() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 2, (6, 512)).astype(np.float32)
+    x[1] = 0.0                                          # all-zero blocks
+    x[2, 7] = 3e4                                       # one huge outlier
+    x[3] *= np.float32(1e-6)                            # scales that are float16 subnormals
+    x[4, 300] = -x[4, 256:512].__abs__().max() * 2      # negative signed max (q8_K's sign convention)
+    x[5, :32] = np.float32(127) * np.arange(-16, 16, dtype=np.float32) / 16   # exact halves: ties to even
+    return x
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q8_K", "f16", "bf16"])
+def test_activation_rounding_kernels(kind):
+    from qtool.evaluate.model import round_activations
+    x = _activation_cases()
+    ours = round_activations(x, kind, np.empty_like(x))
+    if kind == "q8_0":
+        ref = _ref_q8_0(x)
+    elif kind == "q8_K":
+        ref = _ref_q8_k(x)
+    elif kind == "f16":
+        ref = x.astype(np.float16).astype(np.float32)
+    else:                                               # bfloat16 keeps 8 significant bits, ties to even
+        m, e = np.frexp(x.astype(np.float64))
+        ref = np.ldexp(np.rint(m * 256), e - 8).astype(np.float32)
+    np.testing.assert_array_equal(ours, ref)
+    assert kind in ("f16", "bf16") or np.abs(ours - x).max() > 0
+
+
+def test_llama_cpp_activations_only_touch_non_f32_weights(gguf_of):
+    _, f32 = gguf_of("llama-spm")
+    _, q8 = gguf_of("llama-spm", "q8_0")
+    tokens = random_tokens(32000, 20)
+    assert np.array_equal(Model(GGUFWeights(f32)).forward(tokens),
+                          Model(GGUFWeights(f32), activations="float32").forward(tokens))
+    rounded = Model(GGUFWeights(q8)).forward(tokens)
+    exact = Model(GGUFWeights(q8), activations="float32").forward(tokens)
+    assert 1e-6 < rel_err(rounded, exact.astype(np.float64)) < 1e-2
+    with pytest.raises(QtoolError, match="activations must be one of"):
+        Model(GGUFWeights(q8), activations="int8")
+
+
 # --- batching, outputs, caches, hooks, memory modes ---------------------------------------------------------------
 
 def test_batched_sequences_and_output_positions(gguf_of):

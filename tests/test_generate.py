@@ -339,6 +339,14 @@ def test_chat_template_drops_a_bos_the_tokenizer_adds_itself():
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
 
 
+def test_chat_template_has_transformers_extras():
+    tok = Tokenizer.from_gguf(read_gguf(VOCAB_DIR / "ggml-vocab-qwen2.gguf"))
+    template = ("{% for m in messages %}{{ m['content'] }}{% break %}{% endfor %}"
+                "{{ ' ' + strftime_now('%Y') if add_generation_prompt }}")
+    text = apply_chat_template(template, "hi", tok)
+    assert text.startswith("hi ") and text[3:].isdigit()
+
+
 def test_chat_template_errors_are_one_line():
     tok = Tokenizer.from_gguf(read_gguf(VOCAB_DIR / "ggml-vocab-qwen2.gguf"))
     with pytest.raises(QtoolError, match="chat template failed: only user turns"):

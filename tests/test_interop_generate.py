@@ -83,7 +83,11 @@ def llama_greedy(model_path, prompt: str) -> tuple[bytes, int, bool]:
 
 
 def divergence(tok: Tokenizer, steps, theirs: bytes) -> str:
-    """Where our greedy path leaves llama.cpp's text, and how close the two candidates were in our logits."""
+    """Where our greedy path leaves llama.cpp's text, and how close llama.cpp's candidates were in our logits.
+
+    llama.cpp's token at that step is one whose piece starts the rest of its text; every such token among our
+    top 50 is listed with its rank and its logit gap to our choice.
+    """
     done = b""
     for k, step in enumerate(steps):
         piece = tok.token_piece(step.token, special=False)
@@ -92,14 +96,13 @@ def divergence(tok: Tokenizer, steps, theirs: bytes) -> str:
             continue
         rest = theirs[len(done):]
         order = np.argsort(-step.logits)
-        alternatives = [int(t) for t in order[:50]
-                        if tok.token_piece(int(t), special=False) and rest.startswith(tok.token_piece(int(t), special=False))]
-        alt = alternatives[0] if alternatives else None
-        alt_text = (f"{tok.token_piece(alt, special=False)!r} (id {alt}, logit {step.logits[alt]:.4f}, "
-                    f"rank {int(np.flatnonzero(order == alt)[0]) + 1})" if alt is not None else "no top-50 token")
-        return (f"step {k}: ours {piece!r} (id {step.token}, logit {step.logits[step.token]:.4f}), llama.cpp's text "
-                f"continues {rest[:30]!r}, best match {alt_text}; gap "
-                + (f"{step.logits[step.token] - step.logits[alt]:.4f}" if alt is not None else "n/a"))
+        theirs_could_be = []
+        for rank, t in enumerate(order[:50].tolist(), start=1):
+            p = tok.token_piece(t, special=False)
+            if p and rest.startswith(p):
+                theirs_could_be.append(f"{p!r} (id {t}, rank {rank}, gap {step.logits[step.token] - step.logits[t]:.4f})")
+        return (f"step {k}: ours {piece!r} (id {step.token}, logit {step.logits[step.token]:.4f}); llama.cpp's text "
+                f"goes on {rest[:30]!r}; its token is one of: {', '.join(theirs_could_be) or 'none of our top 50'}")
     return f"ours is a prefix of llama.cpp's text, which goes on with {theirs[len(done):][:40]!r}"
 
 

@@ -389,6 +389,9 @@ def test_cli_default_output_name_and_errors(small_model, tmp_path):
     assert (tmp_path / "model-Q8_0.gguf").exists()
     res = CliRunner().invoke(main, ["quantize", str(src), "--type", "Q8_0"])
     assert res.exit_code == 2 and "already exists" in res.output
+    (tmp_path / "out").mkdir()
+    res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "out"), "--type", "q4_1"])
+    assert res.exit_code == 0 and (tmp_path / "out" / "model-Q4_1.gguf").exists()
     res = CliRunner().invoke(main, ["quantize", str(src), "--type", "IQ2_XXS"])
     assert res.exit_code == 2 and "unsupported file type 'IQ2_XXS'" in res.output
     res = CliRunner().invoke(main, ["quantize", str(src), "--type", "q4_k", "--tensor-type", "attn_v"])
