@@ -18,7 +18,7 @@ from qtool.cli import main
 from qtool.errors import QtoolError
 from qtool.gguf_io import read_gguf, tensor_nbytes
 from qtool.quantize.imatrix_file import write_imatrix_dat, write_imatrix_gguf
-from qtool.quantize.mixtures import FileType, TensorTypeOverride, llama_tensor_order
+from qtool.quantize.mixtures import FileType, llama_tensor_order
 from qtool.quantize.quantizer import (ProgressUpdate, QuantizeOptions, default_output_path, plan_quantization,
                                       quantize_model)
 
