@@ -13,7 +13,7 @@ two make numpy's bundled OpenBLAS pick a slow kernel on these machines). Each to
 
 Reported per model: evaluation tokens/s of each tool (llama.cpp: n_chunks*512 / its prompt-eval time from
 llama_perf; qtool: its JSON `tokens_per_second`, the evaluation loop), the ratio qtool/llama.cpp, whole-process
-wall time, peak RSS (the kernel's high-water mark of the child, os.wait4), and both final PPL values.
+wall time, peak RSS (the kernel's high-water mark of the child, os.wait4 in a small meter process: see _measure.py), and both final PPL values.
 Then qtool's achieved matmul GFLOP/s (the forward pass's matrix-product FLOPs over its evaluation time)
 against numpy's sgemm rate on this machine (the same shapes, measured in a child with qtool's environment),
 and the BLAS kernel in use.
@@ -31,8 +31,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +38,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._measure import UNSET_ENV, qtool_env, run_measured  # noqa: E402
 from tests.build_llamacpp import tool_path  # noqa: E402
 from tests.conftest import SHARED  # noqa: E402
 from tests.fixtures.smollm2 import smollm2_gguf  # noqa: E402
 
 WIKI_RAW = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
-UNSET_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 N_CTX = 512
 MB = 1_000_000
 
@@ -63,25 +61,6 @@ class Run:
     ppl: float
     note: str = ""
     output: str = ""
-
-
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, str]:
-    """(return code, wall seconds, peak RSS bytes, stdout+stderr) of a child process."""
-    with tempfile.TemporaryFile() as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read().decode("utf-8", errors="replace")
-    return proc.returncode, wall, usage.ru_maxrss * 1024, text
-
-
-def qtool_env(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
-    env.update(OPENBLAS_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    return env
 
 
 def run_llamacpp(model: Path, chunks: int, threads: int, no_repack: bool) -> Run:

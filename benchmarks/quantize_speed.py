@@ -5,7 +5,8 @@
     python benchmarks/quantize_speed.py --models smollm2 --types Q4_K_M --repeats 1   # quick
 
 Both tools run as subprocesses on the same F16 GGUF with the same thread count, each ``--repeats`` times in
-alternating order, for the file types Q8_0, Q4_0, Q4_K_M, Q6_K and IQ4_XS (``--types``). Per run: wall time and
+alternating order, for the file types Q8_0, Q4_0, Q4_K_M, Q6_K and IQ4_XS (``--types``). Per run: wall time, CPU
+time (user + system: less sensitive than wall time to other jobs on a shared machine) and
 the peak RSS of the process (GNU time's maximum resident set size: the kernel's high-water mark,
 file-backed pages included).
 qtool's numba kernels are compiled once beforehand; the time that takes (from an empty cache, and loading from
@@ -42,11 +43,12 @@ class Run:
     tool: str
     wall: float
     peak_rss: int      # bytes
+    cpu: float         # user + system seconds
     output: Path
 
 
-def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Wall time, peak RSS (bytes) and output of one child process.
+def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, float, str]:
+    """Wall time, peak RSS (bytes), CPU seconds (user + system) and output of one child process.
 
     GNU time measures from its own small process: a child forked straight from this (large) Python process would
     report at least our RSS at fork time as its high-water mark. The output goes to a file: llama-quantize prints
@@ -54,7 +56,8 @@ def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
     """
     with tempfile.TemporaryDirectory() as tmp:
         rss_file, log_file = Path(tmp) / "rss", Path(tmp) / "log"
-        timed = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd] if Path("/usr/bin/time").exists() else cmd
+        timed = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *cmd] if Path("/usr/bin/time").exists() \
+            else cmd
         with open(log_file, "wb") as log:
             t0 = time.perf_counter()
             proc = subprocess.run(timed, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -62,8 +65,11 @@ def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
         text = log_file.read_text(errors="replace")
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:3])} … failed ({proc.returncode}):\n{text[-3000:]}")
-        rss = int(rss_file.read_text().split()[-1]) * 1024 if rss_file.exists() else 0
-    return wall, rss, text
+        rss, cpu = 0, 0.0
+        if rss_file.exists():
+            kb, user, system = rss_file.read_text().split()[-3:]
+            rss, cpu = int(kb) * 1024, float(user) + float(system)
+    return wall, rss, cpu, text
 
 
 def qtool_env(threads: int, cache_dir: str | None = None) -> dict:
@@ -145,10 +151,11 @@ def main() -> int:
                 for tool in order:
                     outs[tool].unlink(missing_ok=True)
                     env = qtool_env(args.threads) if tool == "qtool" else None
-                    wall, rss, _ = run_with_rss(cmds[tool], env)
+                    wall, rss, cpu, _ = run_with_rss(cmds[tool], env)
                     prev = best.get(tool)
                     best[tool] = Run(tool, min(wall, prev.wall) if prev else wall,
-                                     max(rss, prev.peak_rss) if prev else rss, outs[tool])
+                                     max(rss, prev.peak_rss) if prev else rss,
+                                     min(cpu, prev.cpu) if prev else cpu, outs[tool])
             same = filecmp.cmp(outs["llama"], outs["qtool"], shallow=False)
             ratio = best["qtool"].wall / best["llama"].wall
             ok &= same and ratio <= TARGET
@@ -158,13 +165,17 @@ def main() -> int:
             print(f"{label} {qtype}: llama {best['llama'].wall:.2f} s, qtool {best['qtool'].wall:.2f} s, "
                   f"ratio {ratio:.2f}, identical {same}", file=sys.stderr)
 
-    print(f"\nthreads {args.threads}, best of {args.repeats}; peak RSS = max over runs\n")
+    load = os.getloadavg()[0]
+    print(f"\nthreads {args.threads}, best of {args.repeats} (wall and CPU = user + system seconds); "
+          f"peak RSS = max over runs; load average at the end {load:.1f} on {os.cpu_count()} cores\n")
     header = (f"{'model':<10} {'input MB':>9} {'type':<7} {'llama s':>8} {'qtool s':>8} {'ratio':>6} "
-              f"{'llama RSS MB':>13} {'qtool RSS MB':>13} {'same bytes':>10}")
+              f"{'llama cpu':>10} {'qtool cpu':>10} {'ratio':>6} {'llama RSS MB':>13} {'qtool RSS MB':>13} "
+              f"{'same bytes':>10}")
     print(header)
     print("-" * len(header))
     for label, size, qtype, lr, qr, ratio, same in rows:
         print(f"{label:<10} {size / 1e6:>9.0f} {qtype:<7} {lr.wall:>8.2f} {qr.wall:>8.2f} {ratio:>6.2f} "
+              f"{lr.cpu:>10.2f} {qr.cpu:>10.2f} {qr.cpu / max(lr.cpu, 1e-9):>6.2f} "
               f"{lr.peak_rss / 1e6:>13.0f} {qr.peak_rss / 1e6:>13.0f} {'yes' if same else 'NO':>10}")
     print(f"\ntarget: qtool ≤ {TARGET} × llama-quantize wall time — {'met' if ok else 'NOT met'}")
     return 0 if ok else 1

@@ -1,9 +1,10 @@
 """`qtool ppl` against llama-perplexity on a real model: SmolLM2-135M (F16 from the shipped Q4_1, and a
 Q4_K_M of it made by llama-quantize), 20 chunks of 512 tokens of wiki.test.raw, 2 threads.
 
-llama.cpp runs F16 with F16 activations and K-quants with Q8_K activations, qtool everything in float32, so
-the numbers agree closely but not exactly: PPL within 0.3% (the issue's acceptance bound). KL divergence is
-checked loosely against llama.cpp's (which stores base log-probs in 16 bits and drops p < e^-16).
+llama.cpp multiplies F16 weights with F16 activations and quantized weights with 8-bit activations (Q8_0, Q8_K);
+the numbers agree closely but not exactly: qtool rounds each matrix product's input like llama.cpp does (its
+default `--activations llama.cpp`), which leaves F16 within 0.01% and Q4_K_M within 0.2% (8-bit rounding
+flips differently on inputs that differ in the last float32 bit); the acceptance bound is 0.3%.
 """
 from __future__ import annotations
 
@@ -89,12 +90,17 @@ def ours(smollm2, tmp_path_factory):
 def test_perplexity_equals_llama_perplexity(ours, llamacpp):
     assert ours["n_chunks"] == CHUNKS and ours["n_tokens_scored"] == CHUNKS * 255
     f16, q4 = ours["models"]
+    for name, mine, theirs in (("F16", f16["ppl"], llamacpp["f16_ppl"]), ("Q4_K_M", q4["ppl"], llamacpp["q4_ppl"])):
+        print(f"SmolLM2 {name}: qtool PPL {mine:.4f}, llama-perplexity {theirs:.4f} ({mine / theirs - 1:+.3%})")
     assert f16["ppl"] == pytest.approx(llamacpp["f16_ppl"], rel=0.003)
     assert q4["ppl"] == pytest.approx(llamacpp["q4_ppl"], rel=0.003)
 
 
 def test_kl_divergence_agrees_with_llama_perplexity(ours, llamacpp):
     q4 = ours["models"][1]
-    # llama.cpp's KLD adds its own activation quantization noise and drops the e^-16 tail, so only roughly
-    assert q4["kld_mean"] == pytest.approx(llamacpp["q4_kld"], rel=0.1)
-    assert q4["same_top1_pct"] == pytest.approx(llamacpp["q4_same_top"], abs=1.5)
+    print(f"Q4_K_M vs F16: qtool KLD {q4['kld_mean']:.5f}, same top {q4['same_top1_pct']:.2f}%; llama-perplexity "
+          f"KLD {llamacpp['q4_kld']:.5f}, same top {llamacpp['q4_same_top']:.2f}%")
+    # measured: KLD 0.05866 vs 0.05829 (+0.6%), same top 84.57% vs 84.92%; llama.cpp's base log-probs are
+    # 16-bit and cut at e^-16, and 8-bit activation rounding flips differently on slightly different inputs
+    assert q4["kld_mean"] == pytest.approx(llamacpp["q4_kld"], rel=0.03)
+    assert q4["same_top1_pct"] == pytest.approx(llamacpp["q4_same_top"], abs=1.0)

@@ -1,0 +1,41 @@
+"""What the side-by-side benchmarks share: running a child process for its wall time and peak RSS, and the
+environment qtool runs in."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+UNSET_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")   # they make numpy's OpenBLAS pick a slow kernel here
+
+# A fresh small process runs the command and reports its exit code, wall time and peak RSS: a child forked
+# straight from a large Python process inherits that process's high-water mark (Linux keeps it across exec),
+# so `/bin/true` forked from a parent that once touched 300 MB reports 300 MB; through this meter, ~10 MB.
+_WAIT4 = r"""
+import json, os, subprocess, sys, time
+with open(sys.argv[1], "wb") as out:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(sys.argv[2:], stdout=out, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "peak_rss": usage.ru_maxrss * 1024}))
+"""
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, str]:
+    """(return code, wall seconds, peak RSS bytes, stdout+stderr) of a child process."""
+    with tempfile.NamedTemporaryFile(suffix=".log") as out:
+        meter = subprocess.run([sys.executable, "-S", "-c", _WAIT4, out.name, *cmd], env=env,
+                               capture_output=True, text=True, check=True)
+        text = Path(out.name).read_text(encoding="utf-8", errors="replace")
+    m = json.loads(meter.stdout)
+    return m["rc"], m["wall"], m["peak_rss"], text
+
+
+def qtool_env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
+    env.update(OPENBLAS_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    return env
