@@ -17,7 +17,6 @@ message then names the step, both candidates and their logit gap in our float32 
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 
@@ -28,8 +27,7 @@ from qtool.evaluate.generate import Sampler, SamplingParams, decode_steps, promp
 from qtool.evaluate.model import Model
 from qtool.evaluate.tokenizer import Tokenizer
 from qtool.evaluate.weights import GGUFWeights
-from tests.build_llamacpp import tool_path
-from tests.fixtures.smollm2 import smollm2_gguf
+from tests.interop import need_tool, smollm2_files, unavailable
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -40,31 +38,14 @@ PROMPTS = ["The meaning of life and the universe is",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
 
 
-def _need(tool: str):
-    path = tool_path(tool)
-    if path is None:
-        msg = f"{tool} is not built: run `python tests/build_llamacpp.py`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)      # CI builds the tools; a skip there would hide a broken setup
-        pytest.skip(msg)
-    return path
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    _need("llama-quantize")
-    try:
-        root = tmp_path_factory.mktemp("smollm2")
-        return {kind: smollm2_gguf(root, kind) for kind in ("F16", "Q8_0")}
-    except FileNotFoundError as e:
-        if os.environ.get("CI"):
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    return smollm2_files(tmp_path_factory.mktemp("smollm2"), ("F16", "Q8_0"))
 
 
 def llama_greedy(model_path, prompt: str) -> tuple[bytes, int, bool]:
     """(bytes of the generated pieces, tokens sampled, stopped at end of generation) from llama-completion."""
-    exe = _need("llama-completion")
+    exe = need_tool("llama-completion")
     proc = subprocess.run([str(exe), "-m", str(model_path), "-p", prompt, "-n", str(N_TOKENS), "--temp", "0",
                            "--seed", "1", "-t", str(THREADS), "-c", "512", "-no-cnv", "--no-display-prompt",
                            "--no-warmup", "--no-repack"], capture_output=True, timeout=1800)
@@ -136,9 +117,7 @@ def test_llama_rng_matches_libstdcxx(tmp_path):
 
     cxx = which("c++") or which("g++")
     if cxx is None:
-        if os.environ.get("CI"):
-            pytest.fail("no C++ compiler")
-        pytest.skip("no C++ compiler")
+        unavailable("no C++ compiler")
     src = tmp_path / "draws.cpp"
     src.write_text("#include <cstdio>\n#include <random>\nint main() {\n"
                    "  for (unsigned seed : {0u, 1u, 42u, 4294967295u}) {\n"

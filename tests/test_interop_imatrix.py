@@ -13,7 +13,6 @@ calibration text groups_merged.txt, 512-token chunks, 2 threads.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -24,24 +23,13 @@ from click.testing import CliRunner
 from qtool.cli import main
 from qtool.gguf_io import read_gguf
 from qtool.quantize.imatrix_file import read_imatrix
-from tests.build_llamacpp import tool_path
 from tests.conftest import SHARED
-from tests.fixtures.smollm2 import smollm2_gguf
+from tests.interop import need_tool, smollm2_files
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 CALIBRATION = SHARED / "data" / "calibration" / "groups_merged.txt"
 THREADS = 2
-
-
-def _need(tool: str) -> Path:
-    path = tool_path(tool)
-    if path is None:
-        msg = f"{tool} is not built: run `python tests/build_llamacpp.py`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)      # CI builds the tools; a skip there would hide a broken setup
-        pytest.skip(msg)
-    return path
 
 
 def _run(*args) -> str:
@@ -57,21 +45,15 @@ def _qtool(*args) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    _need("llama-imatrix")
-    try:
-        root = tmp_path_factory.mktemp("smollm2")
-        return {"F16": smollm2_gguf(root, "F16"), "F32": smollm2_gguf(root, "F32")}
-    except FileNotFoundError as e:
-        if os.environ.get("CI"):
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    need_tool("llama-imatrix")
+    return smollm2_files(tmp_path_factory.mktemp("smollm2"), ("F16", "F32"))
 
 
 @pytest.fixture(scope="module")
 def f16_pair(smollm2, tmp_path_factory):
     """(llama-imatrix's file, ours) for the F16 model, 10 chunks."""
     d = tmp_path_factory.mktemp("imatrix_f16")
-    _run(_need("llama-imatrix"), "-m", smollm2["F16"], "-f", CALIBRATION, "--chunks", 10, "-c", 512,
+    _run(need_tool("llama-imatrix"), "-m", smollm2["F16"], "-f", CALIBRATION, "--chunks", 10, "-c", 512,
          "-t", THREADS, "--no-ppl", "-o", d / "theirs.gguf")
     _qtool(smollm2["F16"], "--dataset", CALIBRATION, "--chunks", 10, "--ctx", 512, "-o", d / "ours.gguf")
     return d / "theirs.gguf", d / "ours.gguf"
@@ -107,7 +89,7 @@ def test_f16_sums_and_counts_match_llama_imatrix(f16_pair):
 
 
 def test_f32_sums_match_llama_imatrix_computing_in_f32(smollm2, tmp_path):
-    _run(_need("llama-imatrix"), "-m", smollm2["F32"], "-f", CALIBRATION, "--chunks", 4, "-c", 512,
+    _run(need_tool("llama-imatrix"), "-m", smollm2["F32"], "-f", CALIBRATION, "--chunks", 4, "-c", 512,
          "-t", THREADS, "--no-ppl", "-ctk", "f32", "-ctv", "f32", "-fa", "off", "-o", tmp_path / "theirs.gguf")
     _qtool(smollm2["F32"], "--dataset", CALIBRATION, "--chunks", 4, "-o", tmp_path / "ours.gguf")
     for name, (per_column, _, total_rel) in _relative_differences(tmp_path / "ours.gguf",
@@ -116,7 +98,7 @@ def test_f32_sums_match_llama_imatrix_computing_in_f32(smollm2, tmp_path):
 
 
 def _quantize(model: Path, imatrix: Path, out: Path) -> str:
-    return _run(_need("llama-quantize"), "--imatrix", imatrix, model, out, "Q4_K_M", THREADS)
+    return _run(need_tool("llama-quantize"), "--imatrix", imatrix, model, out, "Q4_K_M", THREADS)
 
 
 def _tensor_bytes(path: Path) -> list[tuple[str, np.ndarray]]:
@@ -145,11 +127,11 @@ def test_llama_quantize_takes_our_file(smollm2, f16_pair, tmp_path):
 def test_merging_is_byte_identical_to_llama_imatrix(smollm2, f16_pair, tmp_path, fmt, ctx):
     theirs, ours = f16_pair
     legacy = tmp_path / "theirs.dat"
-    _run(_need("llama-imatrix"), "-m", smollm2["F16"], "--in-file", theirs, "--output-format", "dat",
+    _run(need_tool("llama-imatrix"), "-m", smollm2["F16"], "--in-file", theirs, "--output-format", "dat",
          "-o", legacy)
     inputs = [legacy, theirs, ours]
     args = [a for f in inputs for a in ("--in-file", f)]
-    _run(_need("llama-imatrix"), "-m", smollm2["F16"], *args, "-c", ctx, "--output-format", fmt,
+    _run(need_tool("llama-imatrix"), "-m", smollm2["F16"], *args, "-c", ctx, "--output-format", fmt,
          "-o", tmp_path / f"llama.{fmt}")
     _qtool(*args, "--ctx", ctx, "--format", fmt, "-o", tmp_path / f"qtool.{fmt}")
     assert (tmp_path / f"qtool.{fmt}").read_bytes() == (tmp_path / f"llama.{fmt}").read_bytes()

@@ -9,7 +9,6 @@ flips differently on inputs that differ in the last float32 bit); the acceptance
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 
@@ -17,9 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from qtool.cli import main
-from tests.build_llamacpp import tool_path
 from tests.conftest import SHARED
-from tests.fixtures.smollm2 import smollm2_gguf
+from tests.interop import need_tool, smollm2_files
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -28,30 +26,13 @@ CHUNKS = 20
 THREADS = 2
 
 
-def _need(tool: str):
-    path = tool_path(tool)
-    if path is None:
-        msg = f"{tool} is not built: run `python tests/build_llamacpp.py`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)      # CI builds the tools; a skip there would hide a broken setup
-        pytest.skip(msg)
-    return path
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    _need("llama-quantize")
-    try:
-        root = tmp_path_factory.mktemp("smollm2")
-        return {"F16": smollm2_gguf(root, "F16"), "Q4_K_M": smollm2_gguf(root, "Q4_K_M")}
-    except FileNotFoundError as e:
-        if os.environ.get("CI"):
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    return smollm2_files(tmp_path_factory.mktemp("smollm2"), ("F16", "Q4_K_M"))
 
 
 def _llama_perplexity(*args: str) -> str:
-    exe = _need("llama-perplexity")
+    exe = need_tool("llama-perplexity")
     # --no-repack: with GGML_NATIVE on a CPU that reports AMX, ggml's AMX matmul for quantized weights segfaults
     # inside this VM (ggml_backend_amx_mul_mat); the repacked layouts change speed, not results.
     proc = subprocess.run([str(exe), "-c", "512", "--chunks", str(CHUNKS), "-t", str(THREADS), "--no-repack", *args],

@@ -11,7 +11,6 @@ Tools come from tests/build_llamacpp.py; without them these tests skip locally a
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -24,7 +23,7 @@ from qtool.gguf_io import read_gguf
 from qtool.quantize.imatrix_file import write_imatrix_dat, write_imatrix_gguf
 from qtool.quantize.mixtures import FileType, MixtureOptions, ModelInfo, choose_tensor_types
 from qtool.quantize.quantizer import QuantizeOptions, quantize_model
-from tests.build_llamacpp import tool_path
+from tests.interop import need_tool, smollm2_files
 from tests.test_quantize import random_imatrix_entries, write_llama_gguf
 
 pytestmark = pytest.mark.interop
@@ -32,19 +31,9 @@ pytestmark = pytest.mark.interop
 THREADS = 2
 
 
-def _tool(name: str) -> Path:
-    path = tool_path(name)
-    if path is None:
-        message = f"{name} is not built (python tests/build_llamacpp.py)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture(scope="module")
 def llama_quantize() -> Path:
-    return _tool("llama-quantize")
+    return need_tool("llama-quantize")
 
 
 def run_llama_quantize(tool: Path, src: Path, dst: Path, ftype: FileType, imatrix: Path | None = None,
@@ -172,13 +161,7 @@ def test_requantize_identical_to_llama_quantize(llama_quantize, small_f16, tmp_p
 
 @pytest.fixture(scope="module")
 def smollm2_f16(model_dir) -> Path:
-    try:
-        from tests.fixtures.smollm2 import smollm2_gguf
-    except ImportError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"tests/fixtures/smollm2.py is missing: {e}")
-        pytest.skip(f"tests/fixtures/smollm2.py is not there yet: {e}")
-    return Path(smollm2_gguf(model_dir, kind="F16"))
+    return smollm2_files(model_dir, ("F16",))["F16"]
 
 
 @pytest.mark.slow
@@ -262,7 +245,7 @@ def test_type_choices_match_dry_run(llama_quantize, realistic, model, with_imatr
 def test_imatrix_writers_identical_to_llama_imatrix(small_f16, tmp_path):
     """llama-imatrix --in-file re-saves an imatrix without running a model (it wants -m but does not load it);
     given our GGUF it must write the same GGUF, and with --output-format dat the same .dat our legacy writer makes."""
-    tool = _tool("llama-imatrix")
+    tool = need_tool("llama-imatrix")
     rng = np.random.default_rng(11)
     entries = {f"blk.{i}.{w}.weight": (rng.gamma(0.8, 2.0, n).astype(np.float32) * c, [c])
                for i in range(3) for w, n, c in (("attn_q", 256, 1536), ("ffn_down", 768, 1100))}
