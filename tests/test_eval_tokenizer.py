@@ -385,18 +385,16 @@ def test_unsupported_tokenizers_are_one_line_errors():
         tok.encode("b", add_special=False)
 
 
-# --- speed ----------------------------------------------------------------------------------------------------
+# --- the whole evaluation text (speed is measured by benchmarks/, never asserted here) ----------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-spm", "qwen2"])
-def test_wiki_tokenizes_in_seconds(name):
-    import time
+def test_wiki_tokenizes_whole(name):
     tok = load(name)
     text = WIKI.read_bytes().decode("utf-8")
-    t = time.perf_counter()
     ids = tok.encode(text)
     assert len(ids) > 250_000
-    assert time.perf_counter() - t < 15
+    assert tok.decode(ids[:2000], remove_special=True).lstrip().startswith(text.lstrip()[:100])
 
 
 # --- interop with llama.cpp's llama-tokenize -------------------------------------------------------------------
