@@ -185,9 +185,27 @@ def info(file, as_json):
 @click.option("--dry-run", is_flag=True, help="Show every tensor's type and the sizes; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--list", "list_types", is_flag=True, help="List the file types and exit.")
+@click.option("--target-bpw", type=float, default=None, metavar="FLOAT",
+              help="Choose every tensor's type: least predicted KL divergence within this many bits per weight "
+                   "(measured on --calibration; use --imatrix).")
+@click.option("--candidates", default=None, metavar="LIST",
+              help="Types --target-bpw may choose, e.g. Q4_K,Q5_0,Q8_0 "
+                   "(default: Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,IQ4_NL).")
+@click.option("--calibration", default=None, metavar="PATH",
+              help="Text the sensitivities are measured on (.txt/.raw/.jsonl/.parquet); not the evaluation text.")
+@click.option("--chunks", "n_chunks", type=int, default=1, show_default=True,
+              help="Calibration chunks of 512 tokens for --target-bpw (each costs one forward pass per tensor).")
+@click.option("--save-mix", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Save the mix --target-bpw chose (TOML) for --mix or a recipe.")
+@click.option("--mix", "mix_path", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Quantize with the exact per-tensor types of a mix file (from --save-mix).")
 def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, token_embedding_type, tensor_types,
-             pure, leave_output_tensor, allow_requantize, threads, dry_run, force, list_types):
-    """Quantize an F32/F16/BF16 GGUF exactly as llama-quantize does, and report what it did."""
+             pure, leave_output_tensor, allow_requantize, threads, dry_run, force, list_types, target_bpw, candidates,
+             calibration, n_chunks, save_mix, mix_path):
+    """Quantize an F32/F16/BF16 GGUF exactly as llama-quantize does, and report what it did.
+
+    With --target-bpw, choose a type per tensor from measured sensitivities instead (or apply a saved --mix).
+    """
     from qtool.quantize.mixtures import TensorTypeOverride, parse_file_type, parse_tensor_type
     from qtool.quantize.quantizer import QuantizeOptions, quantize_model
 
@@ -196,14 +214,36 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
         return
     if input_path is None:
         raise QtoolError("missing IN.gguf (or use --list)")
-    if not type_name:
-        raise QtoolError("missing --type (e.g. --type Q4_K_M; --list shows them all)")
-    options = QuantizeOptions(
-        parse_file_type(type_name), imatrix=imatrix,
-        output_tensor_type=parse_tensor_type(output_tensor_type) if output_tensor_type else None,
-        token_embedding_type=parse_tensor_type(token_embedding_type) if token_embedding_type else None,
-        tensor_types=[TensorTypeOverride.parse(t) for t in tensor_types], pure=pure,
-        leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize, threads=threads, force=force)
+    choice, mix = None, None
+    if target_bpw is not None or mix_path is not None:
+        choice, mix, output_path = _choose_or_read_mix(
+            input_path, output_path, target_bpw, mix_path, imatrix=imatrix, candidates=candidates,
+            calibration=calibration, n_chunks=n_chunks, save_mix=save_mix, allow_requantize=allow_requantize,
+            dry_run=dry_run, force=force,
+            rules=(output_tensor_type, token_embedding_type, tensor_types, pure, leave_output_tensor))
+    elif candidates or calibration or save_mix:
+        raise QtoolError("--candidates, --calibration and --save-mix go with --target-bpw")
+    elif not type_name:
+        raise QtoolError("missing --type (e.g. --type Q4_K_M; --list shows them all), --target-bpw or --mix")
+    if mix is not None:
+        import math
+
+        from qtool.gguf_io import read_gguf
+        from qtool.quantize.mix import file_type_for_mix
+
+        sizes = {t.name: math.prod(t.shape) for t in read_gguf(input_path).tensors}
+        ftype = parse_file_type(type_name) if type_name else file_type_for_mix(
+            mix.tensors, {n: sizes.get(n, 0) for n in mix.tensors})
+        options = QuantizeOptions(ftype, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
+                                  force=force, tensor_type_map=mix.tensors)
+    else:
+        options = QuantizeOptions(
+            parse_file_type(type_name), imatrix=imatrix,
+            output_tensor_type=parse_tensor_type(output_tensor_type) if output_tensor_type else None,
+            token_embedding_type=parse_tensor_type(token_embedding_type) if token_embedding_type else None,
+            tensor_types=[TensorTypeOverride.parse(t) for t in tensor_types], pure=pure,
+            leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize, threads=threads,
+            force=force)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         overall = bar.add_task("[bold]quantizing[/]", total=None)
@@ -216,6 +256,88 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
 
         report = quantize_model(input_path, output_path, options, dry_run=dry_run, progress=progress)
     _print_quantize_report(report)
+    if mix is not None:
+        _print_mix(mix, choice, report)
+
+
+def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, mix_path, *, imatrix, candidates,
+                        calibration, n_chunks, save_mix, allow_requantize, dry_run, force, rules):
+    """--target-bpw (measure, choose, maybe save) or --mix (read): (the choice or None, the mix, output path)."""
+    from qtool.gguf_io import check_overwrite
+    from qtool.quantize.mix import read_mix, write_mix
+    from qtool.quantize.quantizer import default_output_path
+    from qtool.quantize.sensitivity import choose_mix, measure_sensitivity, mix_warnings
+
+    if target_bpw is not None and mix_path is not None:
+        raise QtoolError("give --target-bpw or --mix, not both")
+    if any(rules):
+        raise QtoolError("--target-bpw and --mix set every tensor's type; drop --output-tensor-type, "
+                         "--token-embedding-type, --tensor-type, --pure and --leave-output-tensor")
+    if mix_path is not None:
+        if candidates or calibration or save_mix:
+            raise QtoolError("--candidates, --calibration and --save-mix go with --target-bpw, not --mix")
+        mix = read_mix(mix_path)
+        for warning in mix_warnings(mix, input_path, imatrix):
+            _note(warning)
+        if output_path is None:
+            target = mix.provenance.get("target_bpw")
+            output_path = default_output_path(input_path, f"{target:g}bpw" if isinstance(target, (int, float))
+                                              else "mix")
+        return None, mix, output_path
+    if calibration is None:
+        raise QtoolError("--target-bpw needs --calibration PATH: the text the sensitivities are measured on "
+                         "(e.g. the imatrix's calibration text)")
+    if imatrix is None:
+        _note("warning: no --imatrix: quantization errors are measured unweighted and quantized without one")
+    # everything that can fail cheaply fails before minutes of measuring
+    if output_path is None:
+        output_path = default_output_path(input_path, f"{target_bpw:g}bpw")
+    elif output_path.is_dir():
+        output_path = output_path / default_output_path(input_path, f"{target_bpw:g}bpw").name
+    if not dry_run:
+        check_overwrite([output_path], force)
+    if save_mix is not None:
+        check_overwrite([save_mix], force)
+    with Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("sensitivity", total=None)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            what = "quantization errors" if phase == "errors" else "KLD gains (a forward pass per tensor)"
+            bar.update(task, completed=done, total=total, description=what)
+
+        sens = measure_sensitivity(input_path, imatrix=imatrix, calibration=calibration, candidates=candidates,
+                                   n_chunks=n_chunks, allow_requantize=allow_requantize, target_bpw=target_bpw,
+                                   progress=progress)
+    for note in sens.notes:
+        _note(note)
+    choice = choose_mix(sens, target_bpw)
+    err.print(f"sensitivity: errors {sens.error_seconds:.1f} s, gains {sens.gain_seconds:.1f} s "
+              f"({len(sens.tensors)} tensors × {sens.calibration_tokens} calibration tokens)")
+    mix = choice.mix_file()
+    if save_mix is not None:
+        write_mix(mix, save_mix, force=force)
+        err.print(f"mix saved to {save_mix}")
+    return choice, mix, output_path
+
+
+def _print_mix(mix, choice, report) -> None:
+    from qtool.quantize.sensitivity import mix_rows
+
+    t = Table(title="the mix: type by tensor class and layer")
+    t.add_column("tensor")
+    t.add_column("layers: type", overflow="fold")
+    for name, row in mix_rows(mix.tensors):
+        t.add_row(name, row)
+    out.print(t)
+    predicted = choice.predicted_kld if choice is not None else mix.provenance.get("predicted_kld")
+    target = choice.target_bpw if choice is not None else mix.provenance.get("target_bpw")
+    parts = [f"achieved {report.bits_per_weight:.4f} bits per weight"]
+    if isinstance(target, (int, float)):
+        parts.insert(0, f"target {target:g} bpw")
+    if isinstance(predicted, (int, float)):
+        parts.append(f"predicted mean KLD {predicted:.5f} (vs the input, on the calibration text)")
+    out.print("; ".join(parts), soft_wrap=True)
 
 
 def _print_file_types() -> None:
@@ -401,7 +523,18 @@ def run_cmd(recipe, sets, only, force):
     def log(msg: str) -> None:
         err.print(f"[dim]{msg}[/]", soft_wrap=True)
 
-    result = run_recipe(r, only=only, force=force, log=log)
+    def chunk_progress(stage: str):
+        # a line every tenth of the chunks: the evaluation is the long stage, and a CI log must show it moving
+        shown = [0]
+
+        def progress(p) -> None:
+            if p.chunks_done == p.n_chunks or p.chunks_done - shown[0] >= max(1, p.n_chunks // 10):
+                shown[0] = p.chunks_done
+                log(f"{stage}: {p.chunks_done}/{p.n_chunks} chunks, {p.tokens_evaluated / max(p.elapsed, 1e-9):.0f} "
+                    f"tokens/s")
+        return progress
+
+    result = run_recipe(r, only=only, force=force, log=log, progress_factory=chunk_progress)
     if result.evaluation is None:
         err.print(f"stages run: {', '.join(result.stages_run) or 'none'}")
         return

@@ -46,6 +46,7 @@ def invoke(*args: str):
 def test_end_to_end_then_nothing_to_do(workdir):
     r = invoke("run", workdir / "recipe.toml")
     assert r.exit_code == 0, r.stderr
+    assert "eval: 3/3 chunks" in r.stderr                  # the long stage shows it is moving
     out = workdir / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
