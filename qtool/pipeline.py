@@ -246,12 +246,17 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
                 tensor_types=[TensorTypeOverride.parse(t) for t in ([tt] if isinstance(tt, str) else tt)],
                 pure=bool(opts.get("pure", False)), leave_output_tensor=bool(opts.get("leave_output_tensor", False)),
                 threads=recipe.threads, force=True)
+            if opts.get("mix"):     # exact per-tensor types (validated alone when the recipe was loaded)
+                from qtool.quantize.mix import read_mix
+                options.tensor_type_map = read_mix(recipe.resolve(opts["mix"])).tensors
             report = quantize_model(base, target, options)
             for note in report.notes:
                 log(f"quantize {ftype}: {note}")
             return {"bits_per_weight": report.bits_per_weight}
         key = {"base": fingerprint(base) if base.exists() else "", "type": ftype, "opts": opts,
                "imatrix": fingerprint(imatrix_path) if imatrix_path and imatrix_path.exists() else None}
+        if opts.get("mix"):
+            key["mix"] = fingerprint(recipe.resolve(opts["mix"]))     # an edited mix file redoes the stage
         step("quantize", key, [target], do_quantize, label=f"quantize {ftype}")
         result.variants[ftype] = target
 

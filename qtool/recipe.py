@@ -25,6 +25,7 @@ types = ["Q8_0", "Q4_K_M", "Q3_K_M"]
 [quantize.overrides.Q4_K_M]        # per-type options, as on the qtool quantize command line
 output_tensor_type = "Q6_K"
 tensor_type = ["ffn_down=Q5_K"]
+# [quantize.overrides.Q4_K_M] mix = "mix.toml"   # or: exact per-tensor types (qtool quantize --save-mix), alone
 
 [eval]
 dataset = "wikitext"               # or a path (.txt/.raw/.jsonl/.parquet)
@@ -59,7 +60,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 FILE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M",
               "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
 GATE_KEYS = {"max_delta_ppl_pct": "ΔPPL %", "max_kld": "mean KLD", "min_same_top1_pct": "same top-1 %"}
-OVERRIDE_KEYS = ("output_tensor_type", "token_embedding_type", "tensor_type", "pure", "leave_output_tensor")
+OVERRIDE_KEYS = ("output_tensor_type", "token_embedding_type", "tensor_type", "pure", "leave_output_tensor", "mix")
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "source": {"path": str, "package": str, "file": str, "export_hf": bool, "revision": str},
@@ -182,6 +183,8 @@ def parse_recipe(text: str, path: Path, overrides: list[str] | None = None) -> R
         for k in opts:
             if k not in OVERRIDE_KEYS:
                 raise _err(f"quantize.overrides.{t}.{k}", f"unknown key; allowed: {', '.join(OVERRIDE_KEYS)}")
+        if "mix" in opts:
+            _check_mix(opts, f"quantize.overrides.{t}", path)
         overrides_[t] = dict(opts)
     _positive(quant, "quantize", "threads")
 
@@ -210,6 +213,22 @@ def parse_recipe(text: str, path: Path, overrides: list[str] | None = None) -> R
     recipe.out_dir = recipe.resolve(out.get("dir", "out"))
     recipe.name = out.get("name")
     return recipe
+
+
+def _check_mix(opts: dict[str, Any], key: str, path: Path) -> None:
+    """A mix file (from `qtool quantize --save-mix`) sets every tensor's type: it must load, and stand alone."""
+    from qtool.quantize.mix import read_mix
+
+    if not isinstance(opts["mix"], str):
+        raise _err(f"{key}.mix", f"must be a path to a mix file (string), got {opts['mix']!r}")
+    others = [k for k in opts if k != "mix"]
+    if others:
+        raise _err(f"{key}.mix", f"a mix sets every tensor's type; it cannot be combined with {others[0]}")
+    mix_path = Path(opts["mix"]).expanduser()
+    try:
+        read_mix(mix_path if mix_path.is_absolute() else path.parent / mix_path)
+    except QtoolError as e:
+        raise _err(f"{key}.mix", str(e)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

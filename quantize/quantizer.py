@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType
@@ -25,7 +25,8 @@ from qtool.gguf_io import GGUFFile, GGUFTensorInfo, PlannedTensor, check_overwri
 from qtool.quantize import formats
 from qtool.quantize.imatrix_file import Imatrix, ImatrixIssues, column_weights, read_imatrix
 from qtool.quantize.mixtures import (FLOAT_TYPES, FileType, MixtureOptions, ModelInfo, TensorChoice,
-                                     TensorTypeOverride, bits_per_weight, choose_tensor_types, ggml_n_dims)
+                                     TensorTypeOverride, bits_per_weight, block_size, choose_tensor_types,
+                                     ggml_n_dims)
 
 QUANTIZATION_VERSION = 2            # GGML_QNT_VERSION
 SLAB_ELEMENTS = 1 << 22             # rows are read, converted and quantized this many values at a time
@@ -46,6 +47,9 @@ class QuantizeOptions:
     allow_requantize: bool = False
     threads: int | None = None
     force: bool = False
+    # An exact type for every quantizable tensor (a mix file's [tensors]); replaces the file type's rules, which
+    # then only label the file (general.file_type).
+    tensor_type_map: Mapping[str, T] | None = None
 
 
 @dataclass
@@ -155,11 +159,11 @@ _TYPE_LABEL = re.compile(r"(?i)(?<![A-Za-z0-9])(F32|F16|BF16|Q[2-8]_[01]|Q[2-6]_
                          r"(?![A-Za-z0-9])")
 
 
-def default_output_path(input_path: str | Path, file_type: FileType) -> Path:
+def default_output_path(input_path: str | Path, file_type: FileType | str) -> Path:
     """The input's name with its type label replaced (`…-F16.gguf` → `…-Q4_K_M.gguf`), or the label appended."""
     path = Path(input_path)
     stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.name
-    label = file_type.name
+    label = file_type if isinstance(file_type, str) else file_type.name
     matches = list(_TYPE_LABEL.finditer(stem))
     if matches:
         m = matches[-1]
@@ -201,6 +205,31 @@ def _check_imatrix_matches(weights: dict[str, np.ndarray], choices: list[TensorC
                              f"columns; it was computed for another model")
 
 
+def _apply_tensor_type_map(choices: list[TensorChoice], type_map: Mapping[str, T], input_path) -> None:
+    """A mix names every quantizable tensor with a type its rows admit; anything else is a mix for another model."""
+    by_name = {c.name: c for c in choices}
+    for name, qtype in type_map.items():
+        c = by_name.get(name)
+        if c is None:
+            raise QtoolError(f"the mix names tensor {name}, which {input_path} does not have; "
+                             f"it was made for another model")
+        if not c.quantizable:
+            raise QtoolError(f"the mix gives {name} type {qtype.name}, but llama-quantize never quantizes that "
+                             f"tensor ({c.reason.removeprefix('kept: ')}); leave it out of the mix")
+        if c.shape[-1] % block_size(qtype):
+            raise QtoolError(f"the mix gives {name} type {qtype.name}, but its rows of {c.shape[-1]} are not a "
+                             f"multiple of {qtype.name}'s {block_size(qtype)}-element blocks")
+    missing = [c.name for c in choices if c.quantizable and c.name not in type_map]
+    if missing:
+        raise QtoolError(f"the mix has no type for {len(missing)} quantizable tensor(s) of {input_path} "
+                         f"(e.g. {missing[0]}); it was made for another model")
+    for c in choices:
+        if c.quantizable:
+            c.target_type, c.reason = type_map[c.name], "mix"
+            c.wanted_type = c.fallback = None
+            c.requires_imatrix = False
+
+
 def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_run: bool = False) -> QuantizePlan:
     """Everything but the tensor data. With `dry_run`, a missing imatrix is a warning note instead of an error."""
     source = read_gguf(input_path)
@@ -228,6 +257,8 @@ def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_r
     for c in choices:
         while len(c.shape) > 1 and c.shape[0] == 1 and ggml_n_dims(c.shape) < len(c.shape):
             c.shape = c.shape[1:]
+    if options.tensor_type_map is not None:
+        _apply_tensor_type_map(choices, options.tensor_type_map, input_path)
     if weights:
         _check_imatrix_matches(weights, choices, options.imatrix)
 
