@@ -266,7 +266,7 @@ def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, 
     from qtool.gguf_io import check_overwrite
     from qtool.quantize.mix import read_mix, write_mix
     from qtool.quantize.quantizer import default_output_path
-    from qtool.quantize.sensitivity import choose_mix, measure_sensitivity, mix_warnings
+    from qtool.sensitivity import choose_mix, measure_sensitivity, mix_warnings
 
     if target_bpw is not None and mix_path is not None:
         raise QtoolError("give --target-bpw or --mix, not both")
@@ -322,7 +322,7 @@ def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, 
 
 
 def _print_mix(mix, choice, report) -> None:
-    from qtool.quantize.sensitivity import mix_rows
+    from qtool.sensitivity import mix_rows
 
     t = Table(title="the mix: type by tensor class and layer")
     t.add_column("tensor")
