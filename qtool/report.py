@@ -74,7 +74,8 @@ def plot(result: "RunResult", recipe: "Recipe", path: Path) -> None:
     ax.set_xlabel("bits per weight")
     ax.set_ylabel("mean KL divergence vs base (log)")
     ev = result.evaluation or {}
-    ax.set_title(f"{recipe.path.stem}: size vs quality ({ev.get('dataset')}, {ev.get('n_chunks')} chunks)")
+    dataset = Path(str(ev.get("dataset"))).name        # a local path would run off the figure
+    ax.set_title(f"{recipe.path.stem}: size vs quality ({dataset}, {ev.get('n_chunks')} chunks)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
