@@ -25,6 +25,31 @@ print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "peak_r
 """
 
 
+# Child-process source that fills `out` with the BLAS library numpy loaded, its kernel (corename), build config and
+# thread count — what decides sgemm speed here. Run it with qtool's environment; append code that uses `out`.
+BLAS_LIBRARY_PROBE = r"""
+import ctypes, json
+import numpy as np
+np.ones((64, 64), np.float32) @ np.ones((64, 64), np.float32)
+out = {}
+for path in sorted({l.split()[-1] for l in open("/proc/self/maps") if "blas" in l.lower() and "/" in l}):
+    lib = ctypes.CDLL(path)
+    for key, names in (("corename", ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
+                                     "openblas_get_corename")),
+                       ("config", ("scipy_openblas_get_config64_", "openblas_get_config64_", "openblas_get_config")),
+                       ("threads", ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                    "openblas_get_num_threads"))):
+        for n in names:
+            f = getattr(lib, n, None)
+            if f is not None:
+                f.restype = ctypes.c_int if key == "threads" else ctypes.c_char_p
+                v = f()
+                out[key] = v.decode() if isinstance(v, bytes) else v
+                break
+    out["library"] = path
+"""
+
+
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, str]:
     """(return code, wall seconds, peak RSS bytes, stdout+stderr) of a child process."""
     with tempfile.NamedTemporaryFile(suffix=".log") as out:

@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._measure import UNSET_ENV, qtool_env, run_measured  # noqa: E402
+from benchmarks._measure import BLAS_LIBRARY_PROBE, UNSET_ENV, qtool_env, run_measured  # noqa: E402
 from tests.build_llamacpp import tool_path  # noqa: E402
 from tests.conftest import SHARED  # noqa: E402
 from tests.fixtures.smollm2 import smollm2_gguf  # noqa: E402
@@ -90,25 +90,8 @@ def run_qtool(model: Path, chunks: int, threads: int, workdir: Path) -> Run:
 
 
 # Run in a child with qtool's environment: the BLAS kernel and sgemm rate qtool gets.
-_BLAS_PROBE = r"""
-import ctypes, json, sys, time
-import numpy as np
-out = {}
-for path in sorted({l.split()[-1] for l in open("/proc/self/maps") if "blas" in l.lower() and "/" in l}):
-    lib = ctypes.CDLL(path)
-    for key, names in (("corename", ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
-                                     "openblas_get_corename")),
-                       ("config", ("scipy_openblas_get_config64_", "openblas_get_config64_", "openblas_get_config")),
-                       ("threads", ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                                    "openblas_get_num_threads"))):
-        for n in names:
-            f = getattr(lib, n, None)
-            if f is not None:
-                f.restype = ctypes.c_int if key == "threads" else ctypes.c_char_p
-                v = f()
-                out[key] = v.decode() if isinstance(v, bytes) else v
-                break
-    out["library"] = path
+_BLAS_PROBE = BLAS_LIBRARY_PROBE + r"""
+import sys, time
 rates = {}
 for m, k, n in json.loads(sys.argv[1]):
     a = np.random.rand(m, k).astype(np.float32)
