@@ -16,3 +16,26 @@ def vocab_dir() -> Path:
 
 
 from tests.fixtures.conftest_helpers import checkpoint_factory, hf_checkpoint  # noqa: E402,F401
+
+
+# --- disk hygiene -------------------------------------------------------------------------------------------------
+# A full run writes tens of GB of models (SmolLM2 quants, llama.cpp's outputs beside ours). pytest removes a passed
+# test's tmp_path (tmp_path_retention_policy = "failed" in pyproject.toml); what module fixtures made with
+# tmp_path_factory goes when the module ends, so the suite never holds more than one module's files at a time.
+# The session fixtures of this conftest keep theirs. QTOOL_KEEP_TMP=1 keeps everything for debugging.
+_SESSION_DIRS = ("hf_checkpoints",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_scratch_cleanup(tmp_path_factory: pytest.TempPathFactory):
+    import os
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if os.environ.get("QTOOL_KEEP_TMP"):
+        return
+    for entry in set(base.iterdir()) - before:
+        if not entry.name.startswith(_SESSION_DIRS):
+            shutil.rmtree(entry, ignore_errors=True)
