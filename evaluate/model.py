@@ -321,6 +321,28 @@ def round_q8_k_(x: np.ndarray, out: np.ndarray) -> None:
                 out[r, j] = min(np.float32(127.0), np.rint(iscale * x[r, j])) * d
 
 
+@njit(parallel=True, cache=True)
+def round_f16_(x: np.ndarray, bits: np.ndarray, out: np.ndarray, out_bits: np.ndarray) -> None:
+    """out = float32(float16(x)) (ties to even, overflow to inf), as numpy's astype; bits/out_bits are uint32 views.
+
+    Normal float16 range: drop 13 of float32's 23 fraction bits with round-half-even on the bit pattern.
+    Below 2^-14 (float16 subnormals) the grid is 2^-24, rounded in float arithmetic (scaling by 2^24 is exact).
+    """
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        for i in range(n):
+            b = bits[r, i]
+            a = b & np.uint32(0x7FFFFFFF)
+            if a < np.uint32(0x38800000):                     # |x| < 2^-14
+                out[r, i] = np.rint(x[r, i] * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08)
+            elif a < np.uint32(0x477FF000):                   # |x| < 65520: rounds to a finite float16
+                out_bits[r, i] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+            elif a <= np.uint32(0x7F800000):                  # overflow and inf: inf of the same sign
+                out_bits[r, i] = (b & np.uint32(0x80000000)) | np.uint32(0x7F800000)
+            else:                                             # nan stays nan
+                out_bits[r, i] = b | np.uint32(0x00400000)
+
+
 def round_activations(x: np.ndarray, kind: str, out: np.ndarray) -> np.ndarray:
     """x (rows, n) rounded as llama.cpp's CPU backend rounds a matrix product's input for `kind` (into out)."""
     if kind == "q8_0":
@@ -328,7 +350,7 @@ def round_activations(x: np.ndarray, kind: str, out: np.ndarray) -> np.ndarray:
     elif kind == "q8_K":
         round_q8_k_(x, out)
     elif kind == "f16":
-        np.copyto(out, x.astype(np.float16))
+        round_f16_(x, x.view(np.uint32), out, out.view(np.uint32))
     elif kind == "bf16":
         bits = x.view(np.uint32)
         out.view(np.uint32)[...] = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) & np.uint32(0xFFFF0000)

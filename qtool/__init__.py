@@ -1,3 +1,13 @@
 """qtool: HuggingFace checkpoints to llama.cpp GGUF files, quantized and measured."""
+import os as _os
 
 __version__ = "0.1.0"
+
+# The forward pass alternates OpenBLAS matrix products with numba (OpenMP) kernels on the same cores, and each
+# library's idle threads busy-wait after their work and steal the cores from the other: OpenBLAS by default for
+# ~2^28 cycles (the next numba kernel runs up to 4x slower), libgomp for ~300k spins (the next small product runs
+# 2x slower). Shortest OpenBLAS wait + passive OpenMP threads: SmolLM2-135M's forward pass on 2 cores goes from
+# 8.8 s to 3.7 s. Both are read when the library loads, so they apply only when qtool is imported before numpy
+# and numba (the CLI is); values the user set win.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+_os.environ.setdefault("OMP_WAIT_POLICY", "passive")

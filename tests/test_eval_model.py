@@ -414,6 +414,34 @@ def test_activation_rounding_kernels(kind):
     assert kind in ("f16", "bf16") or np.abs(ours - x).max() > 0
 
 
+def test_f16_rounding_matches_numpy_on_every_exponent():
+    """The bit-level float16 rounding equals numpy's astype on all float32 exponents, ties, overflow, inf and nan."""
+    from qtool.evaluate.model import round_activations
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, size=(64, 4096), dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    half_ulp = np.float32(2.0 ** -11)                       # exact ties between float16 neighbours
+    x[0] = (np.arange(4096, dtype=np.float32) + np.float32(0.5)) * np.float32(2.0 ** -10) * half_ulp * 2048
+    x[1] = np.float32(2.0 ** -24) * (np.arange(4096, dtype=np.float32) / 2)   # subnormal ties and the 2^-14 edge
+    x[2, :8] = [65504, 65519.996, 65520, -65520, np.inf, -np.inf, 1e38, -0.0]
+    ours = round_activations(x, "f16", np.empty_like(x))
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).astype(np.float32)
+    finite = ~np.isnan(ref)
+    np.testing.assert_array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))
+    assert np.isnan(ours[~finite]).all()
+
+
+def test_f16_weights_decode_exactly_for_every_bit_pattern():
+    from qtool.evaluate.weights import f16_to_f32
+    half = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    ours = f16_to_f32(half.view(np.uint8))
+    ref = half.view(np.float16).astype(np.float32)
+    finite = ~np.isnan(ref)
+    np.testing.assert_array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))
+    assert np.isnan(ours[~finite]).all()
+
+
 def test_llama_cpp_activations_only_touch_non_f32_weights(gguf_of):
     _, f32 = gguf_of("llama-spm")
     _, q8 = gguf_of("llama-spm", "q8_0")
