@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+import qtool  # noqa: F401  first, so its thread settings reach OpenBLAS and OpenMP before numpy loads them
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 if not SHARED.exists():  # CI lays shared/ beside the clone
     SHARED = Path(__file__).resolve().parents[1].parent / "shared"
