@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +87,28 @@ def check_overwrite(paths: Sequence[Path], force: bool) -> None:
         raise QtoolError(f"{existing[0]} already exists (use --force to overwrite)")
 
 
+class _Writer(gguf.GGUFWriter):
+    """gguf's writer, with metadata arrays packed in one go instead of one `struct.pack` per element
+    (a 49k-token vocabulary and its merges took 0.4 s). Same bytes: little-endian, as gguf packs them."""
+
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool,
+                  sub_type: GGUFValueType | None = None) -> bytes:
+        if (vtype != GGUFValueType.ARRAY or sub_type is None or sub_type == GGUFValueType.BOOL
+                or not isinstance(val, Sequence) or isinstance(val, (bytes, bytearray, str)) or len(val) == 0 or self.endianess != gguf.GGUFEndian.LITTLE
+                or (sub_type != GGUFValueType.STRING and sub_type not in _SCALAR)):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = struct.pack("<IIQ", vtype, sub_type, len(val)) if add_vtype else struct.pack("<IQ", sub_type, len(val))
+        if sub_type != GGUFValueType.STRING:
+            return head + np.asarray(val, dtype=_SCALAR[sub_type]).tobytes()
+        parts = [head]
+        append, length = parts.append, _U64.pack
+        for item in val:
+            encoded = item.encode("utf-8") if isinstance(item, str) else item
+            append(length(len(encoded)))
+            append(encoded)
+        return b"".join(parts)
+
+
 def write_gguf(path: Path, arch: str, kvs: Sequence[tuple[str, Any, GGUFValueType, GGUFValueType | None]],
                tensors: Sequence[PlannedTensor], *, split_max_tensors: int = 0, split_max_size: int = 0,
                force: bool = False, progress: Progress | None = None,
@@ -97,7 +120,7 @@ def write_gguf(path: Path, arch: str, kvs: Sequence[tuple[str, Any, GGUFValueTyp
     """
     path = Path(path)
     with atomic_output_dir(path.parent) as tmp_dir:
-        writer = gguf.GGUFWriter(tmp_dir / path.name, arch, split_max_tensors=split_max_tensors,
+        writer = _Writer(tmp_dir / path.name, arch, split_max_tensors=split_max_tensors,
                                  split_max_size=split_max_size)
         if prepare is not None:
             prepare(writer)
@@ -196,6 +219,9 @@ class GGUFFile:
         return gguf.quants.dequantize(raw, t.qtype).reshape(t.shape).astype(np.float32, copy=False)
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Buf:
     def __init__(self, data: memoryview, path: Path):
         self.data, self.pos, self.path = data, 0, path
@@ -216,6 +242,24 @@ class _Buf:
         n = self.unpack("<Q")
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary: one tight loop, ~10x faster than `string` each)."""
+        data, pos, end = self.data, self.pos, len(self.data)
+        length = _U64.unpack_from
+        out = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > end:
+                raise QtoolError(f"{self.path}: truncated GGUF header")
+            n = length(data, pos)[0]
+            pos += 8
+            if pos + n > end:
+                raise QtoolError(f"{self.path}: truncated GGUF header")
+            append(str(data[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
+
 
 def _read_value(buf: _Buf, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | None]:
     if vtype == GGUFValueType.STRING:
@@ -230,7 +274,7 @@ def _read_value(buf: _Buf, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | N
             arr = np.frombuffer(buf.take(n * dt.itemsize), dtype=dt)
             return arr.tolist(), sub
         if sub == GGUFValueType.STRING:
-            return [buf.string() for _ in range(n)], sub
+            return buf.strings(n), sub
         return [_read_value(buf, sub)[0] for _ in range(n)], sub
     raise QtoolError(f"{buf.path}: unknown GGUF value type {vtype}")
 
