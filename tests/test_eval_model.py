@@ -593,3 +593,41 @@ def test_logits_equal_transformers(variant, gguf_of):
     with torch.no_grad():
         ref = hf(torch.tensor(tokens[None])).logits[0].double().numpy()
     assert rel_err(model.forward(tokens), ref) < RTOL
+
+
+def test_serial_twins_compute_what_the_parallel_kernels_compute():
+    """Small inputs run the single-threaded builds (PARALLEL_MIN_ELEMENTS): same numbers, bit for bit."""
+    from qtool.evaluate import model as M
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 3, (5, 512)).astype(np.float32)
+    pairs = [(M.round_q8_0_, M._round_q8_0_serial), (M.round_q8_k_, M._round_q8_k_serial)]
+    for par, ser in pairs:
+        a, b = np.empty_like(x), np.empty_like(x)
+        par(x, a)
+        ser(x, b)
+        np.testing.assert_array_equal(a, b)
+    a, b = np.empty_like(x), np.empty_like(x)
+    M.round_f16_(x, x.view(np.uint32), a, a.view(np.uint32))
+    M._round_f16_serial(x, x.view(np.uint32), b, b.view(np.uint32))
+    np.testing.assert_array_equal(a, b)
+    w = rng.normal(1, 0.1, 512).astype(np.float32)
+    a, b = np.empty_like(x), np.empty_like(x)
+    M.rms_norm_rows(x, w, 1e-5, a)
+    M._rms_norm_rows_serial(x, w, 1e-5, b)
+    np.testing.assert_array_equal(a, b)
+    g1, g2, up = x.copy(), x.copy(), x[::-1].copy()
+    M.silu_mul_(g1, up)
+    M._silu_mul_serial(g2, up)
+    np.testing.assert_array_equal(g1, g2)
+    s1 = rng.normal(0, 2, (2, 6, 9)).astype(np.float32)
+    s2 = s1.copy()
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)
+    M.causal_softmax_(s1, 6, slopes, 2)
+    M._causal_softmax_serial(s2, 6, slopes, 2)
+    np.testing.assert_array_equal(s1, s2)
+    r1 = rng.normal(0, 1, (4, 3, 64)).astype(np.float32)
+    r2 = r1.copy()
+    cos, sin = np.cos(r1[:2, 0, :32]), np.sin(r1[:2, 0, :32])
+    M.rope_rows(r1, cos, sin, 2, True)
+    M._rope_rows_serial(r2, cos, sin, 2, True)
+    np.testing.assert_array_equal(r1, r2)
