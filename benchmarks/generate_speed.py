@@ -1,0 +1,104 @@
+"""Side-by-side benchmark: ``qtool generate`` prefill and decode tokens/s against llama.cpp's ``llama-bench``.
+
+Same GGUF files (SmolLM2-135M-Instruct F16, and Q8_0 / Q4_K_M made by llama-quantize; tests/fixtures/smollm2.py),
+same threads. qtool: `qtool generate --greedy` on a prompt of the first lines of wiki.test.raw, its own timings
+(`prompt eval` = prefill of the whole prompt in one batch, `eval` = one token at a time with the KV cache).
+llama.cpp: `llama-bench -p N -n M` with N = qtool's prompt token count and M = the tokens qtool generated
+(`pp` and `tg` tests; llama-bench uses random tokens, which costs the same). Prints both and the ratios.
+The numpy side runs without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (see benchmarks/README.md).
+
+    python benchmarks/generate_speed.py                       # F16, Q8_0, Q4_K_M; 64 new tokens; 2 threads
+    python benchmarks/generate_speed.py --kinds F16 -n 32     # quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._measure import qtool_env, run_measured  # noqa: E402
+from tests.build_llamacpp import tool_path  # noqa: E402
+from tests.conftest import SHARED  # noqa: E402
+from tests.fixtures.smollm2 import smollm2_gguf  # noqa: E402
+
+WIKI_RAW = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
+TIMING = re.compile(r"^(prompt eval|eval)\s+([\d.]+) ms /\s+(\d+) (?:tokens|runs)\s+\(\s*([\d.]+) tokens per second\)",
+                    re.MULTILINE)
+
+
+def prompt_text(n_lines: int) -> str:
+    lines = [l for l in WIKI_RAW.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return "\n".join(lines[:n_lines])
+
+
+def run_qtool(model: Path, prompt: str, n_gen: int, threads: int) -> dict:
+    cmd = [sys.executable, "-m", "qtool.cli", "generate", str(model), "-p", prompt, "-n", str(n_gen), "--greedy"]
+    rc, wall, rss, text = run_measured(cmd, qtool_env(threads))
+    if rc != 0:
+        raise SystemExit(f"qtool generate failed ({rc}):\n{text[-2000:]}")
+    found = {m.group(1): (int(m.group(3)), float(m.group(4))) for m in TIMING.finditer(text)}
+    if set(found) != {"prompt eval", "eval"}:
+        raise SystemExit(f"no timings in qtool's output:\n{text[-2000:]}")
+    return {"prompt_tokens": found["prompt eval"][0], "pp": found["prompt eval"][1],
+            "gen_tokens": found["eval"][0] + 1, "tg": found["eval"][1], "wall": wall, "rss": rss}
+
+
+def run_llamacpp(model: Path, n_prompt: int, n_gen: int, threads: int, repeats: int) -> dict:
+    exe = tool_path("llama-bench")
+    result: dict[str, float] = {}
+    for repack in ("1", "0"):
+        proc = subprocess.run([str(exe), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
+                               "-r", str(repeats), "--repack", repack, "-o", "json"], capture_output=True, text=True)
+        if proc.returncode == 0:
+            for test in json.loads(proc.stdout):
+                key = "pp" if test["n_prompt"] and not test["n_gen"] else "tg"
+                result[key] = float(test["avg_ts"])
+            result["repack"] = repack == "1"
+            return result
+    raise SystemExit(f"llama-bench failed on {model.name}:\n{proc.stderr[-2000:]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", default="F16,Q8_0,Q4_K_M")
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("--prompt-lines", type=int, default=6, help="first non-empty lines of wiki.test.raw")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="llama-bench -r")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qtool-bench-ppl"))
+    args = ap.parse_args()
+    if tool_path("llama-bench") is None or tool_path("llama-quantize") is None:
+        print("llama.cpp tools are not built: python tests/build_llamacpp.py")
+        return 1
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    prompt = prompt_text(args.prompt_lines)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.threads} threads")
+    rows = []
+    for kind in [k.strip().upper() for k in args.kinds.split(",") if k.strip()]:
+        model = smollm2_gguf(args.workdir, kind)
+        q = run_qtool(model, prompt, args.n_gen, args.threads)
+        lc = run_llamacpp(model, q["prompt_tokens"], q["gen_tokens"], args.threads, args.repeats)
+        rows.append((kind, q, lc))
+        print(f"  {kind}: prompt {q['prompt_tokens']} tokens, generated {q['gen_tokens']}; "
+              f"qtool pp {q['pp']:.1f} tg {q['tg']:.1f} t/s; llama.cpp pp {lc['pp']:.1f} tg {lc['tg']:.1f} t/s"
+              f"{'' if lc['repack'] else ' (--repack 0)'}", flush=True)
+    print()
+    print(f"{'model':8s} {'prompt':>6s} {'qtool pp t/s':>13s} {'llama pp t/s':>13s} {'ratio':>6s} "
+          f"{'qtool tg t/s':>13s} {'llama tg t/s':>13s} {'ratio':>6s}")
+    for kind, q, lc in rows:
+        print(f"{kind:8s} {q['prompt_tokens']:6d} {q['pp']:13.1f} {lc['pp']:13.1f} {q['pp'] / lc['pp']:6.2f} "
+              f"{q['tg']:13.1f} {lc['tg']:13.1f} {q['tg'] / lc['tg']:6.2f}")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
