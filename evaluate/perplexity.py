@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from qtool.errors import QtoolError
+from qtool.gguf_io import PREDICTED_KLD_KEY
 
 # llama-perplexity's default n_batch: it evaluates max(1, n_batch / n_ctx) chunks at a time.
 DEFAULT_BATCH_TOKENS = 2048
@@ -277,6 +278,7 @@ class ModelSummary:
     kld_max: float | None = None
     same_top1_pct: float | None = None
     rms_dp_pct: float | None = None
+    predicted_kld: float | None = None     # what `qtool quantize --target-bpw/--mix` predicted (PREDICTED_KLD_KEY)
 
 
 def summarize(scores: TokenScores, base: TokenScores | None, *, path: str, size_bytes: int, n_params: int,
@@ -362,6 +364,9 @@ def run_perplexity(base_path: str | Path, variant_paths: Sequence[str | Path], t
     summaries = [summarize(s, scores[0] if i else None, path=str(m.weights.path), size_bytes=m.weights.size_bytes,
                            n_params=m.weights.n_params, bpw=m.weights.bits_per_weight)
                  for i, (s, m) in enumerate(zip(scores, models))]
+    for summary, m in zip(summaries[1:], models[1:]):
+        predicted = m.weights.value(PREDICTED_KLD_KEY)
+        summary.predicted_kld = float(predicted) if isinstance(predicted, (int, float)) else None
     return PerplexityRun(dataset=dataset_name, n_ctx=n_ctx, n_chunks=n_total,
                          n_tokens_scored=n_total * scored_per_chunk(n_ctx), wall_seconds=wall,
                          tokens_per_second=len(models) * n_total * n_ctx / wall if wall > 0 else 0.0,

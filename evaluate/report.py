@@ -20,7 +20,9 @@ JSON schema (version 1), every number a JSON number, `null` where a field does n
          "kld_mean": float, "kld_err": float, "kld_median": float, "kld_p99": float, "kld_p999": float,
          "kld_max": float,
          "same_top1_pct": float,      # % of scored positions whose most likely token equals the base's
-         "rms_dp_pct": float}         # RMS over scored tokens of p(next token) - p_base(next token), in %
+         "rms_dp_pct": float,         # RMS over scored tokens of p(next token) - p_base(next token), in %
+         "predicted_kld": float}      # the mean KLD `qtool quantize --target-bpw/--mix` predicted (on its
+                                      # calibration text), null when the file records none
       ]
     }
 """
@@ -73,7 +75,8 @@ def _rows(run: PerplexityRun) -> list[list[str]]:
             f"{m.bpw:.3f}",
             f"{m.ppl:.4f} ± {m.ppl_err:.4f}",
             f"{m.delta_ppl:+.4f} ({m.delta_ppl_pct:+.2f}%)" if variant else "",
-            f"{m.kld_mean:.6f} ± {m.kld_err:.6f}" if variant else "",
+            (f"{m.kld_mean:.6f} ± {m.kld_err:.6f}" + ("" if m.predicted_kld is None else
+                                                      f" (predicted {m.predicted_kld:.6f})")) if variant else "",
             f"{m.kld_median:.6f}" if variant else "",
             f"{m.kld_p99:.6f}" if variant else "",
             f"{m.kld_p999:.6f}" if variant else "",

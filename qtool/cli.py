@@ -216,7 +216,7 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
         raise QtoolError("missing IN.gguf (or use --list)")
     choice, mix = None, None
     if target_bpw is not None or mix_path is not None:
-        choice, mix, output_path = _choose_or_read_mix(
+        choice, mix, output_path, predicted_kld = _choose_or_read_mix(
             input_path, output_path, target_bpw, mix_path, imatrix=imatrix, candidates=candidates,
             calibration=calibration, n_chunks=n_chunks, save_mix=save_mix, allow_requantize=allow_requantize,
             dry_run=dry_run, force=force,
@@ -234,8 +234,14 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
         sizes = {t.name: math.prod(t.shape) for t in read_gguf(input_path).tensors}
         ftype = parse_file_type(type_name) if type_name else file_type_for_mix(
             mix.tensors, {n: sizes.get(n, 0) for n in mix.tensors})
+        from gguf import GGUFValueType
+
+        from qtool.gguf_io import PREDICTED_KLD_KEY
+
+        # recorded in the file, so `qtool ppl` and `qtool run` can set the measured KLD beside it
+        extra = [] if predicted_kld is None else [(PREDICTED_KLD_KEY, float(predicted_kld), GGUFValueType.FLOAT64, None)]
         options = QuantizeOptions(ftype, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
-                                  force=force, tensor_type_map=mix.tensors)
+                                  force=force, tensor_type_map=mix.tensors, extra_kvs=extra)
     else:
         options = QuantizeOptions(
             parse_file_type(type_name), imatrix=imatrix,
@@ -262,7 +268,8 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
 
 def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, mix_path, *, imatrix, candidates,
                         calibration, n_chunks, save_mix, allow_requantize, dry_run, force, rules):
-    """--target-bpw (measure, choose, maybe save) or --mix (read): (the choice or None, the mix, output path)."""
+    """--target-bpw (measure, choose, maybe save) or --mix (read): (the choice or None, the mix, output path,
+    the predicted mean KLD when it holds for this input, else None)."""
     from qtool.gguf_io import check_overwrite
     from qtool.quantize.mix import read_mix, write_mix
     from qtool.quantize.quantizer import default_output_path
@@ -277,13 +284,16 @@ def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, 
         if candidates or calibration or save_mix:
             raise QtoolError("--candidates, --calibration and --save-mix go with --target-bpw, not --mix")
         mix = read_mix(mix_path)
-        for warning in mix_warnings(mix, input_path, imatrix):
+        warnings = list(mix_warnings(mix, input_path, imatrix))
+        for warning in warnings:
             _note(warning)
+        predicted = mix.provenance.get("predicted_kld")
+        predicted = predicted if isinstance(predicted, (int, float)) and not warnings else None
         if output_path is None:
             target = mix.provenance.get("target_bpw")
             output_path = default_output_path(input_path, f"{target:g}bpw" if isinstance(target, (int, float))
                                               else "mix")
-        return None, mix, output_path
+        return None, mix, output_path, predicted
     if calibration is None:
         raise QtoolError("--target-bpw needs --calibration PATH: the text the sensitivities are measured on "
                          "(e.g. the imatrix's calibration text)")
@@ -318,7 +328,7 @@ def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, 
     if save_mix is not None:
         write_mix(mix, save_mix, force=force)
         err.print(f"mix saved to {save_mix}")
-    return choice, mix, output_path
+    return choice, mix, output_path, choice.predicted_kld
 
 
 def _print_mix(mix, choice, report) -> None:
@@ -546,7 +556,9 @@ def run_cmd(recipe, sets, only, force):
         fmt = lambda v, s: "–" if v is None else format(v, s)  # noqa: E731
         t.add_row(row["type"], f"{row['size_bytes'] / 1e6:.1f}", f"{row['bpw']:.3f}",
                   f"{row['ppl']:.4f} ± {row['ppl_err']:.4f}", fmt(row["delta_ppl_pct"], "+.2f"),
-                  fmt(row["kld_mean"], ".5f"), fmt(row["same_top1_pct"], ".2f"),
+                  fmt(row["kld_mean"], ".5f") + ("" if row.get("predicted_kld") is None
+                                                 else f" (predicted {row['predicted_kld']:.5f})"),
+                  fmt(row["same_top1_pct"], ".2f"),
                   {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", None: ""}[row["gate"]])
     out.print(t)
     skipped = f" (up to date: {', '.join(result.stages_skipped)})" if result.stages_skipped else ""

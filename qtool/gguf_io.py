@@ -19,6 +19,10 @@ from qtool.errors import QtoolError
 
 Progress = Callable[[int, int, str], None]   # (bytes done, bytes total, tensor name)
 
+# Written by `qtool quantize --target-bpw/--mix`: the mix's predicted mean KLD against its input (float64);
+# `qtool ppl` and `qtool run` show it beside the measured one. llama.cpp ignores keys it does not know.
+PREDICTED_KLD_KEY = "qtool.mix.predicted_kld"
+
 
 def parse_size(text: str) -> int:
     """'500M', '2G', '1500K' or plain bytes; decimal multipliers as llama.cpp's --split-max-size uses."""

@@ -247,8 +247,19 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
                 pure=bool(opts.get("pure", False)), leave_output_tensor=bool(opts.get("leave_output_tensor", False)),
                 threads=recipe.threads, force=True)
             if opts.get("mix"):     # exact per-tensor types (validated alone when the recipe was loaded)
+                from gguf import GGUFValueType
+
+                from qtool.gguf_io import PREDICTED_KLD_KEY
                 from qtool.quantize.mix import read_mix
-                options.tensor_type_map = read_mix(recipe.resolve(opts["mix"])).tensors
+                from qtool.sensitivity import mix_warnings
+                mix = read_mix(recipe.resolve(opts["mix"]))
+                options.tensor_type_map = mix.tensors
+                warnings = mix_warnings(mix, base, imatrix_path)
+                for warning in warnings:
+                    log(f"quantize {ftype}: {warning}")
+                predicted = mix.provenance.get("predicted_kld")
+                if isinstance(predicted, (int, float)) and not warnings:   # the report sets the measured KLD beside it
+                    options.extra_kvs = [(PREDICTED_KLD_KEY, float(predicted), GGUFValueType.FLOAT64, None)]
             report = quantize_model(base, target, options)
             for note in report.notes:
                 log(f"quantize {ftype}: {note}")

@@ -22,7 +22,7 @@ def rows(result: "RunResult", recipe: "Recipe") -> list[dict[str, Any]]:
             "type": label, "path": m["path"], "size_bytes": m["size_bytes"], "bpw": m["bpw"],
             "ppl": m["ppl"], "ppl_err": m["ppl_err"], "delta_ppl_pct": m.get("delta_ppl_pct"),
             "kld_mean": m.get("kld_mean"), "kld_err": m.get("kld_err"), "kld_p99": m.get("kld_p99"),
-            "same_top1_pct": m.get("same_top1_pct"),
+            "same_top1_pct": m.get("same_top1_pct"), "predicted_kld": m.get("predicted_kld"),
             "gate": None if label == "base" or not gates else ("pass" if all(g.passed for g in gates) else "fail"),
         })
     return out
@@ -30,6 +30,10 @@ def rows(result: "RunResult", recipe: "Recipe") -> list[dict[str, Any]]:
 
 def _fmt(v: Any, spec: str) -> str:
     return "–" if v is None else format(v, spec)
+
+
+def _predicted(r: dict[str, Any]) -> str:
+    return "" if r.get("predicted_kld") is None else f" (predicted {r['predicted_kld']:.5f})"
 
 
 def to_markdown(result: "RunResult", recipe: "Recipe") -> str:
@@ -41,7 +45,7 @@ def to_markdown(result: "RunResult", recipe: "Recipe") -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows(result, recipe):
         lines.append(f"| {r['type']} | {r['size_bytes'] / 1e6:.1f} | {r['bpw']:.3f} | {r['ppl']:.4f} ± {r['ppl_err']:.4f} "
-                     f"| {_fmt(r['delta_ppl_pct'], '+.2f')} | {_fmt(r['kld_mean'], '.5f')} | {_fmt(r['kld_p99'], '.4f')} "
+                     f"| {_fmt(r['delta_ppl_pct'], '+.2f')} | {_fmt(r['kld_mean'], '.5f')}{_predicted(r)} | {_fmt(r['kld_p99'], '.4f')} "
                      f"| {_fmt(r['same_top1_pct'], '.2f')} | {r['gate'] or ''} |")
     if result.gates:
         lines += ["", "## Gates", ""]

@@ -50,6 +50,8 @@ class QuantizeOptions:
     # An exact type for every quantizable tensor (a mix file's [tensors]); replaces the file type's rules, which
     # then only label the file (general.file_type).
     tensor_type_map: Mapping[str, T] | None = None
+    # Metadata added after the input's (key, value, GGUFValueType, element type or None), e.g. a mix's prediction.
+    extra_kvs: Sequence[tuple] = ()
 
 
 @dataclass
@@ -465,7 +467,7 @@ def quantize_model(input_path: str | Path, output_path: str | Path | None, optio
         writer.kv_data[0].clear()   # general.architecture comes back with the input's keys, in its place
 
     try:
-        write_gguf(output_path, plan.model.arch, plan.kvs, planned, force=options.force,
+        write_gguf(output_path, plan.model.arch, [*plan.kvs, *options.extra_kvs], planned, force=options.force,
                    prepare=metadata_in_input_order)
     finally:
         stream.close()

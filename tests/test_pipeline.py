@@ -108,3 +108,31 @@ def test_resume_after_an_interrupted_stage(workdir, monkeypatch):
 def test_only_needs_earlier_stages(workdir):
     with pytest.raises(QtoolError, match="--only eval"):
         run_recipe(load_recipe(workdir / "recipe.toml"), only="eval")
+
+
+def test_a_mix_with_a_prediction_reports_predicted_beside_measured_kld(workdir):
+    """A recipe type quantized with a mix file that carries a predicted KLD: the report shows both."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+
+    from qtool.gguf_io import PREDICTED_KLD_KEY, read_gguf
+    from qtool.quantize.mix import MixFile, write_mix
+
+    r = invoke("run", workdir / "recipe.toml")
+    assert r.exit_code == 0, r.stderr
+    (base,) = (workdir / "out").glob("*-F16.gguf")
+    tensors = {t.name: (T.Q8_0 if t.shape[-1] % 32 == 0 else T.F16)
+               for t in read_gguf(base).tensors if len(t.shape) == 2}
+    write_mix(MixFile(tensors, provenance={"predicted_kld": 0.0123}), workdir / "mix.toml")
+    text = RECIPE.replace('types = ["Q8_0", "Q4_0"]', 'types = ["Q8_0", "Q4_0"]\n[quantize.overrides.Q4_0]\nmix = "mix.toml"')
+    (workdir / "recipe.toml").write_text(text)
+    r = invoke("run", workdir / "recipe.toml")
+    assert r.exit_code == 0, r.stderr
+    (q4,) = (workdir / "out").glob("*-Q4_0.gguf")
+    assert read_gguf(q4).value(PREDICTED_KLD_KEY) == 0.0123
+    report = json.loads((workdir / "out" / "report.json").read_text())
+    rows = {m["type"]: m for m in report["models"]}
+    assert rows["Q4_0"]["predicted_kld"] == 0.0123 and rows["Q8_0"]["predicted_kld"] is None
+    assert np.isfinite(rows["Q4_0"]["kld_mean"])
+    assert "(predicted 0.01230)" in (workdir / "out" / "report.md").read_text()
+    assert "predicted" in r.output

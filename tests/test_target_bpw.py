@@ -3,6 +3,7 @@ per-tensor type map, the sensitivity model, and a tiny model end to end (plus ll
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 from qtool.cli import main
 from qtool.convert.converter import plan_conversion, write_plan
 from qtool.errors import QtoolError
-from qtool.gguf_io import read_gguf, tensor_nbytes
+from qtool.gguf_io import PREDICTED_KLD_KEY, read_gguf, tensor_nbytes
 from qtool.quantize import formats
 from qtool.quantize.imatrix_file import write_imatrix_gguf
 from qtool.quantize.mix import (MixFile, admissible_types, parse_candidates, read_mix, solve_budget, write_mix)
@@ -311,6 +312,18 @@ def test_cli_target_bpw_then_mix_gives_the_same_file(tiny, tmp_path):
     h = read_gguf(again)
     for a, b in zip(g.tensors, h.tensors):
         assert a.name == b.name and np.array_equal(g.raw(a), h.raw(b))
+    # the prediction travels in the file, and `qtool ppl` sets the measured KLD beside it
+    predicted = saved.provenance["predicted_kld"]
+    assert g.value(PREDICTED_KLD_KEY) == h.value(PREDICTED_KLD_KEY) == pytest.approx(predicted, rel=1e-12)
+    report = tmp_path / "ppl.json"
+    result = runner.invoke(main, ["ppl", str(model), str(out), "--dataset", str(calibration), "--ctx", "128",
+                                  "--chunks", "2", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(report.read_text())
+    assert doc["models"][0]["predicted_kld"] is None
+    assert doc["models"][1]["predicted_kld"] == pytest.approx(predicted, rel=1e-12)
+    assert doc["models"][1]["kld_mean"] > 0
+    assert "predicted" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
