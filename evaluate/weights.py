@@ -13,7 +13,6 @@ from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
 
 from qtool.errors import QtoolError
 from qtool.gguf_io import GGUFFile, GGUFTensorInfo, read_gguf
@@ -57,30 +56,13 @@ class MemoryBudget:
         return True
 
 
-@njit(parallel=True, cache=True)
-def _f16_to_f32(half: np.ndarray, out: np.ndarray, out_bits: np.ndarray) -> None:
-    """float16 bit patterns (uint16, 1-D) -> float32 exactly, on all cores (numpy's astype uses one).
-
-    out_bits is a uint32 view of out. Normal numbers and inf/nan move their fields; subnormals are em * 2^-24.
-    """
-    for i in prange(half.size):
-        v = np.uint32(half[i])
-        sign = (v & np.uint32(0x8000)) << np.uint32(16)
-        em = v & np.uint32(0x7FFF)
-        if em >= np.uint32(0x7C00):                                    # inf, nan
-            out_bits[i] = sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13))
-        elif em >= np.uint32(0x0400):                                  # normal: rebias the exponent by 112
-            out_bits[i] = sign | ((em << np.uint32(13)) + np.uint32(0x38000000))
-        else:                                                          # zero, subnormal
-            f = np.float32(em) * np.float32(5.9604644775390625e-08)
-            out[i] = -f if sign else f
-
-
 def f16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """Stored float16 bytes -> a new flat float32 array."""
+    """Stored float16 bytes -> a new flat float32 array (exact, on all cores; numpy's cast uses one)."""
+    from qtool.quantize.kernels.floats import decode_f16
+
     half = raw.reshape(-1).view(np.uint16)
     out = np.empty(half.size, np.float32)
-    _f16_to_f32(half, out, out.view(np.uint32))
+    decode_f16(half, out)
     return out
 
 

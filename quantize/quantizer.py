@@ -326,6 +326,9 @@ def _to_float32(raw: np.ndarray, qtype: T, n_per_row: int, out: np.ndarray) -> n
     rows = out.shape[0]
     if qtype == T.F32:
         out[...] = raw.view(np.float32).reshape(rows, n_per_row)
+    elif qtype == T.F16 and out.flags.c_contiguous:
+        from qtool.quantize.kernels.floats import decode_f16
+        decode_f16(np.ascontiguousarray(raw).reshape(-1).view(np.uint16), out.reshape(-1))
     elif qtype == T.F16:
         np.copyto(out, raw.view(np.float16).reshape(rows, n_per_row))
     elif qtype == T.BF16:
