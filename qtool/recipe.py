@@ -44,6 +44,7 @@ name = "my-model"                  # file name stem (default: from the source)
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +104,9 @@ class Recipe:
         return g
 
     def resolve(self, p: str) -> Path:
+        """A path of the recipe, relative to the recipe's folder ('recipes/../out/demo' prints as 'out/demo')."""
         q = Path(p).expanduser()
-        return q if q.is_absolute() else (self.path.parent / q)
+        return Path(os.path.normpath(q if q.is_absolute() else (self.path.parent / q)))
 
 
 def _err(key: str, msg: str) -> QtoolError:
