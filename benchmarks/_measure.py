@@ -9,6 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import qtool
+
+
 UNSET_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")   # they make numpy's OpenBLAS pick a slow kernel here
 
 # A fresh small process runs the command and reports its exit code, wall time and peak RSS: a child forked
@@ -60,7 +63,13 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, 
     return m["rc"], m["wall"], m["peak_rss"], text
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the thread settings importing qtool added (qtool/__init__.py): what
+    llama.cpp's tools run in, so they don't inherit passive OpenMP threads that qtool wants but they may not."""
+    return qtool.foreign_env()
+
+
 def qtool_env(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
+    env = {k: v for k, v in clean_env().items() if k not in UNSET_ENV}
     env.update(OPENBLAS_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     return env

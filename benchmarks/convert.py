@@ -43,6 +43,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import qtool  # noqa: E402
+
 # Where the llama-cpp-python 0.3.36 sdist was unpacked by hand before tests/llamacpp.py existed.
 FALLBACK_LLAMACPP = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp")
 # House rule: these make numpy's bundled OpenBLAS pick a slow kernel on these machines.
@@ -674,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = a.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    base_env = dict(os.environ)
+    base_env = qtool.foreign_env()      # without the thread settings importing qtool added
     for k in UNSET_ENV:
         base_env.pop(k, None)
     base_env.setdefault("PYTHONUNBUFFERED", "1")

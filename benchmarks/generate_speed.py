@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._measure import qtool_env, run_measured  # noqa: E402
+from benchmarks._measure import clean_env, qtool_env, run_measured  # noqa: E402
 from tests.build_llamacpp import tool_path  # noqa: E402
 from tests.conftest import SHARED  # noqa: E402
 from tests.fixtures.smollm2 import smollm2_gguf  # noqa: E402
@@ -56,7 +56,8 @@ def run_llamacpp(model: Path, n_prompt: int, n_gen: int, threads: int, repeats: 
     result: dict[str, float] = {}
     for repack in ("1", "0"):
         proc = subprocess.run([str(exe), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
-                               "-r", str(repeats), "--repack", repack, "-o", "json"], capture_output=True, text=True)
+                               "-r", str(repeats), "--repack", repack, "-o", "json"], capture_output=True, text=True,
+                              env=clean_env())
         if proc.returncode == 0:
             for test in json.loads(proc.stdout):
                 key = "pp" if test["n_prompt"] and not test["n_gen"] else "tg"

@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._measure import BLAS_LIBRARY_PROBE, UNSET_ENV, qtool_env, run_measured  # noqa: E402
+from benchmarks._measure import BLAS_LIBRARY_PROBE, UNSET_ENV, clean_env, qtool_env, run_measured  # noqa: E402
 from tests.build_llamacpp import tool_path  # noqa: E402
 from tests.conftest import SHARED  # noqa: E402
 from tests.fixtures.smollm2 import smollm2_gguf  # noqa: E402
@@ -86,7 +86,7 @@ def run_llamacpp(model: Path, chunks: int, threads: int, out: Path, no_repack: b
     exe = tool_path("llama-imatrix")
     cmd = [str(exe), "-m", str(model), "-f", str(CALIBRATION), "-c", str(N_CTX), "--chunks", str(chunks),
            "-t", str(threads), "--no-ppl", "-lv", "4", "-o", str(out)] + (["--no-repack"] if no_repack else [])
-    rc, wall, rss, text = run_measured(cmd, dict(os.environ))
+    rc, wall, rss, text = run_measured(cmd, clean_env())
     note = "--no-repack" if no_repack else ""
     if rc != 0:
         return Run(False, wall, rss, 0.0, note=f"exit {rc}", output=text)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import qtool  # noqa: E402
+
 TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "IQ4_XS"]
 TARGET = 1.5
 
@@ -73,7 +75,7 @@ def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, f
 
 
 def qtool_env(threads: int, cache_dir: str | None = None) -> dict:
-    env = dict(os.environ)
+    env = qtool.foreign_env()      # llama-quantize runs in it too: without qtool's own thread settings
     env["NUMBA_NUM_THREADS"] = str(threads)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir

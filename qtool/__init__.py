@@ -9,5 +9,14 @@ __version__ = "0.1.0"
 # 2x slower). Shortest OpenBLAS wait + passive OpenMP threads: SmolLM2-135M's forward pass on 2 cores goes from
 # 8.8 s to 3.7 s. Both are read when the library loads, so they apply only when qtool is imported before numpy
 # and numba (the CLI is); values the user set win.
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-_os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+THREAD_ENV_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "passive"}
+# The ones this process got from qtool rather than from its user: whoever starts other programs (llama.cpp's
+# tools in tests and benchmarks, which use OpenMP too) should remove these from their environment.
+THREAD_ENV_APPLIED = tuple(k for k in THREAD_ENV_DEFAULTS if k not in _os.environ)
+for _key in THREAD_ENV_APPLIED:
+    _os.environ[_key] = THREAD_ENV_DEFAULTS[_key]
+
+
+def foreign_env() -> dict:
+    """os.environ without the thread settings qtool added: the environment another program should run in."""
+    return {k: v for k, v in _os.environ.items() if k not in THREAD_ENV_APPLIED}
