@@ -37,11 +37,12 @@ np.ones((64, 64), np.float32) @ np.ones((64, 64), np.float32)
 out = {}
 for path in sorted({l.split()[-1] for l in open("/proc/self/maps") if "blas" in l.lower() and "/" in l}):
     lib = ctypes.CDLL(path)
-    for key, names in (("corename", ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
-                                     "openblas_get_corename")),
-                       ("config", ("scipy_openblas_get_config64_", "openblas_get_config64_", "openblas_get_config")),
-                       ("threads", ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                                    "openblas_get_num_threads"))):
+    for key, names in (("corename", ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                                     "openblas_get_corename64_", "openblas_get_corename")),
+                       ("config", ("scipy_openblas_get_config64_", "scipy_openblas_get_config",
+                                   "openblas_get_config64_", "openblas_get_config")),
+                       ("threads", ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                                    "openblas_get_num_threads64_", "openblas_get_num_threads"))):
         for n in names:
             f = getattr(lib, n, None)
             if f is not None:

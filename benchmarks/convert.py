@@ -44,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import qtool  # noqa: E402
+from benchmarks._measure import BLAS_LIBRARY_PROBE  # noqa: E402
 
 # Where the llama-cpp-python 0.3.36 sdist was unpacked by hand before tests/llamacpp.py existed.
 FALLBACK_LLAMACPP = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp")
@@ -90,40 +91,19 @@ def _version(dist: str) -> str:
 
 
 # Run in a child with the converters' environment so it reports the BLAS kernel *they* get.
-_BLAS_PROBE = r"""
-import ctypes, json
-import numpy
-out = {}
+_BLAS_PROBE = BLAS_LIBRARY_PROBE + r"""
 try:
     import threadpoolctl
     out["threadpoolctl"] = [
         {k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
         for d in threadpoolctl.threadpool_info()]
 except ImportError:
-    libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "blas" in l.lower() and "/" in l})
-    for p in libs:
-        lib = ctypes.CDLL(p)
-        for key, names in (("corename", ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
-                                         "openblas_get_corename64_", "openblas_get_corename")),
-                           ("config", ("scipy_openblas_get_config64_", "scipy_openblas_get_config",
-                                       "openblas_get_config64_", "openblas_get_config")),
-                           ("num_threads", ("scipy_openblas_get_num_threads64_",
-                                            "scipy_openblas_get_num_threads",
-                                            "openblas_get_num_threads64_", "openblas_get_num_threads"))):
-            for n in names:
-                f = getattr(lib, n, None)
-                if f is not None:
-                    f.restype = ctypes.c_int if key == "num_threads" else ctypes.c_char_p
-                    v = f()
-                    out[key] = v.decode() if isinstance(v, bytes) else v
-                    break
-        out["library"] = p
-    try:
-        cfg = numpy.show_config(mode="dicts")
-        out["numpy_blas"] = cfg["Build Dependencies"]["blas"].get("name") + " " + \
-            str(cfg["Build Dependencies"]["blas"].get("version"))
-    except Exception:
-        pass
+    pass
+try:
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    out["numpy_blas"] = f"{blas.get('name')} {blas.get('version')}"
+except Exception:
+    pass
 print(json.dumps(out))
 """
 
@@ -162,7 +142,7 @@ def machine_report(env: dict[str, str], workdir: Path) -> list[str]:
     else:
         lines.append(f"BLAS      : (threadpoolctl not installed; read from the library) "
                      f"{info.get('numpy_blas', '?')}, kernel={info.get('corename', '?')}, "
-                     f"threads={info.get('num_threads', '?')}; config: {info.get('config', '?')}")
+                     f"threads={info.get('threads', '?')}; config: {info.get('config', '?')}")
     lines.append(f"BLAS env  : converters run with `env {' '.join('-u ' + k for k in UNSET_ENV)}` "
                  f"(this shell: {parent_vals})")
     return lines
