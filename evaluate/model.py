@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType
+import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
 from numba import njit, prange
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
 from numba import njit, prange
 
 from qtool.errors import QtoolError

@@ -9,6 +9,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import qtool.numba_start  # noqa: F401  (before any kernel module imports numba: its start-up without SciPy)
+
 # numba's on-disk cache is keyed by source file, but a cached kernel remembers the module name it was compiled
 # under and re-imports it on load. Imported as top-level ``quantize.kernels`` (possible when the repo root is on
 # sys.path) it would poison the cache for every later ``qtool`` process with "No module named 'quantize'".
