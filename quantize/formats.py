@@ -84,8 +84,11 @@ class Format:
                              f"blocks; this row has {n_per_row} elements")
         return n_per_row // self.block_size * self.type_size
 
-    def quantize(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-        """float32 [..., n] -> uint8 [..., row_bytes], the bytes llama-quantize writes for these rows."""
+    def quantize(self, x: np.ndarray, imatrix: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 [..., n] -> uint8 [..., row_bytes], the bytes llama-quantize writes for these rows.
+
+        `out`, a C-contiguous uint8 [rows, row_bytes] array, receives them instead of a new array (the stream
+        quantizes straight into its output buffer)."""
         x = np.asarray(x)
         if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
             raise QtoolError(f"{self.name}: expected rows of floats, got a {x.dtype} array of shape {x.shape}")
@@ -94,7 +97,11 @@ class Format:
         rows = np.ascontiguousarray(x.reshape(-1, n), dtype=np.float32)
         _refuse_non_finite(rows, "row")
         weights = self._imatrix_for(imatrix, n)
-        out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+        if out is None:
+            out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+        elif out.dtype != np.uint8 or out.shape != (rows.shape[0], row_bytes) or not out.flags.c_contiguous:
+            raise QtoolError(f"internal: {self.name} output buffer is a {out.dtype} array of shape {out.shape}, "
+                             f"expected C-contiguous uint8 {(rows.shape[0], row_bytes)}")
         self.load_kernel(self.name)(rows, weights, out)
         self._validate(out)
         return out.reshape(x.shape[:-1] + (row_bytes,))

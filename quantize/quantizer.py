@@ -234,7 +234,7 @@ def _apply_tensor_type_map(choices: list[TensorChoice], type_map: Mapping[str, T
 
 def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_run: bool = False) -> QuantizePlan:
     """Everything but the tensor data. With `dry_run`, a missing imatrix is a warning note instead of an error."""
-    source = read_gguf(input_path)
+    source = read_gguf(input_path, lazy_strings=True)   # metadata is copied through, vocabulary undecoded
     if source.value("split.count", 1) > 1:
         raise QtoolError(f"{input_path} is one shard of a split model; merge it first "
                          "(llama-gguf-split --merge) and quantize the merged file")
@@ -408,7 +408,7 @@ class _TensorStream:
                                  self.raw.get(rows * src_row_bytes))
                 xs = _to_float32(raw, info.qtype, n_per_row, x[:rows])
                 try:
-                    out[r0:r0 + rows] = fmt.quantize(xs, w)
+                    fmt.quantize(xs, w, out=out[r0:r0 + rows])
                 except QtoolError as e:
                     # the format names the row within this slab; the user needs the tensor and its row
                     message = re.sub(r"\brow (\d+)", lambda m: f"row {r0 + int(m.group(1))}", str(e), count=1)
