@@ -14,8 +14,9 @@ from rich.table import Table
 
 from qtool.errors import QtoolError
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# emoji=False: a ":name:" in a path or a tensor name stays as written (and rich skips loading its emoji table)
+err = Console(stderr=True, highlight=False, emoji=False)
+out = Console(highlight=False, emoji=False)
 
 
 class QtoolGroup(click.Group):
@@ -509,7 +510,7 @@ def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, activations, json_
         run = run_perplexity(base, variants, data.text, dataset_name=data.name, n_ctx=n_ctx, n_chunks=n_chunks,
                              max_memory=budget, activations=activations, progress=progress)
     # piped output keeps every column whole instead of folding the table to 80 characters
-    wide = out if out.is_terminal else Console(file=out.file, width=240, highlight=False)
+    wide = out if out.is_terminal else Console(file=out.file, width=240, highlight=False, emoji=False)
     wide.print(report.table(run))
     if json_path is not None:
         report.write_json(run, json_path)
@@ -686,7 +687,7 @@ def _print_imatrix_summary(s) -> None:
         t.add_row(ts.name, seen, f"[yellow]{coverage}[/]" if partial else coverage, f"{ts.total:.4g}",
                   f"{ts.mean:.4g}", f"{ts.min:.4g}", f"{ts.max:.4g}",
                   f"[yellow]{ts.zero_columns}[/]" if ts.zero_columns else "0")
-    wide = out if out.is_terminal else Console(file=out.file, width=200, highlight=False)
+    wide = out if out.is_terminal else Console(file=out.file, width=200, highlight=False, emoji=False)
     wide.print(t)
     size = "" if legacy else f" of {s.chunk_size} tokens"
     out.print(f"datasets: {', '.join(s.datasets) or '(none recorded)'}; {s.chunk_count} chunks{size}", soft_wrap=True)

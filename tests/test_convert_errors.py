@@ -201,3 +201,10 @@ def test_unwritable_output_location_even_as_root(model, tmp_path):
     assert result.exit_code == 2, result.stderr
     assert "/proc" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_name_that_looks_like_an_emoji_code_is_printed_as_written(model, tmp_path):
+    d = model()
+    target = tmp_path / "out:thumbs_up:dir" / "m.gguf"
+    result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(target)])
+    assert result.exit_code == 2 and "out:thumbs_up:dir" in result.stderr, result.stderr
