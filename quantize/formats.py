@@ -134,7 +134,7 @@ class Format:
 
     def _validate(self, out: np.ndarray) -> None:
         """llama-quantize aborts when a stored scale (or an F16/BF16 value) is inf/NaN; so do we, naming where."""
-        from qtool.quantize.kernels.common import first_all_ones_exponent
+        from qtool.quantize.kernels.common import first_all_ones_exponent, first_bad_block_scale
 
         if self.qtype in (T.F16, T.BF16):
             exponent = 0x7C00 if self.qtype == T.F16 else 0x7F80
@@ -147,12 +147,8 @@ class Format:
         if not self.half_offsets:
             return
         blocks = out.reshape(out.shape[0], -1, self.type_size)
-        bad = np.zeros(blocks.shape[:2], dtype=bool)
-        for offset in self.half_offsets:
-            halves = blocks[:, :, offset].astype(np.uint16) | (blocks[:, :, offset + 1].astype(np.uint16) << 8)
-            bad |= (halves & 0x7C00) == 0x7C00
-        if bad.any():
-            row, block = np.argwhere(bad)[0]
+        row, block = first_bad_block_scale(blocks, np.array(self.half_offsets, dtype=np.int64))
+        if row >= 0:
             raise QtoolError(f"{self.name}: row {row}, block {block}: a block scale overflows fp16 (values too "
                              "large for this type); llama-quantize rejects this too")
 

@@ -264,22 +264,47 @@ def test_same_input_and_output_is_refused(small_model):
         quantize_model(small_model, small_model, QuantizeOptions(FileType.Q8_0, force=True))
 
 
-def test_nan_in_the_source_is_a_clear_error_and_leaves_no_file(tmp_path):
+@pytest.mark.parametrize("dtype, bad, shown", [(np.float32, np.nan, "nan"), (np.float16, np.nan, "nan"),
+                                               (np.float16, -np.inf, "-inf"), (np.float16, np.inf, "inf")])
+@pytest.mark.parametrize("ftype", [FileType.Q8_0, FileType.Q4_K_M])
+def test_nan_in_the_source_is_a_clear_error_and_leaves_no_file(tmp_path, dtype, bad, shown, ftype):
+    """F16 rows are checked while they are decoded, F32 rows by the format: the same one-line error either way."""
     path = tmp_path / "m.gguf"
-    tensors = llama_tensors(1, 64, 128, 4, 4, 64, dtype=T.F32)
+    tensors = llama_tensors(1, 256, 512, 4, 4, 64, dtype=T.F32)
     writer = gguf.GGUFWriter(path, "llama")
-    _llama_kvs(writer, 1, 64, 128, 4, 4, 64, "nan")
+    _llama_kvs(writer, 1, 256, 512, 4, 4, 64, "nan")
     for name, shape, qtype in tensors:
-        x = np.ones(shape, dtype=np.float32)
+        x = np.ones(shape, dtype=np.float32 if len(shape) == 1 else dtype)
         if name == "blk.0.ffn_up.weight":
-            x[5, 3] = np.nan
+            x[5, 3] = bad
         writer.add_tensor(name, x)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(QtoolError, match=r"blk\.0\.ffn_up\.weight: row 5 has a non-finite value \(nan at column 3\)"):
-        quantize_model(path, tmp_path / "o.gguf", QuantizeOptions(FileType.Q8_0))
+    with pytest.raises(QtoolError,
+                       match=rf"blk\.0\.ffn_up\.weight: row 5 has a non-finite value \({shown} at column 3\)"):
+        quantize_model(path, tmp_path / "o.gguf", QuantizeOptions(ftype))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_an_overflowing_block_scale_names_the_tensor_row_and_block(tmp_path):
+    """Finite F16 input whose Q4_0 scale (max / -8) overflows fp16: llama-quantize's validation rejects it too."""
+    path = tmp_path / "m.gguf"
+    tensors = llama_tensors(1, 256, 512, 4, 4, 64, dtype=T.F32)
+    writer = gguf.GGUFWriter(path, "llama")
+    _llama_kvs(writer, 1, 256, 512, 4, 4, 64, "overflow")
+    for name, shape, qtype in tensors:
+        x = np.ones(shape, dtype=np.float32)
+        if name == "blk.0.ffn_up.weight":
+            x[7, 70] = 3e38
+        writer.add_tensor(name, x)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(QtoolError, match=r"blk\.0\.ffn_up\.weight: Q4_0: row 7, block 2: a block scale overflows"):
+        quantize_model(path, tmp_path / "o.gguf", QuantizeOptions(FileType.Q4_0, pure=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 

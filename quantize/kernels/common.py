@@ -379,6 +379,20 @@ def first_non_finite(x):
     return -1, -1
 
 
+@njit(cache=True)
+def first_bad_block_scale(blocks, offsets):
+    """(row, block) of the first block in the 3-D uint8 ``blocks`` [rows, blocks, type_size] with an inf/NaN fp16
+    at one of the byte ``offsets`` (its scales), or (-1, -1). One thread: a byte or two per block is less work
+    than waking the others."""
+    rows, nb = blocks.shape[0], blocks.shape[1]
+    for r in range(rows):
+        for b in range(nb):
+            for o in offsets:
+                if (blocks[r, b, o + 1] & 0x7C) == 0x7C:      # exponent bits of the little-endian high byte
+                    return r, b
+    return -1, -1
+
+
 @njit(parallel=True, cache=True)
 def first_all_ones_exponent(halves, exponent_mask):
     """(row, column) of the first 16-bit float in the 2-D uint16 ``halves`` whose exponent field (given by
