@@ -285,8 +285,8 @@ class StringArray(Sequence):
     """A GGUF string array as stored (each item: u64 length, UTF-8 bytes), decoded only when an item is read.
 
     `read_gguf(..., lazy_strings=True)` returns vocabularies this way to a caller that copies metadata through
-    (quantize): decoding 100k tokens and merges and encoding them again cost ~0.2 s per run, and the copy is
-    byte-exact even where the stored bytes are not valid UTF-8.
+    (quantize): decoding SmolLM2's 49k tokens and 49k merges and encoding them again took 0.09–0.19 s a run (now
+    0.02 s), and the copy is byte-exact even where the stored bytes are not valid UTF-8.
     """
 
     def __init__(self, raw: bytes, count: int):
