@@ -235,14 +235,11 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
         sizes = {t.name: math.prod(t.shape) for t in read_gguf(input_path).tensors}
         ftype = parse_file_type(type_name) if type_name else file_type_for_mix(
             mix.tensors, {n: sizes.get(n, 0) for n in mix.tensors})
-        from gguf import GGUFValueType
-
-        from qtool.gguf_io import PREDICTED_KLD_KEY
+        from qtool.gguf_io import predicted_kld_kvs
 
         # recorded in the file, so `qtool ppl` and `qtool run` can set the measured KLD beside it
-        extra = [] if predicted_kld is None else [(PREDICTED_KLD_KEY, float(predicted_kld), GGUFValueType.FLOAT64, None)]
         options = QuantizeOptions(ftype, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
-                                  force=force, tensor_type_map=mix.tensors, extra_kvs=extra)
+                                  force=force, tensor_type_map=mix.tensors, extra_kvs=predicted_kld_kvs(predicted_kld))
     else:
         options = QuantizeOptions(
             parse_file_type(type_name), imatrix=imatrix,
@@ -288,8 +285,7 @@ def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, 
         warnings = list(mix_warnings(mix, input_path, imatrix))
         for warning in warnings:
             _note(warning)
-        predicted = mix.provenance.get("predicted_kld")
-        predicted = predicted if isinstance(predicted, (int, float)) and not warnings else None
+        predicted = None if warnings else mix.predicted_kld
         if output_path is None:
             target = mix.provenance.get("target_bpw")
             output_path = default_output_path(input_path, f"{target:g}bpw" if isinstance(target, (int, float))

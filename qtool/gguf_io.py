@@ -24,6 +24,11 @@ Progress = Callable[[int, int, str], None]   # (bytes done, bytes total, tensor 
 PREDICTED_KLD_KEY = "qtool.mix.predicted_kld"
 
 
+def predicted_kld_kvs(predicted: float | None) -> list[tuple[str, Any, GGUFValueType, None]]:
+    """The metadata that records a mix's predicted KLD in the file it is applied to (none when there is none)."""
+    return [] if predicted is None else [(PREDICTED_KLD_KEY, float(predicted), GGUFValueType.FLOAT64, None)]
+
+
 def parse_size(text: str) -> int:
     """'500M', '2G', '1500K' or plain bytes; decimal multipliers as llama.cpp's --split-max-size uses."""
     m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", str(text), re.IGNORECASE)

@@ -247,9 +247,7 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
                 pure=bool(opts.get("pure", False)), leave_output_tensor=bool(opts.get("leave_output_tensor", False)),
                 threads=recipe.threads, force=True)
             if opts.get("mix"):     # exact per-tensor types (validated alone when the recipe was loaded)
-                from gguf import GGUFValueType
-
-                from qtool.gguf_io import PREDICTED_KLD_KEY
+                from qtool.gguf_io import predicted_kld_kvs
                 from qtool.quantize.mix import read_mix
                 from qtool.sensitivity import mix_warnings
                 mix = read_mix(recipe.resolve(opts["mix"]))
@@ -257,9 +255,8 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
                 warnings = mix_warnings(mix, base, imatrix_path)
                 for warning in warnings:
                     log(f"quantize {ftype}: {warning}")
-                predicted = mix.provenance.get("predicted_kld")
-                if isinstance(predicted, (int, float)) and not warnings:   # the report sets the measured KLD beside it
-                    options.extra_kvs = [(PREDICTED_KLD_KEY, float(predicted), GGUFValueType.FLOAT64, None)]
+                # recorded in the file: the report sets the measured KLD beside it
+                options.extra_kvs = predicted_kld_kvs(None if warnings else mix.predicted_kld)
             report = quantize_model(base, target, options)
             for note in report.notes:
                 log(f"quantize {ftype}: {note}")

@@ -164,6 +164,12 @@ class MixFile:
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
+    @property
+    def predicted_kld(self) -> float | None:
+        """The mean KLD the mix was chosen for (on its calibration text), when its provenance records one."""
+        v = self.provenance.get("predicted_kld")
+        return float(v) if isinstance(v, (int, float)) else None
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
