@@ -10,6 +10,18 @@ if not SHARED.exists():  # CI lays shared/ beside the clone
 VOCAB_DIR = SHARED / "data" / "vocab"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--allow-skip-interop", action="store_true",
+                     help="skip (instead of failing) comparison tests whose llama.cpp tools, reference packages or "
+                          "model are missing")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import tests.interop
+
+    tests.interop.ALLOW_SKIP = config.getoption("--allow-skip-interop")
+
+
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     if not VOCAB_DIR.exists():

@@ -34,7 +34,7 @@ def is_complete(dest: Path) -> bool:
 def download_sdist(version: str, tmp: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(tmp), "--disable-pip-version-check", "-q"]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, timeout=1800)
     sdists = sorted(tmp.glob("llama_cpp_python-*.tar.gz")) + sorted(tmp.glob("llama-cpp-python-*.tar.gz"))
     if not sdists:
         raise SystemExit(f"pip download produced no sdist in {tmp}: {sorted(os.listdir(tmp))}")

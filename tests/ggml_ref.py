@@ -7,7 +7,8 @@
 
 The library is the ``ggml-base`` CMake target of the fetched llama.cpp tree (``tests.llamacpp.llamacpp_dir()``),
 built once as a shared library with the project's default Release flags into
-``$XDG_CACHE_HOME/qtool/ggml-ref-<sdist version>/`` (default ``~/.cache``), about 20 s on 2 cores.
+``$XDG_CACHE_HOME/qtool/ggml-ref-<sdist version>-<key>/`` (default ``~/.cache``; the key as for the tools in
+tests/build_llamacpp.py: flags, compiler, CPU), about 20 s on 2 cores.
 Default flags matter: ``ggml-base`` gets no ``-march`` flags, so on x86-64 the compiler cannot contract
 ``a*b + c`` into FMA instructions and every float operation rounds separately — the arithmetic that
 llama-quantize on x86-64 performs and that our kernels reproduce (reference §2.8).
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from tests.build_llamacpp import build_key
 from tests.fetch_llamacpp import DEFAULT_VERSION
 from tests.llamacpp import llamacpp_dir
 
@@ -40,7 +42,7 @@ class GgmlRefBuildError(RuntimeError):
 
 def cache_dir(version: str = DEFAULT_VERSION) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "qtool" / f"ggml-ref-{version}"
+    return cache / "qtool" / f"ggml-ref-{version}-{build_key(version)}"
 
 
 def _lib_path() -> Path:
@@ -57,15 +59,12 @@ def available() -> bool:
 
 
 def require() -> None:
-    """For tests: skip when the library cannot be built here, fail instead when $CI is set (a skip there would
-    hide a broken setup); a build that starts and fails is raised as an error either way."""
-    import pytest
+    """For tests: a failure (a skip with --allow-skip-interop) when the library cannot be built here; a build that
+    starts and fails is raised as an error either way."""
+    from tests.interop import unavailable
 
     if not available():
-        msg = "llama.cpp tree, cmake or a C/C++ compiler missing: run `python tests/fetch_llamacpp.py`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable("llama.cpp tree, cmake or a C/C++ compiler missing")
     load()
 
 
@@ -73,7 +72,7 @@ def _run(cmd: list[str], log: Path) -> None:
     with open(log, "ab") as fh:
         fh.write(("\n$ " + " ".join(cmd) + "\n").encode())
         fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=1800)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise GgmlRefBuildError(f"{cmd[0]} failed (exit {proc.returncode}); log {log}:\n{tail}")

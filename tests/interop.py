@@ -1,9 +1,12 @@
-"""What the llama.cpp comparison tests share: the built tools and the real model, skipped locally when missing
-but failing under CI (which installs and builds everything: a skip there would hide a broken setup)."""
+"""What the llama.cpp and transformers comparison tests share: the built tools, the reference packages and the real
+model. Missing, they FAIL the test with the set-up command — in CI and out of it — so a run that claims to compare
+with llama.cpp cannot pass by comparing nothing. `--allow-skip-interop` turns them into skips; deselecting the
+markers (`-m "not interop and not reference"`) leaves those tests out altogether."""
 from __future__ import annotations
 
-import os
+import importlib
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
@@ -11,17 +14,29 @@ import pytest
 from tests.build_llamacpp import tool_path
 from tests.fixtures.smollm2 import smollm2_gguf
 
+SETUP = "set up with `pip install -e \".[test,interop]\" && python tests/setup_interop.py`"
+# Set by tests/conftest.py from the command line.
+ALLOW_SKIP = False
+
 
 def unavailable(message: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    if ALLOW_SKIP:
+        pytest.skip(message)
+    pytest.fail(f"{message}: {SETUP} (or pass --allow-skip-interop to skip such tests)", pytrace=False)
+
+
+def need_module(name: str) -> ModuleType:
+    """importorskip that fails: the reference packages are part of the test set-up, not optional."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        unavailable(f"{name} cannot be imported ({e})")
 
 
 def need_tool(name: str) -> Path:
     path = tool_path(name)
     if path is None:
-        unavailable(f"{name} is not built: run `python tests/build_llamacpp.py`")
+        unavailable(f"{name} is not built")
     return path
 
 

@@ -4,7 +4,7 @@ The llama.cpp tree is looked up, in order, at ``$QTOOL_LLAMACPP_DIR`` and at
 ``<repo>/.cache/llama.cpp`` (where ``python tests/fetch_llamacpp.py`` puts it).
 
     from tests.llamacpp import llamacpp_dir, run_llamacpp_convert
-    if llamacpp_dir() is None: pytest.skip("run tests/fetch_llamacpp.py")
+    if llamacpp_dir() is None: unavailable("llama.cpp tree missing")   # from tests.interop
     gguf_path = run_llamacpp_convert(model_dir, tmp_path / "ref.gguf", outtype="f16")
 
 The converter runs in a subprocess with the vendored ``gguf-py`` first on ``PYTHONPATH`` (so its

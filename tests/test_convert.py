@@ -339,11 +339,11 @@ def test_hub_repo_id_from_an_offline_cache(ckpt_cache, tmp_path):
     shutil.copytree(src, repo / "snapshots" / commit)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "qtool.cli", "convert", "acme/tiny-qwen3", "--outtype", "f16"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     written = Path(res.stdout.strip())
     assert written.parent == tmp_path and written.exists()
     assert kv(read_gguf(written))["general.name"].lower().startswith("acme")
     res = subprocess.run([sys.executable, "-m", "qtool.cli", "convert", "acme/not-there"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "acme/not-there" in res.stderr and "Traceback" not in res.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -147,12 +149,23 @@ def test_inf_in_a_weight(model, tmp_path):
     fails(d, tmp_path / "out", expect="model.norm.weight")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_output_dir_as_user(model, tmp_path):
+def test_unwritable_output_dir(model, tmp_path):
+    """A user's read-only folder; as root (which ignores file modes) a read-only mount of the folder instead."""
     out = tmp_path / "ro"
     out.mkdir()
-    out.chmod(0o555)
-    fails(model(), out, expect="not writable")
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+        fails(model(), out, expect="not writable")
+        return
+    cli = [sys.executable, "-c", "from qtool.cli import main; main()",
+           "convert", str(model()), "--outfile", str(out / "m.gguf")]
+    script = 'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(out), *cli],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not writable" in lines[0], r.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_missing_output_dir(model, tmp_path):

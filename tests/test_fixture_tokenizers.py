@@ -8,12 +8,12 @@ transformers computes over them must be the one llama.cpp's converter knows the 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.interop import need_module
 from tests.fixtures.tokenizers import (
     BPE_VOCABS,
     SPM_VOCABS,
@@ -71,11 +71,10 @@ def test_tokenizers_json_reproduces_llamacpp_vectors(hf_dirs, vocab):
     assert _mismatches(lambda t: tok.encode(t, add_special_tokens=False).ids, vocab) == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                    reason="transformers not installed")
+@pytest.mark.reference
 @pytest.mark.parametrize("vocab", BPE_VOCABS)
 def test_transformers_chkhsh_is_llamacpps(hf_dirs, vocab):
-    from transformers import AutoTokenizer
+    AutoTokenizer = need_module("transformers").AutoTokenizer
 
     from qtool.convert.tokenizer import CHKTXT
 

@@ -21,6 +21,7 @@ from tests.fixtures.checkpoints import (
     tokenizer_vocab,
 )
 from tests.fixtures.conftest_helpers import checkpoint_factory  # noqa: F401  (session fixture)
+from tests.interop import need_module
 
 ALL = sorted(VARIANTS)
 
@@ -176,7 +177,7 @@ def test_bin_dtypes(dtype, tmp_path):
 
 
 def test_bin_loads_with_torch(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     d = make_checkpoint("baichuan-7b", tmp_path / "b7", dtype="bfloat16", tokenizer=False, vocab_size=300,
                         num_hidden_layers=2)
     sd = torch.load(d / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)

@@ -5,7 +5,6 @@ value. The llama.cpp tree comes from the llama-cpp-python sdist (python tests/fe
 """
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -14,6 +13,7 @@ from gguf import GGUFReader
 
 from qtool.cli import main
 from tests.llamacpp import LlamaCppConvertError, interop_available, run_llamacpp_convert
+from tests.interop import need_tool, unavailable
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -21,10 +21,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 @pytest.fixture(scope="module", autouse=True)
 def _need_llamacpp():
     if not interop_available():
-        msg = "llama.cpp tree or torch/transformers missing: run `python tests/fetch_llamacpp.py` with the interop extra"
-        if os.environ.get("CI"):
-            pytest.fail(msg)      # CI installs both; a skip there would hide a broken setup
-        pytest.skip(msg)
+        unavailable("llama.cpp tree or torch/transformers missing")
 
 
 def fields(path):
@@ -76,12 +73,7 @@ def test_split_files_merge_back_with_llamacpp_gguf_split(checkpoint_factory, tmp
     """llama.cpp's own gguf-split --merge reads our shards and gives back the unsplit file's tensors and keys."""
     import subprocess
 
-    from tests.build_llamacpp import tool_path
-    tool = tool_path("llama-gguf-split")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("llama-gguf-split not built: run python tests/setup_interop.py")
-        pytest.skip("llama-gguf-split not built")
+    tool = need_tool("llama-gguf-split")
     d = checkpoint_factory("qwen3")
     whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
     for out, extra in ((whole, []), (split, ["--split-max-tensors", "9"])):
@@ -91,7 +83,7 @@ def test_split_files_merge_back_with_llamacpp_gguf_split(checkpoint_factory, tmp
     assert len(shards) >= 2
     first = shards[0]
     merged = tmp_path / "merged.gguf"
-    subprocess.run([str(tool), "--merge", str(first), str(merged)], check=True, capture_output=True)
+    subprocess.run([str(tool), "--merge", str(first), str(merged)], check=True, capture_output=True, timeout=300)
     r_whole, kv_whole = fields(whole)
     r_merged, kv_merged = fields(merged)
     strip = lambda kvs: [kv for kv in kvs if not kv[0].startswith("split.")]  # noqa: E731

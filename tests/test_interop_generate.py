@@ -125,7 +125,8 @@ def test_llama_rng_matches_libstdcxx(tmp_path):
                    "    for (int i = 0; i < 1000; i++) std::printf(\"%.17g\\n\", u(rng));\n  }\n}\n")
     exe = tmp_path / "draws"
     subprocess.run([cxx, "-O1", "-o", str(exe), str(src)], check=True, capture_output=True, timeout=300)
-    theirs = [float(x) for x in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()]
+    theirs = [float(x) for x in subprocess.run([str(exe)], check=True, capture_output=True, text=True,
+                                                timeout=300).stdout.split()]
     ours = []
     for seed in (0, 1, 42, 2**32 - 1):
         rng = LlamaRng(seed)

@@ -42,7 +42,7 @@ def run_llama_quantize(tool: Path, src: Path, dst: Path, ftype: FileType, imatri
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
     cmd += [str(src)] + ([str(dst)] if dst is not None else []) + [ftype.name, str(THREADS)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"llama-quantize failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -259,7 +259,7 @@ def test_imatrix_writers_identical_to_llama_imatrix(small_f16, tmp_path):
     for fmt, theirs_name in (("gguf", "theirs.gguf"), ("dat", "theirs.dat")):
         theirs = tmp_path / theirs_name
         proc = subprocess.run([str(tool), "-m", str(small_f16), "--in-file", str(ours), "-o", str(theirs), "--output-format", fmt,
-                               "-c", str(chunk_size)], capture_output=True, text=True)
+                               "-c", str(chunk_size)], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         if fmt == "gguf":
             assert theirs.read_bytes() == ours.read_bytes()

@@ -24,7 +24,8 @@ print(json.dumps({"after_kernel": after_kernel, "have_blas": am._HAVE_BLAS,
 
 
 def test_kernels_start_without_scipy_and_dot_still_works():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
     got = json.loads(out.strip().splitlines()[-1])
     assert got["after_kernel"] == []                 # running a kernel imported neither scipy.linalg nor f2py
     scipy_installed = importlib.util.find_spec("scipy") is not None

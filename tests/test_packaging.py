@@ -178,7 +178,7 @@ def _read_only(cmd: list[str], package_dir: Path) -> list[str]:
         return cmd  # the caller made the folder read-only with chmod
     if not shutil.which("unshare"):
         pytest.fail("running as root and `unshare` (util-linux) is missing: cannot make the install read-only")
-    script = f'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
+    script = 'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
     return ["unshare", "-m", "sh", "-c", script, "sh", str(package_dir), *cmd]
 
 
@@ -203,14 +203,14 @@ def test_installed_wheel_runs_every_command_outside_the_checkout(wheel, tmp_path
 
     # Kernels from a read-only install: compiled once into the user's cache directory, loaded from it after.
     if os.geteuid() != 0:
-        subprocess.run(["chmod", "-R", "a-w", str(package_dir)], check=True)
+        subprocess.run(["chmod", "-R", "a-w", str(package_dir)], check=True, timeout=60)
     ro_env = {**env, "NUMBA_DEBUG_CACHE": "1"}
     try:
         runs = [_run(_read_only([qtool, "quantize", "m-f16.gguf", f"ro{i}.gguf", "--type", "Q4_K_M"], package_dir),
                      work, ro_env) for i in (1, 2)]
     finally:
         if os.geteuid() != 0:
-            subprocess.run(["chmod", "-R", "u+w", str(package_dir)], check=True)
+            subprocess.run(["chmod", "-R", "u+w", str(package_dir)], check=True, timeout=60)
     saved = [ln for ln in runs[0].stdout.splitlines() if "data saved to" in ln]
     assert saved, "the first run from a read-only install cached no kernel:\n" + runs[0].stdout[-2000:]
     assert all(str(tmp_path / "user-cache") in ln for ln in saved), saved[:3]

@@ -26,6 +26,7 @@ from qtool.convert import tokenizer as tokmod
 from qtool.convert.tokenizer import VocabKV, export_vocab
 from qtool.errors import QtoolError
 from tests.fixtures.tokenizers import VOCABS, gguf_vocab, write_hf_tokenizer
+from tests.interop import unavailable
 
 # config.json values of the real models (the parts the tokenizer export reads)
 HPARAMS: dict[str, dict[str, Any]] = {
@@ -537,7 +538,7 @@ def test_llamacpp_set_vocab_interop(exported, tmp_path):
     from tests.llamacpp import converter_env, interop_available, llamacpp_dir
 
     if not interop_available():
-        pytest.skip("llama.cpp tree or torch/transformers missing (tests/fetch_llamacpp.py)")
+        unavailable("llama.cpp tree or torch/transformers missing")
     cases: dict[str, tuple[str, Path, set[str]]] = {}  # name -> (kind, dir, qtool-only diffs)
     for vocab in VOCABS:
         diffs = {_SPACE} if vocab == "baichuan" else set()
