@@ -510,7 +510,13 @@ def test_streamed_weights_give_the_same_logits(gguf_of, monkeypatch):
     assert resident.weights.resident and not streamed.weights.resident
     monkeypatch.setattr(weights_mod, "OUTPUT_BLOCK_BYTES", 4 * 64 * 1000)   # 1000 rows per block, 32 blocks
     tokens = np.stack([random_tokens(resident.n_vocab, 20, 5), random_tokens(resident.n_vocab, 20, 6)])
-    np.testing.assert_array_equal(streamed.forward(tokens, output_from=3), resident.forward(tokens, output_from=3))
+    got, want = streamed.forward(tokens, output_from=3), resident.forward(tokens, output_from=3)
+    # Same weights, same rounding; only BLAS's summation order may differ for the sliced output blocks (measured on
+    # an AVX2-only EPYC with OpenBLAS's Haswell kernel: 3.2 % of logits off by at most 2.1e-7; elsewhere equal).
+    # The bound is 10x that, relative to the logits' scale.
+    scale = float(np.max(np.abs(want)))
+    assert np.max(np.abs(got - want)) <= 2e-6 * max(scale, 1.0), np.max(np.abs(got - want))
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
     assert not streamed.weights._cache
 
 

@@ -11,9 +11,11 @@ place, which does not happen by accident over 32 steps; a real divergence shows 
 `--no-repack` keeps llama.cpp off its AMX / repacked weight buffers: on CPUs with AMX_INT8 the Q8_0 file
 segfaults in ggml's AMX matmul otherwise (ggml-org/llama.cpp#20824); the plain CPU kernels compute the same products.
 
-The numbers are not bit-identical (llama.cpp runs F16 weights with F16 activations and Q8_0 with Q8_0
-activations; qtool computes in float32), so greedy paths may split where two logits are nearly tied. The failure
-message then names the step, both candidates and their logit gap in our float32 logits.
+The numbers are not bit-identical (qtool rounds every matrix product's input as llama.cpp's CPU backend does, but
+sums in float32 through BLAS, and llama.cpp keeps K/V in F16), so free-running greedy paths can split where two
+logits are nearly tied — and where depends on the CPU. The test therefore follows llama.cpp's path (teacher forcing)
+and checks at every step how far llama.cpp's token sits below our best: within GAP_TOL, and our best on nearly all
+steps. A failure names the prompt, the step, both tokens and the gap.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from qtool.evaluate.generate import Sampler, SamplingParams, decode_steps, prompt_tokens
+from qtool.evaluate.generate import decode_steps, prompt_tokens
 from qtool.evaluate.model import Model
 from qtool.evaluate.tokenizer import Tokenizer
 from qtool.evaluate.weights import GGUFWeights
@@ -63,50 +65,68 @@ def llama_greedy(model_path, prompt: str) -> tuple[bytes, int, bool]:
     return text, int(runs.group(1)) + 1, eog
 
 
-def divergence(tok: Tokenizer, steps, theirs: bytes) -> str:
-    """Where our greedy path leaves llama.cpp's text, and how close llama.cpp's candidates were in our logits.
+# How far below our best logit llama.cpp's greedy token may sit in our logits. The two compute the same model with
+# different float rounding (llama.cpp: F16 K/V and its own SIMD sums; qtool: BLAS float32 with llama.cpp's activation
+# rounding), so where two candidates are nearly tied the paths may split. Measured on an AMD EPYC (AVX-512, OpenBLAS
+# Haswell kernel): SmolLM2 Q8_0 split twice in 96 steps, at gaps of 0.207 and 0.028; F16 never. A real error (a wrong
+# rope, norm or rounding) puts llama.cpp's tokens whole logits below ours, over many steps.
+GAP_TOL = 0.5
+MIN_AGREEMENT = 0.9         # steps where llama.cpp's token is also our best, over all prompts
 
-    llama.cpp's token at that step is one whose piece starts the rest of its text; every such token among our
-    top 50 is listed with its rank and its logit gap to our choice.
-    """
-    done = b""
-    for k, step in enumerate(steps):
-        piece = tok.token_piece(step.token, special=False)
-        if theirs.startswith(done + piece):
-            done += piece
-            continue
-        rest = theirs[len(done):]
-        order = np.argsort(-step.logits)
-        theirs_could_be = []
-        for rank, t in enumerate(order[:50].tolist(), start=1):
-            p = tok.token_piece(t, special=False)
-            if p and rest.startswith(p):
-                theirs_could_be.append(f"{p!r} (id {t}, rank {rank}, gap {step.logits[step.token] - step.logits[t]:.4f})")
-        return (f"step {k}: ours {piece!r} (id {step.token}, logit {step.logits[step.token]:.4f}); llama.cpp's text "
-                f"goes on {rest[:30]!r}; its token is one of: {', '.join(theirs_could_be) or 'none of our top 50'}")
-    return f"ours is a prefix of llama.cpp's text, which goes on with {theirs[len(done):][:40]!r}"
+
+class FollowLlamaCpp:
+    """A `choose` for decode_steps that feeds llama.cpp's path back (teacher forcing) and records, at each step, where
+    llama.cpp's token ranks in our logits. llama.cpp's token at a step is the one among our top 50 whose piece starts
+    the rest of its text (the best-scoring such piece, as llama.cpp's greedy choice would be)."""
+
+    def __init__(self, tok: Tokenizer, theirs: bytes):
+        self.tok, self.theirs, self.done = tok, theirs, b""
+        self.steps: list[tuple[int, int, float]] = []     # (ours, theirs, gap in our logits)
+        self.lost: str | None = None
+
+    def __call__(self, logits: np.ndarray) -> int:
+        best = int(np.argmax(logits))
+        rest = self.theirs[len(self.done):]
+        for t in np.argsort(-logits)[:50].tolist():
+            piece = self.tok.token_piece(t, special=False)
+            if piece and rest.startswith(piece):
+                self.steps.append((best, t, float(logits[best] - logits[t])))
+                self.done += piece
+                return t
+        if self.lost is None:
+            self.lost = (f"step {len(self.steps)}: llama.cpp's text goes on {rest[:30]!r}, which no token among our "
+                         f"top 50 starts (ours: {self.tok.token_piece(best, special=False)!r})")
+        self.steps.append((best, -1, float("inf")))
+        return best
 
 
 @pytest.mark.parametrize("kind", ["F16", "Q8_0"])
-def test_greedy_tokens_equal_llama_cpp(smollm2, kind):
+def test_greedy_tokens_follow_llama_cpp(smollm2, kind):
+    """llama.cpp's greedy 32 tokens, fed back through qtool: each is our best token or within GAP_TOL of it, and
+    nearly all are our best."""
     path = smollm2[kind]
     weights = GGUFWeights(path)
     tok = Tokenizer.from_gguf(weights.gguf)
     model = Model(weights)
-    failures = []
+    problems, agree, total = [], 0, 0
     for prompt in PROMPTS:
-        ids = prompt_tokens(tok, prompt, None)
-        steps = list(decode_steps(model, ids, Sampler(SamplingParams(temperature=0.0)), N_TOKENS, tok.eot_ids))
-        tokens = [s.token for s in steps if s.token not in tok.eot_ids]
-        ours = b"".join(tok.token_piece(t, special=False) for t in tokens)
         theirs, n_sampled, eog = llama_greedy(path, prompt)
-        if ours != theirs or len(steps) != n_sampled:
-            failures.append(f"{prompt!r}: {divergence(tok, steps, theirs)} (ours {len(steps)} tokens, "
-                            f"llama.cpp {n_sampled})")
-            continue
         # the acceptance asks for 32 tokens: a prompt that ends early would test less
-        assert len(tokens) == N_TOKENS and not eog, f"{prompt!r} stopped after {len(tokens)} tokens"
-    assert not failures, "\n".join(failures)
+        assert n_sampled == N_TOKENS and not eog, f"{prompt!r}: llama.cpp stopped after {n_sampled} tokens"
+        follow = FollowLlamaCpp(tok, theirs)
+        list(decode_steps(model, prompt_tokens(tok, prompt, None), follow, N_TOKENS))
+        if follow.lost:
+            problems.append(f"{prompt!r}: {follow.lost}")
+        if follow.done != theirs:
+            problems.append(f"{prompt!r}: after {N_TOKENS} tokens llama.cpp's text goes on {theirs[len(follow.done):][:40]!r}")
+        for k, (ours, t, gap) in enumerate(follow.steps):
+            total += 1
+            agree += ours == t
+            if gap > GAP_TOL:
+                problems.append(f"{prompt!r} step {k}: llama.cpp's {tok.token_piece(t, special=False)!r} is {gap:.4f} "
+                                f"below our {tok.token_piece(ours, special=False)!r}")
+    assert not problems, "\n".join(problems)
+    assert agree >= MIN_AGREEMENT * total, f"llama.cpp's token was our best in {agree} of {total} steps"
 
 
 def test_llama_rng_matches_libstdcxx(tmp_path):
