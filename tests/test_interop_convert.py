@@ -6,6 +6,7 @@ value. The llama.cpp tree comes from the llama-cpp-python sdist (python tests/fe
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -30,12 +31,17 @@ def fields(path):
     return r, [(k, [t.name for t in f.types], f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")]
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
-@pytest.mark.parametrize("variant", ["llama-spm", "llama-bpe", "qwen2", "qwen3"])
-def test_identical_to_llamacpp(variant, outtype, checkpoint_factory, tmp_path):
+# Every --outtype, each on at least two families; `auto` on a float32 and on a bfloat16 checkpoint.
+CASES = ([(v, t, "float32") for v in ("llama-spm", "llama-bpe", "qwen2", "qwen3") for t in ("f32", "f16")]
+         + [(v, t, "float32") for v in ("llama-spm", "qwen2") for t in ("bf16", "q8_0")]
+         + [("llama-spm", "auto", "float32"), ("qwen3", "auto", "bfloat16"), ("qwen3", "bf16", "bfloat16")])
+
+
+@pytest.mark.parametrize("variant, outtype, dtype", CASES)
+def test_identical_to_llamacpp(variant, outtype, dtype, checkpoint_factory, tmp_path):
     # The same directory name for both, since general.name comes from it.
     d = tmp_path / variant
-    shutil.copytree(checkpoint_factory(variant), d)
+    shutil.copytree(checkpoint_factory(variant, dtype=dtype), d)
     theirs = run_llamacpp_convert(d, tmp_path / "theirs.gguf", outtype)
     result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "ours.gguf"),
                                        "--outtype", outtype], catch_exceptions=False)
@@ -57,6 +63,8 @@ def test_identical_to_llamacpp(variant, outtype, checkpoint_factory, tmp_path):
            [(t.name, t.tensor_type, list(t.shape)) for t in r_theirs.tensors]
     for a, b in zip(r_ours.tensors, r_theirs.tensors):
         assert a.data.tobytes() == b.data.tobytes(), a.name
+    # and the claim itself: the same file, byte for byte (the checks above say where, when it is not)
+    assert (tmp_path / "ours.gguf").read_bytes() == Path(theirs).read_bytes()
 
 
 def test_llamacpp_converter_fails_on_baichuan_and_qtool_does_not(checkpoint_factory, tmp_path):
