@@ -10,10 +10,10 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from qtool.errors import QtoolError
-from qtool.gguf_io import PlannedTensor, Progress, add_kv, shard_paths, tensor_nbytes, write_gguf
+from qtool.gguf_io import KV, PlannedTensor, Progress, preview_kvs, shard_paths, tensor_nbytes, write_gguf
 
 from .checkpoint import Checkpoint
-from .models import (KV, ModelSpec, OutTensor, arch_kvs, expected_hf_tensors, gguf_name, llama3_rope_factors,
+from .models import (ModelSpec, OutTensor, arch_kvs, expected_hf_tensors, gguf_name, llama3_rope_factors,
                      model_spec, normhead, permute_rows, read_config, _SKIPPED_SUFFIXES)
 from .tokenizer import export_vocab
 
@@ -89,7 +89,7 @@ def plan_conversion(model_dir: Path, outtype: str = "auto", *, pre: str | None =
         kvs.append(KV("general.quantization_version", gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32))
         vocab, vocab_notes = export_vocab(model_dir, spec.hparams, spec.arch.vocab_kind, pre)
         notes += vocab_notes
-        kvs += [KV(v.key, v.value, v.type, v.sub_type) for v in vocab]
+        kvs += vocab
         _check_vocab_fits(spec, kvs)
     except BaseException:
         if ckpt is not None:
@@ -229,11 +229,7 @@ def _prepare_general(plan: ConversionPlan) -> Callable[[gguf.GGUFWriter], None]:
 
 def all_kvs(plan: ConversionPlan) -> list[KV]:
     """Every key the file will carry, in order (general.* included), for --dry-run and tests."""
-    writer = gguf.GGUFWriter(None, plan.spec.arch.gguf_name)
-    _prepare_general(plan)(writer)
-    for kv in plan.kvs:
-        add_kv(writer, kv.key, kv.value, kv.type, kv.sub_type)
-    return [KV(k, v.value, v.type, v.sub_type) for k, v in writer.kv_data[0].items()]
+    return preview_kvs(plan.spec.arch.gguf_name, plan.kvs, _prepare_general(plan))
 
 
 def write_plan(plan: ConversionPlan, outfile: Path, *, vocab_only: bool = False, split_max_tensors: int = 0,

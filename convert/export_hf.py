@@ -35,7 +35,8 @@ from gguf import GGMLQuantizationType
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ROPE_DEPTH, Arch, arch_for_gguf
 from qtool.errors import QtoolError
-from qtool.gguf_io import GGUFFile, GGUFTensorInfo, Progress, read_gguf
+from qtool.gguf_io import Progress
+from qtool.model_file import GGUFModel, TensorRef
 
 from .models import (BAICHUAN2_VOCAB_SIZE, expected_hf_tensors, hf_name_for_gguf, llama3_rope_factors,
                      model_spec, unpermute_rows)
@@ -90,30 +91,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 # --- reading ---------------------------------------------------------------------------------------------------
 
-_SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def _open_gguf(path: Path) -> tuple[dict[str, Any], dict[str, tuple[GGUFFile, GGUFTensorInfo]]]:
-    """Metadata (from the first split) and name -> (file, tensor) across all splits of a GGUF."""
-    path = Path(path)
-    m = _SHARD.match(path.name)
-    paths = [path]
-    if m:
-        n = int(m.group("count"))
-        paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-        if (missing := [p for p in paths if not p.is_file()]):
-            raise QtoolError(f"{path}: split file {missing[0].name} is missing")
-    files = [read_gguf(p) for p in paths]
-    kv = {k: v.value for k, v in files[0].kv.items()}
-    tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]] = {}
-    for f in files:
-        for t in f.tensors:
-            if t.name in tensors:
-                raise QtoolError(f"{path}: tensor {t.name!r} appears twice")
-            tensors[t.name] = (f, t)
-    return kv, tensors
-
-
 def _nice_float(x: float) -> float:
     """The shortest decimal that is the same float32 (1e-05, not 9.999999747378752e-06)."""
     return float(str(np.float32(x)))
@@ -121,32 +98,21 @@ def _nice_float(x: float) -> float:
 
 # --- config.json -----------------------------------------------------------------------------------------------
 
-def _hparams(kv: dict[str, Any], arch: Arch, tensors: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a GGUF records about the model, with llama.cpp's runtime defaults for missing keys."""
-    a = arch.gguf_name
-
-    def need(key: str) -> int:
-        v = kv.get(f"{a}.{key}")
-        if v is None:
-            raise QtoolError(f"GGUF has no {a}.{key}")
-        return int(v)
-
-    n_embd, n_head = need("embedding_length"), need("attention.head_count")
+def _hparams(model: GGUFModel, arch: Arch) -> dict[str, Any]:
+    """The numbers a GGUF records about the model (model.hparams), with llama.cpp's runtime defaults for missing
+    keys, as the HF config builder reads them."""
+    h = model.hparams.require_uniform()
+    tensors = model.tensors
+    n_embd, n_head = h.need("n_embd"), h.need("n_head")
     hp = {
-        "n_layer": need("block_count"), "n_embd": n_embd, "n_ff": need("feed_forward_length"), "n_head": n_head,
-        "n_head_kv": int(kv.get(f"{a}.attention.head_count_kv", n_head)),
-        "n_ctx": kv.get(f"{a}.context_length"),
-        "eps": kv.get(f"{a}.attention.layer_norm_rms_epsilon"),
-        "theta": kv.get(f"{a}.rope.freq_base"),
-        "key_length": kv.get(f"{a}.attention.key_length"),
-        "value_length": kv.get(f"{a}.attention.value_length"),
-        "rope_dim": kv.get(f"{a}.rope.dimension_count"),
+        "n_layer": h.need("n_layer"), "n_embd": n_embd, "n_ff": h.need("n_ff"), "n_head": n_head,
+        "n_head_kv": h.head_count_kv, "n_ctx": h.context_length, "eps": h.need("rms_eps"), "theta": h.rope_base,
+        "key_length": h.key_length, "value_length": h.value_length, "rope_dim": h.n_rot,
     }
-    if hp["eps"] is None:
-        raise QtoolError(f"GGUF has no {a}.attention.layer_norm_rms_epsilon")
+    a = arch.gguf_name
     if "token_embd.weight" not in tensors:
         raise QtoolError("GGUF has no token_embd.weight (a vocab-only file?)")
-    hp["n_vocab"] = tensors["token_embd.weight"][1].shape[0]
+    hp["n_vocab"] = tensors["token_embd.weight"].shape[0]
     hp["head_dim"] = int(hp["key_length"] or n_embd // n_head)
     if hp["value_length"] is not None and hp["value_length"] != hp["head_dim"]:
         raise QtoolError(f"key_length {hp['head_dim']} != value_length {hp['value_length']}: "
@@ -328,20 +294,19 @@ def recover_llama3_rope(factors: np.ndarray, check: Callable[[dict[str, Any]], n
 
 # --- tensors ---------------------------------------------------------------------------------------------------
 
-def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any],
-                  tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]]) -> list[HFTensor]:
+def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any], model: GGUFModel) -> list[HFTensor]:
+    tensors = model.tensors
     spec = model_spec(config, normhead=False)
     expected = expected_hf_tensors(spec)
     if config.get("tie_word_embeddings"):
         expected.pop("lm_head.weight", None)
 
     def loader(name: str) -> Callable[[], np.ndarray]:
-        f, t = tensors[name]
-        return lambda: f.array(t)
+        return lambda: model.decode(name)
 
     # GGUF tensors -> HF names; Baichuan's attn_q/k/v are gathered into W_pack
     by_hf: dict[str, HFTensor] = {}
-    for name, (_, t) in tensors.items():
+    for name, t in tensors.items():
         if name == "rope_freqs.weight" and arch.gguf_name == "llama":
             continue  # carried by config.json rope_scaling
         layer_qkv = re.fullmatch(r"blk\.(\d+)\.attn_([qkv])\.weight", name)
@@ -354,7 +319,7 @@ def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any],
                 raise QtoolError(f"GGUF tensor {name!r} has shape {list(t.shape)}, but W_pack needs "
                                  f"{[hp['n_embd'], hp['n_embd']]} parts")
             if hf not in by_hf:
-                by_hf[hf] = HFTensor(hf, (3 * hp["n_embd"], hp["n_embd"]), _w_pack_loader(tensors, i, hp["n_head"]),
+                by_hf[hf] = HFTensor(hf, (3 * hp["n_embd"], hp["n_embd"]), _w_pack_loader(model, i, hp["n_head"]),
                                      f"blk.{i}.attn_{{q,k,v}}.weight")
             continue
         hf = hf_name_for_gguf(name)
@@ -390,14 +355,12 @@ def _unpermuted(load: Callable[[], np.ndarray], n_head: int) -> Callable[[], np.
     return lambda: unpermute_rows(load(), n_head)
 
 
-def _w_pack_loader(tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]], layer: int,
-                   n_head: int) -> Callable[[], np.ndarray]:
+def _w_pack_loader(model: GGUFModel, layer: int, n_head: int) -> Callable[[], np.ndarray]:
     """W_pack rows are [q; k; v]; q and k lose the rotary permutation the converter gave them (MHA)."""
     def load() -> np.ndarray:
         parts = []
         for p in "qkv":
-            f, t = tensors[f"blk.{layer}.attn_{p}.weight"]
-            w = f.array(t)
+            w = model.decode(f"blk.{layer}.attn_{p}.weight")
             parts.append(unpermute_rows(w, n_head) if p != "v" else w)
         return np.concatenate(parts, axis=0)
     return load
@@ -825,9 +788,9 @@ def _model_card(kv: dict[str, Any], gguf_path: Path, dtype: DType, quantized: bo
 
 # --- plan ------------------------------------------------------------------------------------------------------
 
-def _default_dtype(tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]]) -> DType:
+def _default_dtype(tensors: dict[str, TensorRef]) -> DType:
     """The GGUF's own float type when its weights are unquantized, else bf16 (the usual HF dtype)."""
-    weights = {t.qtype for _, t in tensors.values() if len(t.shape) >= 2}
+    weights = {t.qtype for t in tensors.values() if len(t.shape) >= 2}
     if weights <= {GGMLQuantizationType.F32}:
         return DTYPES["f32"]
     if weights <= {GGMLQuantizationType.F16, GGMLQuantizationType.F32}:
@@ -837,7 +800,8 @@ def _default_dtype(tensors: dict[str, tuple[GGUFFile, GGUFTensorInfo]]) -> DType
 
 def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
     gguf_path = Path(gguf_path)
-    kv, tensors = _open_gguf(gguf_path)
+    model = GGUFModel.open(gguf_path)
+    kv, tensors = model.values(), model.tensors
     arch_name = kv.get("general.architecture")
     if arch_name is None:
         raise QtoolError(f"{gguf_path}: no general.architecture")
@@ -852,7 +816,7 @@ def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
         raise QtoolError(f"unknown --dtype {dtype!r}; choose one of: {', '.join([*DTYPES, 'auto'])}")
 
     notes: list[str] = []
-    hp = _hparams(kv, arch, tensors)
+    hp = _hparams(model, arch)
     config = _hf_config(kv, arch, hp, tensors, dt, notes)
     tok_files, config_ids, vocab = _tokenizer_files(kv, hp["n_ctx"], notes)
     config.update(config_ids)
@@ -860,8 +824,7 @@ def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
         notes.append(f"warning: {len(vocab.tokens)} tokens but token_embd has {hp['n_vocab']} rows; "
                      "qtool convert will not give back the same vocab")
     if arch.gguf_name == "llama" and "rope_freqs.weight" in tensors:
-        f, t = tensors["rope_freqs.weight"]
-        factors = np.array(f.array(t), dtype=np.float32)
+        factors = np.array(model.decode("rope_freqs.weight"), dtype=np.float32)
 
         def check(params: dict[str, Any]) -> np.ndarray | None:
             trial = {**config, "rope_scaling": params}
@@ -871,9 +834,9 @@ def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
         config["rope_scaling"] = params
         notes.append(note)
     config = dict(sorted(config.items()))
-    hf_tensors = _plan_tensors(arch, hp, config, tensors)
+    hf_tensors = _plan_tensors(arch, hp, config, model)
     quantized = any(t.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-                    for _, t in tensors.values())
+                    for t in tensors.values())
     if quantized:
         notes.append(f"quantized tensors dequantized to float32, then stored as {dt.torch}")
     files = {**tok_files, "README.md": _model_card(kv, gguf_path, dt, quantized)}

@@ -1,7 +1,7 @@
 """Per-architecture conversion: config -> hparams and GGUF keys, HF tensor names -> GGUF tensors.
 
 Everything here mirrors what llama.cpp's ``convert_hf_to_gguf.py`` writes for Llama, Qwen2, Qwen3 and
-Baichuan (see ../shared/reference/conversion-and-evaluation.md §A), except where that script is wrong:
+Baichuan (see docs/reference/conversion-and-evaluation.md §A), except where that script is wrong:
 Baichuan converts at all here, and Baichuan2's NormHead is applied.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from gguf import GGUFValueType, GGMLQuantizationType, LlamaFileType
 from qtool.archs import (ARCHS, BAICHUAN_ALIBI_DEPTH, BAICHUAN_ROPE_DEPTH, Arch, arch_for_hf,
                          supported_hf_architectures)
 from qtool.errors import QtoolError
+from qtool.gguf_io import KV
 
 # Baichuan2 is told apart from Baichuan-1 the way vLLM does it: by its vocabulary size.
 BAICHUAN2_VOCAB_SIZE = 125696
@@ -38,16 +39,6 @@ _AUTOCONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
-
-
-@dataclass
-class KV:
-    """One GGUF key/value pair, in write order."""
-
-    key: str
-    value: Any
-    type: GGUFValueType
-    sub_type: GGUFValueType | None = None
 
 
 @dataclass

@@ -42,25 +42,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gguf import GGUFValueType
 
 from qtool.errors import QtoolError
+from qtool.gguf_io import KV
 
-__all__ = ["VocabKV", "export_vocab", "CHKTXT", "KNOWN_CHKHSH", "RUNTIME_PRE_NAMES"]
-
-
-@dataclass
-class VocabKV:
-    """One GGUF KV pair. ``sub_type`` is the element type of an ARRAY value."""
-
-    key: str
-    value: Any
-    type: GGUFValueType
-    sub_type: GGUFValueType | None = None
+__all__ = ["export_vocab", "CHKTXT", "KNOWN_CHKHSH", "RUNTIME_PRE_NAMES"]
 
 
 # gguf TokenType / sentencepiece piece type values (identical numbering)
@@ -160,11 +150,11 @@ class _KVs:
     key's position; empty strings and empty arrays are not written."""
 
     def __init__(self) -> None:
-        self.items: dict[str, VocabKV] = {}
+        self.items: dict[str, KV] = {}
 
     def put(self, key: str, value: Any, vtype: GGUFValueType,
             sub_type: GGUFValueType | None = None) -> None:
-        self.items[key] = VocabKV(key, value, vtype, sub_type)
+        self.items[key] = KV(key, value, vtype, sub_type)
 
     def string(self, key: str, value: str) -> None:
         if value:
@@ -215,7 +205,7 @@ class _Ctx:
 
 def export_vocab(
     model_dir: Path, hparams: dict, kind: str, pre: str | None = None
-) -> tuple[list[VocabKV], list[str]]:
+) -> tuple[list[KV], list[str]]:
     """Tokenizer KV pairs for the GGUF of the checkpoint in ``model_dir``, and log lines.
 
     hparams: the raw config.json dict (``vocab_size``, ``*_token_id`` ...), standing in for the

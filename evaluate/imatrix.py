@@ -1,4 +1,5 @@
-"""Importance matrices from our own forward pass, as llama-imatrix computes them (quantization.md §6, D.4).
+"""Importance matrices from our own forward pass, as llama-imatrix computes them (docs/reference/quantization.md
+§6, docs/reference/conversion-and-evaluation.md §D.4).
 
 The model calls `on_matmul_input(weight_name, x)` with the input rows of every matrix product; an
 `ImatrixCollector` adds, per input column, the sum of x² over the rows, and counts the rows. It keeps what

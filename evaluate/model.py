@@ -30,23 +30,22 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType
 import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
 from numba import njit, prange
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
 from qtool.errors import QtoolError
 from qtool.evaluate.weights import GGUFWeights
+from qtool.quantize import formats
 
 MatmulHook = Callable[[str, np.ndarray], None]
 
-# ggml's YaRN defaults; the GGUF yarn_beta_* keys are not read by these architectures (reference §A.6).
+# ggml's YaRN defaults; the GGUF yarn_beta_* keys are not read by these architectures (docs/reference/conversion-and-evaluation.md §A.6).
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 # Query rows per causal attention block: smaller skips more masked products, larger keeps BLAS efficient.
 ATTENTION_BLOCK = 128
 
-_REQUIRED = object()
 # Below this many elements a kernel runs on the calling thread: waking the worker threads costs ~100 us, more
 # than the work of one decoding step's row (measured: 150 us -> ~10 us per call for a 576-wide row).
 PARALLEL_MIN_ELEMENTS = 16384
@@ -94,38 +93,20 @@ class ModelConfig:
 
     @classmethod
     def from_weights(cls, w: GGUFWeights) -> ModelConfig:
-        name = w.value("general.architecture")
-        if name is None:
-            raise QtoolError(f"{w.path}: no general.architecture key")
+        h = w.model.hparams.require_uniform()      # per-layer arrays are allowed by llama.cpp; we need them uniform
+        name = h.arch
         arch = arch_for_gguf(name)
+        n_layer, n_embd, n_head = h.need("n_layer"), h.need("n_embd"), h.need("n_head")
+        n_head_kv, head_dim = h.head_count_kv, h.head_dim
+        h.check_gqa()
 
-        def key(suffix: str, default=_REQUIRED):
-            v = w.value(f"{name}.{suffix}")
-            if v is None:
-                if default is _REQUIRED:
-                    raise QtoolError(f"{w.path}: missing metadata key {name}.{suffix}")
-                return default
-            if isinstance(v, list):  # per-layer arrays are allowed by llama.cpp; we need them uniform
-                if len(set(v)) != 1:
-                    raise QtoolError(f"{w.path}: per-layer {name}.{suffix} values are not supported")
-                v = v[0]
-            return v
-
-        n_layer = int(key("block_count"))
-        n_embd = int(key("embedding_length"))
-        n_head = int(key("attention.head_count"))
-        n_head_kv = int(key("attention.head_count_kv", n_head))
-        head_dim = int(key("attention.key_length", n_embd // n_head))
-        if n_head_kv <= 0 or n_head % n_head_kv:
-            raise QtoolError(f"{w.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
-
-        scaling = str(key("rope.scaling.type", "linear"))
-        factor = float(key("rope.scaling.factor", 0.0) or key("rope.scale_linear", 0.0))
+        scaling = h.rope_scaling_type or "linear"
+        factor = h.rope_scaling_factor or 0.0
         if scaling not in ("none", "linear", "yarn"):
             raise QtoolError(f"{w.path}: rope scaling {scaling!r} is not supported")
         freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
-        context_length = int(key("context_length"))
-        yarn_orig = int(key("rope.scaling.original_context_length", context_length)) if scaling == "yarn" else 0
+        context_length = h.need("context_length")
+        yarn_orig = (h.rope_orig_ctx or context_length) if scaling == "yarn" else 0
 
         position, rope_style, alibi = "rope", arch.rope_style, 0.0
         if arch.rope_style == "baichuan":
@@ -143,10 +124,11 @@ class ModelConfig:
         if tied and arch.output_required:
             raise QtoolError(f"{w.path}: tensor 'output.weight' is missing ({name} has no tied output)")
         return cls(arch=name, n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                   n_head_kv=n_head_kv, head_dim=head_dim, n_ff=int(key("feed_forward_length")),
-                   rms_eps=float(key("attention.layer_norm_rms_epsilon")), context_length=context_length,
-                   position=position, rope_style=rope_style, n_rot=int(key("rope.dimension_count", head_dim)),
-                   rope_base=float(key("rope.freq_base", 10000.0)), rope_freq_scale=freq_scale,
+                   n_head_kv=n_head_kv, head_dim=head_dim, n_ff=h.need("n_ff"),
+                   rms_eps=h.need("rms_eps"), context_length=context_length,
+                   position=position, rope_style=rope_style,
+                   n_rot=h.n_rot if h.n_rot is not None else head_dim,
+                   rope_base=h.rope_base if h.rope_base is not None else 10000.0, rope_freq_scale=freq_scale,
                    yarn_orig_ctx=yarn_orig, alibi_max_bias=alibi, qk_norm=arch.qk_norm, tied_output=tied)
 
 
@@ -273,21 +255,11 @@ def silu_mul_(gate: np.ndarray, up: np.ndarray) -> None:
 
 
 # --- llama.cpp's activation rounding ------------------------------------------------------------------------------
-# ggml's CPU backend converts the activations of every matrix product to the weight type's vec_dot_type
-# (ggml-cpu.c, type_traits_cpu) before multiplying: F16 weights see F16 activations, Q4_0/Q5_0/Q8_0 (and Q4_1/Q5_1
-# through Q8_1, the same values) see 8-bit blocks of 32 with an F16 scale, k-quants and i-quants see Q8_K (blocks
-# of 256, float scale). On SmolLM2-135M Q4_K_M that moves PPL by 0.7%, so `activations="llama.cpp"` rounds
-# each matrix product's input the same way (its values, not its storage); "float32" keeps them exact.
+# ggml's CPU backend converts the activations of every matrix product to the weight type's vec_dot_type before
+# multiplying (the format table says which: formats.activation_kind). On SmolLM2-135M Q4_K_M that moves PPL by 0.7%,
+# so `activations="llama.cpp"` rounds each matrix product's input the same way (its values, not its storage);
+# "float32" keeps them exact.
 
-def _activation_kinds() -> dict[GGMLQuantizationType, str]:
-    kinds = {"F16": "f16", "BF16": "bf16"}
-    kinds.update(dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4"), "q8_0"))
-    kinds.update(dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
-                                "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"), "q8_K"))
-    return {GGMLQuantizationType[n]: k for n, k in kinds.items() if n in GGMLQuantizationType.__members__}
-
-
-ACTIVATION_KINDS = _activation_kinds()
 ACTIVATION_MODES = ("llama.cpp", "float32")
 
 
@@ -489,7 +461,7 @@ class Model:
     def _activation_kind(self, weight_name: str) -> str | None:
         if self.activations == "float32":
             return None
-        return ACTIVATION_KINDS.get(self.weights.qtype(weight_name))
+        return formats.activation_kind(self.weights.qtype(weight_name))
 
     def _linear(self, name: str, x: _Input, role: str) -> np.ndarray:
         """x @ W.T (+ bias) into the work buffer `role`; `name` is the tensor name without '.weight'."""

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from qtool.evaluate.perplexity import ModelSummary, PerplexityRun
-from qtool.gguf_io import atomic_output_dir
+from qtool.gguf_io import atomic_write
 
 SCHEMA = "qtool.ppl/1"
 
@@ -49,16 +48,10 @@ def to_json_dict(run: PerplexityRun) -> dict[str, Any]:
             "models": [dataclasses.asdict(m) for m in run.models]}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    with atomic_output_dir(path.parent) as tmp:
-        staged = tmp / path.name
-        staged.write_text(text, encoding="utf-8")
-        os.replace(staged, path)
 
 
 def write_json(run: PerplexityRun, path: Path) -> None:
-    _write_atomic(path, json.dumps(to_json_dict(run), indent=2) + "\n")
+    atomic_write(path, json.dumps(to_json_dict(run), indent=2) + "\n")
 
 
 def _name(m: ModelSummary) -> str:
@@ -113,4 +106,4 @@ def to_markdown(run: PerplexityRun) -> str:
 
 
 def write_markdown(run: PerplexityRun, path: Path) -> None:
-    _write_atomic(path, to_markdown(run))
+    atomic_write(path, to_markdown(run))

@@ -7,7 +7,6 @@ blocks. Either way the numbers are the same; only speed and memory differ.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,8 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from qtool.errors import QtoolError
-from qtool.gguf_io import GGUFFile, GGUFTensorInfo, read_gguf
-from qtool.info import shard_files
+from qtool.model_file import GGUFModel
 from qtool.quantize import formats
 
 # Share of the currently available RAM that resident models may take by default: the rest is left for
@@ -58,55 +56,20 @@ class MemoryBudget:
 
 def f16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Stored float16 bytes -> a new flat float32 array (exact, on all cores; numpy's cast uses one)."""
-    from qtool.quantize.kernels.floats import decode_f16
-
-    half = raw.reshape(-1).view(np.uint16)
-    out = np.empty(half.size, np.float32)
-    decode_f16(half, out)
-    return out
-
-
-def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
-    """Stored bytes (as GGUFFile.raw gives them, or a row selection of them) -> float32 of `shape`.
-
-    F32 stays a view of the (memory-mapped) file; block formats are decoded by quantize/formats.py.
-    """
-    if qtype == GGMLQuantizationType.F32:
-        return raw.view(np.float32).reshape(shape)
-    if qtype == GGMLQuantizationType.F16:
-        return f16_to_f32(raw).reshape(shape)
-    try:
-        out = formats.dequantize(raw, qtype, shape[-1])
-    except NotImplementedError:
-        raise QtoolError(f"tensor type {qtype.name} cannot be dequantized (not supported by gguf-py)") from None
-    return out.reshape(shape)
-
-
-@dataclass
-class _Entry:
-    file: GGUFFile
-    info: GGUFTensorInfo
+    return formats.decode(raw.reshape(-1), GGMLQuantizationType.F16, raw.size // 2).reshape(-1)
 
 
 class GGUFWeights:
-    """The tensors of one GGUF model (all of its split files), as float32 on demand."""
+    """The tensors of one GGUF model (all of its split files, through qtool.model_file), as float32 on demand."""
 
     def __init__(self, path: str | Path, budget: MemoryBudget | None = None):
         self.path = Path(path)
-        files = shard_files(self.path)
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise QtoolError(f"{self.path}: {'split file ' + missing[0].name if len(files) > 1 else 'no such file'}"
-                             f"{' is missing' if len(files) > 1 else ''}")
-        self.files = [read_gguf(f) for f in files]
+        self.model = GGUFModel.open(self.path)
+        self.files = self.model.files
         self.gguf = self.files[0]
-        self._entries: dict[str, _Entry] = {}
-        for g in self.files:
-            for t in g.tensors:
-                self._entries[t.name] = _Entry(g, t)
-        self.n_params = sum(int(np.prod(e.info.shape, dtype=np.int64)) for e in self._entries.values())
-        self.tensor_bytes = sum(e.info.nbytes for e in self._entries.values())
-        self.size_bytes = sum(f.stat().st_size for f in files)
+        self.n_params = self.model.n_params
+        self.tensor_bytes = self.model.tensor_bytes
+        self.size_bytes = self.model.size_bytes
         self.float32_bytes = 4 * self.n_params
         budget = budget if budget is not None else MemoryBudget()
         self.resident = budget.reserve(self.float32_bytes)
@@ -114,30 +77,23 @@ class GGUFWeights:
 
     # --- metadata ---------------------------------------------------------------------------------------------
     def value(self, key: str, default=None):
-        return self.gguf.value(key, default)
+        return self.model.value(key, default)
 
     @property
     def bits_per_weight(self) -> float:
-        """Tensor bits per parameter, as llama.cpp's loader reports it (`model size ... BPW`)."""
-        return 8.0 * self.tensor_bytes / self.n_params if self.n_params else 0.0
+        return self.model.bits_per_weight
 
     def has(self, name: str) -> bool:
-        return name in self._entries
+        return name in self.model.tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).info.shape
+        return self.model.tensor(name).shape
 
     def qtype(self, name: str) -> GGMLQuantizationType:
-        return self._entry(name).info.qtype
+        return self.model.tensor(name).qtype
 
     def names(self) -> list[str]:
-        return list(self._entries)
-
-    def _entry(self, name: str) -> _Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise QtoolError(f"{self.path}: tensor {name!r} is missing") from None
+        return list(self.model.tensors)
 
     # --- data -------------------------------------------------------------------------------------------------
     def get(self, name: str) -> np.ndarray:
@@ -145,8 +101,7 @@ class GGUFWeights:
         cached = self._cache.get(name)
         if cached is not None:
             return cached
-        e = self._entry(name)
-        arr = dequantize(e.file.raw(e.info), e.info.qtype, e.info.shape)
+        arr = self.model.decode(name)
         if self.resident:
             self._cache[name] = arr
         return arr
@@ -154,29 +109,24 @@ class GGUFWeights:
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor as a new float32 array (only those rows are dequantized)."""
         ids = np.asarray(ids, dtype=np.int64)
-        e = self._entry(name)
-        n_rows = e.info.shape[0]
+        n_rows = self.model.tensor(name).shape[0]
         if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
             bad = int(ids[(ids < 0) | (ids >= n_rows)][0])
             raise QtoolError(f"token id {bad} is outside the model's vocabulary of {n_rows}")
         if self.resident or name in self._cache:
             return self.get(name)[ids]
-        raw = e.file.raw(e.info)
-        return np.array(dequantize(raw[ids], e.info.qtype, (ids.size, *e.info.shape[1:])), dtype=np.float32)
+        return np.array(self.model.decode(name, ids), dtype=np.float32)
 
     def row_blocks(self, name: str, block_bytes: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 rows) covering a 2-D tensor: one block when resident, bounded blocks otherwise."""
-        e = self._entry(name)
+        t = self.model.tensor(name)
         if self.resident or name in self._cache:
             yield 0, self.get(name)
             return
-        n_rows, n_cols = e.info.shape[0], int(np.prod(e.info.shape[1:]))
+        n_rows, n_cols = t.shape[0], int(np.prod(t.shape[1:]))
         step = max(1, (block_bytes or OUTPUT_BLOCK_BYTES) // (4 * n_cols))
-        raw = e.file.raw(e.info)
         for start in range(0, n_rows, step):
-            stop = min(n_rows, start + step)
-            yield start, dequantize(raw[start:stop], e.info.qtype, (stop - start, *e.info.shape[1:]))
+            yield start, self.model.decode(name, slice(start, min(n_rows, start + step)))
 
     def release(self) -> None:
         self._cache.clear()
-

@@ -207,8 +207,7 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
 
     With --target-bpw, choose a type per tensor from measured sensitivities instead (or apply a saved --mix).
     """
-    from qtool.quantize.mixtures import TensorTypeOverride, parse_file_type, parse_tensor_type
-    from qtool.quantize.quantizer import QuantizeOptions, quantize_model
+    from qtool.quantize.quantizer import quantize_model, quantize_options
 
     if list_types:
         _print_file_types()
@@ -224,30 +223,11 @@ def quantize(input_path, output_path, type_name, imatrix, output_tensor_type, to
             rules=(output_tensor_type, token_embedding_type, tensor_types, pure, leave_output_tensor))
     elif candidates or calibration or save_mix:
         raise QtoolError("--candidates, --calibration and --save-mix go with --target-bpw")
-    elif not type_name:
-        raise QtoolError("missing --type (e.g. --type Q4_K_M; --list shows them all), --target-bpw or --mix")
-    if mix is not None:
-        import math
-
-        from qtool.gguf_io import read_gguf
-        from qtool.quantize.mix import file_type_for_mix
-
-        sizes = {t.name: math.prod(t.shape) for t in read_gguf(input_path).tensors}
-        ftype = parse_file_type(type_name) if type_name else file_type_for_mix(
-            mix.tensors, {n: sizes.get(n, 0) for n in mix.tensors})
-        from qtool.gguf_io import predicted_kld_kvs
-
-        # recorded in the file, so `qtool ppl` and `qtool run` can set the measured KLD beside it
-        options = QuantizeOptions(ftype, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
-                                  force=force, tensor_type_map=mix.tensors, extra_kvs=predicted_kld_kvs(predicted_kld))
-    else:
-        options = QuantizeOptions(
-            parse_file_type(type_name), imatrix=imatrix,
-            output_tensor_type=parse_tensor_type(output_tensor_type) if output_tensor_type else None,
-            token_embedding_type=parse_tensor_type(token_embedding_type) if token_embedding_type else None,
-            tensor_types=[TensorTypeOverride.parse(t) for t in tensor_types], pure=pure,
-            leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize, threads=threads,
-            force=force)
+    options = quantize_options(
+        type_name, input_path, imatrix=imatrix, output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type, tensor_types=tensor_types, pure=pure,
+        leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize, threads=threads, force=force,
+        mix=mix, predicted_kld=predicted_kld if mix is not None else None)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         overall = bar.add_task("[bold]quantizing[/]", total=None)
@@ -269,9 +249,9 @@ def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, 
     """--target-bpw (measure, choose, maybe save) or --mix (read): (the choice or None, the mix, output path,
     the predicted mean KLD when it holds for this input, else None)."""
     from qtool.gguf_io import check_overwrite
-    from qtool.quantize.mix import read_mix, write_mix
+    from qtool.quantize.mix import write_mix
     from qtool.quantize.quantizer import default_output_path
-    from qtool.sensitivity import choose_mix, measure_sensitivity, mix_warnings
+    from qtool.sensitivity import choose_mix, measure_sensitivity, read_mix_for
 
     if target_bpw is not None and mix_path is not None:
         raise QtoolError("give --target-bpw or --mix, not both")
@@ -281,11 +261,7 @@ def _choose_or_read_mix(input_path: Path, output_path: Path | None, target_bpw, 
     if mix_path is not None:
         if candidates or calibration or save_mix:
             raise QtoolError("--candidates, --calibration and --save-mix go with --target-bpw, not --mix")
-        mix = read_mix(mix_path)
-        warnings = list(mix_warnings(mix, input_path, imatrix))
-        for warning in warnings:
-            _note(warning)
-        predicted = None if warnings else mix.predicted_kld
+        mix, predicted = read_mix_for(mix_path, input_path, imatrix, _note)
         if output_path is None:
             target = mix.provenance.get("target_bpw")
             output_path = default_output_path(input_path, f"{target:g}bpw" if isinstance(target, (int, float))
@@ -348,7 +324,8 @@ def _print_mix(mix, choice, report) -> None:
 
 
 def _print_file_types() -> None:
-    from qtool.quantize.mixtures import bits_per_weight, list_file_types, mixture_bits_per_weight
+    from qtool.quantize.formats import bits_per_weight
+    from qtool.quantize.mixtures import list_file_types, mixture_bits_per_weight
 
     table = Table(title="file types (8B bpw: the whole Llama-3.1-8B with the mixture)")
     for col, justify in (("type", "left"), ("ftype", "right"), ("base", "left"), ("bpw", "right"),

@@ -24,9 +24,23 @@ Progress = Callable[[int, int, str], None]   # (bytes done, bytes total, tensor 
 PREDICTED_KLD_KEY = "qtool.mix.predicted_kld"
 
 
-def predicted_kld_kvs(predicted: float | None) -> list[tuple[str, Any, GGUFValueType, None]]:
+@dataclass
+class KV:
+    """One GGUF key/value pair to write, in write order; ``sub_type`` is the element type of an ARRAY value.
+    (Read metadata is `GGUFFile.kv`: key -> GGUFValue, the same fields without the key.)"""
+
+    key: str
+    value: Any
+    type: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+    def __iter__(self):        # unpacks as (key, value, type, sub_type)
+        return iter((self.key, self.value, self.type, self.sub_type))
+
+
+def predicted_kld_kvs(predicted: float | None) -> list[KV]:
     """The metadata that records a mix's predicted KLD in the file it is applied to (none when there is none)."""
-    return [] if predicted is None else [(PREDICTED_KLD_KEY, float(predicted), GGUFValueType.FLOAT64, None)]
+    return [] if predicted is None else [KV(PREDICTED_KLD_KEY, float(predicted), GGUFValueType.FLOAT64)]
 
 
 def parse_size(text: str) -> int:
@@ -90,6 +104,28 @@ def atomic_output_dir(final_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def atomic_write(path: str | Path, data: bytes | str | Sequence[bytes], *, force: bool = True) -> Path:
+    """Write `data` (bytes, text as UTF-8, or byte parts in order) to `path` through a temporary file in the same
+    folder, flushed to disk and renamed into place: a reader never sees half a file, a failure leaves none.
+    Without `force` an existing file is an error."""
+    path = Path(path)
+    parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray)) \
+        else data
+    with atomic_output_dir(path.parent) as tmp:
+        check_overwrite([path], force)
+        staged = tmp / path.name
+        try:
+            with open(staged, "wb") as f:
+                for part in parts:
+                    f.write(part)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staged, path)
+        except OSError as e:
+            raise QtoolError(f"writing {path}: {e.strerror or e}") from None
+    return path
+
+
 def check_overwrite(paths: Sequence[Path], force: bool) -> None:
     existing = [p for p in paths if p.exists()]
     if existing and not force:
@@ -98,10 +134,19 @@ def check_overwrite(paths: Sequence[Path], force: bool) -> None:
 
 class _Writer(gguf.GGUFWriter):
     """gguf's writer, with metadata arrays packed in one go instead of one `struct.pack` per element
-    (a 49k-token vocabulary and its merges took 0.4 s). Same bytes: little-endian, as gguf packs them."""
+    (a 49k-token vocabulary and its merges took 0.4 s). Same bytes: little-endian, as gguf packs them.
+    With `arch=None` it writes no general.architecture of its own (a copy of another file's metadata has it in
+    its place already; an imatrix file has none)."""
+
+    def add_architecture(self) -> None:
+        if self.arch is not None:
+            super().add_architecture()
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool,
                   sub_type: GGUFValueType | None = None) -> bytes:
+        if vtype == GGUFValueType.ARRAY and sub_type is not None and isinstance(val, Sequence) and len(val) == 0:
+            # an empty array of a known type (gguf refuses these; llama.cpp writes them, e.g. an imatrix's datasets)
+            return struct.pack("<IIQ", vtype, sub_type, 0) if add_vtype else struct.pack("<IQ", sub_type, 0)
         if (vtype != GGUFValueType.ARRAY or sub_type is None or sub_type == GGUFValueType.BOOL
                 or not isinstance(val, Sequence) or isinstance(val, (bytes, bytearray, str)) or len(val) == 0 or self.endianess != gguf.GGUFEndian.LITTLE
                 or (sub_type != GGUFValueType.STRING and sub_type not in _SCALAR)):
@@ -120,14 +165,25 @@ class _Writer(gguf.GGUFWriter):
         return b"".join(parts)
 
 
-def write_gguf(path: Path, arch: str, kvs: Sequence[tuple[str, Any, GGUFValueType, GGUFValueType | None]],
+def preview_kvs(arch: str | None, kvs: Sequence[KV | tuple],
+                prepare: Callable[[gguf.GGUFWriter], None] | None = None) -> list[KV]:
+    """The keys `write_gguf` would write, in file order (`prepare`'s and general.architecture included)."""
+    writer = _Writer(None, arch)
+    if prepare is not None:
+        prepare(writer)
+    for key, value, vtype, sub_type in kvs:
+        add_kv(writer, key, value, vtype, sub_type)
+    return [KV(k, v.value, v.type, v.sub_type) for k, v in writer.kv_data[0].items()]
+
+
+def write_gguf(path: Path, arch: str | None, kvs: Sequence[KV | tuple],
                tensors: Sequence[PlannedTensor], *, split_max_tensors: int = 0, split_max_size: int = 0,
                force: bool = False, progress: Progress | None = None,
                prepare: Callable[[gguf.GGUFWriter], None] | None = None) -> list[Path]:
     """Stream tensors one at a time into `path` (or its shards); atomic: temp names, renamed at the end.
 
-    `prepare(writer)` may add keys before `kvs` (e.g. general.* metadata through gguf.Metadata).
-    Returns the paths written.
+    `prepare(writer)` may add keys before `kvs` (e.g. general.* metadata through gguf.Metadata); `arch=None` writes
+    no general.architecture but the one `kvs` may hold. Returns the paths written.
     """
     path = Path(path)
     with atomic_output_dir(path.parent) as tmp_dir:
@@ -215,19 +271,20 @@ class GGUFFile:
         v = self.kv.get(key)
         return default if v is None else v.value
 
+    def values(self) -> dict[str, Any]:
+        """The metadata as plain values."""
+        return {k: v.value for k, v in self.kv.items()}
+
     def raw(self, t: GGUFTensorInfo) -> np.ndarray:
         """The stored bytes of a tensor (memory-mapped, read-only), shaped as gguf.quants.dequantize expects."""
         mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
         return mm.reshape(gguf.quant_shape_to_byte_shape(t.shape, t.qtype))
 
     def array(self, t: GGUFTensorInfo) -> np.ndarray:
-        """A tensor as numpy float32 (any stored type)."""
-        raw = self.raw(t)
-        if t.qtype == GGMLQuantizationType.F32:
-            return raw.view(np.float32).reshape(t.shape)
-        if t.qtype == GGMLQuantizationType.F16:
-            return raw.view(np.float16).reshape(t.shape).astype(np.float32)
-        return gguf.quants.dequantize(raw, t.qtype).reshape(t.shape).astype(np.float32, copy=False)
+        """A tensor as numpy float32 (any stored type), decoded by the format table's one decoder."""
+        from qtool.model_file import decode_rows
+
+        return decode_rows(self.raw(t), t.qtype, t.shape)
 
 
 _U64 = struct.Struct("<Q")

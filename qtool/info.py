@@ -1,7 +1,6 @@
 """`qtool info`: what is in a GGUF file (ours or anyone's)."""
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -9,41 +8,21 @@ from typing import Any
 import numpy as np
 import gguf
 
-from qtool.errors import QtoolError
-from qtool.gguf_io import read_gguf
-
-_SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def shard_files(path: Path) -> list[Path]:
-    m = _SHARD.match(Path(path).name)
-    if not m:
-        return [Path(path)]
-    count = int(m.group("count"))
-    return [Path(path).with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-
+from qtool.model_file import GGUFModel
 
 def summarize(path: Path) -> dict[str, Any]:
     path = Path(path)
-    files = shard_files(path)
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise QtoolError(f"{path}: split file {missing[0].name} is missing")
-    readers = [read_gguf(f) for f in files]
-    kv = {name: v.value for name, v in readers[0].kv.items()}
+    model = GGUFModel.open(path)
+    kv = model.values()
     arch = kv.get("general.architecture", "?")
 
     per_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
-    n_params = n_bytes = 0
-    for r in readers:
-        for t in r.tensors:
-            n = int(np.prod(t.shape, dtype=np.int64))
-            entry = per_type[t.qtype.name]
-            entry["tensors"] += 1
-            entry["bytes"] += t.nbytes
-            entry["params"] += n
-            n_params += n
-            n_bytes += t.nbytes
+    for t in model.tensors.values():
+        entry = per_type[t.qtype.name]
+        entry["tensors"] += 1
+        entry["bytes"] += t.nbytes
+        entry["params"] += t.n_elements
+    n_params, n_bytes = model.n_params, model.tensor_bytes
 
     def arch_key(suffix: str) -> Any:
         return kv.get(f"{arch}.{suffix}")
@@ -62,7 +41,7 @@ def summarize(path: Path) -> dict[str, Any]:
             if tid is not None:
                 tok[role] = {"id": int(tid), "text": tokens[tid] if tokens is not None and tid < len(tokens) else None}
 
-    file_size = sum(f.stat().st_size for f in files)
+    file_size = model.size_bytes
     ftype = kv.get("general.file_type")
     try:
         ftype_name = gguf.LlamaFileType(ftype).name if ftype is not None else None
@@ -70,7 +49,7 @@ def summarize(path: Path) -> dict[str, Any]:
         ftype_name = f"unknown ({ftype})"
     return {
         "path": str(path),
-        "files": [str(f) for f in files],
+        "files": [str(f.path) for f in model.files],
         "file_size": file_size,
         "architecture": arch,
         "name": kv.get("general.name"),
@@ -80,7 +59,7 @@ def summarize(path: Path) -> dict[str, Any]:
             "attention.head_count_kv", "attention.key_length", "rope.freq_base", "rope.dimension_count",
             "rope.scaling.type", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "vocab_size")
             if arch_key(k) is not None},
-        "tensor_count": sum(len(r.tensors) for r in readers),
+        "tensor_count": len(model.tensors),
         "parameters": n_params,
         "tensor_bytes": n_bytes,
         "bits_per_weight": (8.0 * n_bytes / n_params) if n_params else None,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qtool.errors import QtoolError
+from qtool.gguf_io import atomic_write
 from qtool.recipe import GATE_KEYS, Recipe
 
 STAGES = ("export", "convert", "imatrix", "quantize", "eval")
@@ -67,9 +68,7 @@ class Manifest:
     def record(self, stage: str, key: str, outputs: list[Path], extra: dict[str, Any] | None = None) -> None:
         self.entries[stage] = {"key": key, "outputs": {str(p): fingerprint(p) for p in outputs},
                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.entries, indent=2))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.entries, indent=2))
 
 
 # --- results ----------------------------------------------------------------------------------------------------
@@ -236,28 +235,19 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
         opts = recipe.overrides.get(ftype, {})
 
         def do_quantize(ftype: str = ftype, target: Path = target, opts: dict[str, Any] = opts) -> dict[str, Any]:
-            from qtool.quantize.mixtures import TensorTypeOverride, parse_file_type, parse_tensor_type
-            from qtool.quantize.quantizer import QuantizeOptions, quantize_model
-            tt = opts.get("tensor_type", [])
-            options = QuantizeOptions(
-                parse_file_type(ftype), imatrix=imatrix_path,
-                output_tensor_type=parse_tensor_type(opts["output_tensor_type"]) if opts.get("output_tensor_type") else None,
-                token_embedding_type=parse_tensor_type(opts["token_embedding_type"]) if opts.get("token_embedding_type") else None,
-                tensor_types=[TensorTypeOverride.parse(t) for t in ([tt] if isinstance(tt, str) else tt)],
-                pure=bool(opts.get("pure", False)), leave_output_tensor=bool(opts.get("leave_output_tensor", False)),
-                threads=recipe.threads, force=True)
+            from qtool.quantize import quantizer   # looked up at call time (tests replace quantize_model)
+
+            mix = predicted = None
             if opts.get("mix"):     # exact per-tensor types (validated alone when the recipe was loaded)
-                from qtool.gguf_io import predicted_kld_kvs
-                from qtool.quantize.mix import read_mix
-                from qtool.sensitivity import mix_warnings
-                mix = read_mix(recipe.resolve(opts["mix"]))
-                options.tensor_type_map = mix.tensors
-                warnings = mix_warnings(mix, base, imatrix_path)
-                for warning in warnings:
-                    log(f"quantize {ftype}: {warning}")
-                # recorded in the file: the report sets the measured KLD beside it
-                options.extra_kvs = predicted_kld_kvs(None if warnings else mix.predicted_kld)
-            report = quantize_model(base, target, options)
+                from qtool.sensitivity import read_mix_for
+                mix, predicted = read_mix_for(recipe.resolve(opts["mix"]), base, imatrix_path,
+                                              lambda warning: log(f"quantize {ftype}: {warning}"))
+            options = quantizer.quantize_options(
+                ftype, base, imatrix=imatrix_path, output_tensor_type=opts.get("output_tensor_type"),
+                token_embedding_type=opts.get("token_embedding_type"), tensor_types=opts.get("tensor_type", []),
+                pure=bool(opts.get("pure", False)), leave_output_tensor=bool(opts.get("leave_output_tensor", False)),
+                threads=recipe.threads, force=True, mix=mix, predicted_kld=predicted)
+            report = quantizer.quantize_model(base, target, options)
             for note in report.notes:
                 log(f"quantize {ftype}: {note}")
             return {"bits_per_weight": report.bits_per_weight}
@@ -282,9 +272,7 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
                              n_ctx=ev.get("ctx", 512), n_chunks=ev.get("chunks") or None,
                              progress=progress_factory("eval") if progress_factory else None)
         data = to_json_dict(run)
-        tmp = eval_json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, eval_json)
+        atomic_write(eval_json, json.dumps(data, indent=2))
     key = {"models": [fingerprint(p) if p.exists() else str(p) for p in [base, *result.variants.values()]],
            "eval": ev}
     step("eval", key, [eval_json], do_eval)

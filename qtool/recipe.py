@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.errors import QtoolError
+from qtool.quantize.mixtures import list_file_types
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,8 +59,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
-FILE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M",
-              "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
+FILE_TYPES = tuple(name for name, ftype in list_file_types() if name == ftype.name)   # llama-quantize's order
 GATE_KEYS = {"max_delta_ppl_pct": "ΔPPL %", "max_kld": "mean KLD", "min_same_top1_pct": "same top-1 %"}
 OVERRIDE_KEYS = ("output_tensor_type", "token_embedding_type", "tensor_type", "pure", "leave_output_tensor", "mix")
 

@@ -1,10 +1,12 @@
 """The report of a `qtool run`: report.json (stable, for machines), report.md (for people), report.png (plot)."""
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from qtool.gguf_io import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from qtool.pipeline import RunResult
@@ -54,10 +56,6 @@ def to_markdown(result: "RunResult", recipe: "Recipe") -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def plot(result: "RunResult", recipe: "Recipe", path: Path) -> None:
@@ -82,10 +80,10 @@ def plot(result: "RunResult", recipe: "Recipe", path: Path) -> None:
     ax.set_title(f"{recipe.path.stem}: size vs quality ({dataset}, {ev.get('n_chunks')} chunks)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, png.getvalue())
 
 
 def write_reports(result: "RunResult", recipe: "Recipe") -> list[Path]:
@@ -100,7 +98,7 @@ def write_reports(result: "RunResult", recipe: "Recipe") -> list[Path]:
         "evaluation": result.evaluation,
     }
     paths = [out / "report.json", out / "report.md", out / "report.png"]
-    _atomic_write(paths[0], json.dumps(data, indent=2).encode())
-    _atomic_write(paths[1], to_markdown(result, recipe).encode())
+    atomic_write(paths[0], json.dumps(data, indent=2))
+    atomic_write(paths[1], to_markdown(result, recipe))
     plot(result, recipe, paths[2])
     return paths

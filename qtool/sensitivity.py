@@ -43,7 +43,8 @@ from qtool.errors import QtoolError
 from qtool.gguf_io import tensor_nbytes
 from qtool.quantize import formats
 from qtool.quantize.mix import MixFile, admissible_types, file_type_for_mix, parse_candidates, solve_budget
-from qtool.quantize.mixtures import FLOAT_TYPES, FileType, bits_per_weight, layer_of
+from qtool.quantize.formats import bits_per_weight
+from qtool.quantize.mixtures import FLOAT_TYPES, FileType, layer_of
 
 REFERENCE_BPW = 4.5          # the operating point where each tensor's gain is measured
 DEFAULT_CTX = 512
@@ -359,6 +360,19 @@ def mix_rows(types: dict[str, T]) -> list[tuple[str, str]]:
     order = {c: i for i, c in enumerate(("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output",
                                          "ffn_gate", "ffn_up", "ffn_down"))}
     return sorted(rows, key=lambda r: (order.get(r[0], len(order)), r[0]))
+
+
+def read_mix_for(mix_path: str | Path, input_path: str | Path, imatrix: str | Path | None,
+                 warn: Callable[[str], None]) -> tuple[MixFile, float | None]:
+    """A mix file to apply to `input_path` (with `imatrix`): the mix and its predicted mean KLD, None when the
+    prediction does not hold for this input (each reason goes to `warn`)."""
+    from qtool.quantize.mix import read_mix
+
+    mix = read_mix(mix_path)
+    warnings = mix_warnings(mix, input_path, imatrix)
+    for warning in warnings:
+        warn(warning)
+    return mix, None if warnings else mix.predicted_kld
 
 
 def mix_warnings(mix: MixFile, input_path: str | Path, imatrix: str | Path | None) -> list[str]:

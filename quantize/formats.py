@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from qtool.errors import QtoolError
 
-__all__ = ["Format", "FORMATS", "format_for", "quantize", "dequantize"]
+__all__ = ["Format", "FORMATS", "format_for", "quantize", "dequantize", "decode"]
 
 RowKernel = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 NO_IMATRIX = np.empty(0, dtype=np.float32)
@@ -204,8 +204,62 @@ def format_for(qtype: T | int | str) -> Format:
     return FORMATS[key]
 
 
+# What ggml's CPU backend converts a matrix product's activations to before multiplying them by weights of each
+# type (its vec_dot_type): F16 weights see F16 activations, Q4_0/Q5_0/Q8_0 (and Q4_1/Q5_1 through Q8_1, the same
+# values) 8-bit blocks of 32 with an F16 scale, k-quants and i-quants Q8_K (blocks of 256, float scale); F32 none.
+_ACTIVATION_KIND = {**dict.fromkeys(("F16",), "f16"), **dict.fromkeys(("BF16",), "bf16"),
+                    **dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4"), "q8_0"),
+                    **dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                                     "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"), "q8_K")}
+
+
+def activation_kind(qtype: T | int | str) -> str | None:
+    """How llama.cpp rounds the activations it multiplies by weights of `qtype` ("f16", "bf16", "q8_0", "q8_K"), or
+    None where it keeps them float32."""
+    return _ACTIVATION_KIND.get(_parse_type(qtype).name)
+
+
+def block_size(qtype: T | int | str) -> int:
+    """Elements per block of any GGML type (the types qtool only reads too)."""
+    return gguf.GGML_QUANT_SIZES[_parse_type(qtype)][0]
+
+
+def bits_per_weight(qtype: T | int | str) -> float:
+    block, nbytes = gguf.GGML_QUANT_SIZES[_parse_type(qtype)]
+    return 8.0 * nbytes / block
+
+
 def quantize(x: np.ndarray, qtype: T | int | str, imatrix: np.ndarray | None = None) -> np.ndarray:
     return format_for(qtype).quantize(x, imatrix)
+
+
+def decode(raw: np.ndarray, qtype: T | int | str, n_per_row: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored rows (uint8 [rows, row bytes], or a memory map of them) -> float32 [rows, n_per_row]: the one decoder
+    every stage uses. F32 is a view of `raw` (unless `out` is given); F16 is widened exactly on all cores, BF16 by
+    a shift; every other type by gguf-py (`dequantize`). `out`, float32 [rows, n_per_row], receives the result."""
+    key = _parse_type(qtype)
+    if key not in gguf.GGML_QUANT_SIZES:
+        raise QtoolError(f"cannot decode {key.name} tensors")
+    block_size, type_size = gguf.GGML_QUANT_SIZES[key]
+    rows = raw.size // (n_per_row // block_size * type_size)     # raw: uint8 (or a byte view) of whole rows
+    if key == T.F32:
+        values = raw.view(np.float32).reshape(rows, n_per_row)
+        if out is None:
+            return values
+        out[...] = values
+        return out
+    if out is None:
+        out = np.empty((rows, n_per_row), np.float32)
+    if key == T.F16 and out.flags.c_contiguous:
+        from qtool.quantize.kernels.floats import decode_f16
+        decode_f16(np.ascontiguousarray(raw).reshape(-1).view(np.uint16), out.reshape(-1))
+    elif key == T.F16:
+        np.copyto(out, raw.view(np.float16).reshape(rows, n_per_row))
+    elif key == T.BF16:
+        out.view(np.uint32)[...] = raw.view(np.uint16).reshape(rows, n_per_row).astype(np.uint32) << 16
+    else:
+        out[...] = dequantize(raw.reshape(rows, -1), key, n_per_row)
+    return out
 
 
 def dequantize(raw: np.ndarray, qtype: T | int | str, n_per_row: int) -> np.ndarray:

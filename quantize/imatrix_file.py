@@ -1,7 +1,7 @@
 """Importance-matrix files: llama.cpp's GGUF format and its legacy `.dat` format, read and written.
 
 An importance matrix holds, for every matmul weight, the sum over calibration tokens of the squared input
-activation of each column (quantization.md §6). llama-quantize turns it into one weight per column — the mean
+activation of each column (docs/reference/quantization.md §6). llama-quantize turns it into one weight per column — the mean
 squared activation — and the quantizers minimise the error weighted by it.
 
 In memory (`Imatrix`), entries keep what the file holds:
@@ -13,7 +13,6 @@ In memory (`Imatrix`), entries keep what the file holds:
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from qtool.errors import QtoolError
-from qtool.gguf_io import atomic_output_dir, check_overwrite, read_gguf
+from qtool.gguf_io import KV, PlannedTensor, atomic_write, read_gguf, write_gguf
 
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
@@ -230,54 +229,24 @@ def write_imatrix_gguf(path: str | Path, entries: Mapping[str, ImatrixEntry | tu
     items = [(name, _as_entry(name, entries[name])) for name in sorted(entries)]
     if not items:
         raise QtoolError("an imatrix needs at least one entry")
-    header = [b"GGUF", struct.pack("<IQQ", 3, 2 * len(items), 4),
-              _kv_string("general.type", "imatrix"),
-              _gguf_string("imatrix.datasets") + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.STRING,
-                                                               len(datasets))
-              + b"".join(_gguf_string(d) for d in datasets),
-              _gguf_string("imatrix.chunk_count") + struct.pack("<II", GGUFValueType.UINT32, int(chunk_count)),
-              _gguf_string("imatrix.chunk_size") + struct.pack("<II", GGUFValueType.UINT32, int(chunk_size))]
-    blobs, offset = [], 0
+    kvs = [KV("general.type", "imatrix", GGUFValueType.STRING),
+           KV("imatrix.datasets", list(datasets), GGUFValueType.ARRAY, GGUFValueType.STRING),
+           KV("imatrix.chunk_count", int(chunk_count), GGUFValueType.UINT32),
+           KV("imatrix.chunk_size", int(chunk_size), GGUFValueType.UINT32)]
+    tensors = []
     for name, e in items:
         n_mat, n_cols = e.sums.shape
         # ggml stores a [n, 1] tensor as 1-D, so dense entries are 1-D in llama-imatrix's files
-        for tensor_name, data, ne in ((name + SUMS_SUFFIX, e.sums, (n_cols, n_mat)),
-                                      (name + COUNTS_SUFFIX, e.counts.astype(np.float32), (1, n_mat))):
-            dims = ne if n_mat > 1 else ne[:1]
-            header.append(_gguf_string(tensor_name) + struct.pack("<I", len(dims))
-                          + struct.pack(f"<{len(dims)}Q", *dims)
-                          + struct.pack("<IQ", GGMLQuantizationType.F32, offset))
-            raw = np.ascontiguousarray(data, dtype="<f4").tobytes()
-            blobs.append(raw + bytes(_pad(len(raw))))
-            offset += len(blobs[-1])
-    head = b"".join(header)
-    _write_atomically(path, [head, bytes(_pad(len(head)))] + blobs, force)
+        sums = e.sums if n_mat > 1 else e.sums.reshape(n_cols)
+        counts = e.counts.astype(np.float32).reshape(n_mat, 1) if n_mat > 1 else e.counts.astype(np.float32)
+        for tensor_name, data in ((name + SUMS_SUFFIX, sums), (name + COUNTS_SUFFIX, counts)):
+            tensors.append(PlannedTensor(tensor_name, data.shape, GGMLQuantizationType.F32,
+                                         lambda data=data: np.ascontiguousarray(data, dtype=np.float32)))
+    # no general.architecture: an imatrix file has none (llama-imatrix writes general.type first)
+    write_gguf(path, None, kvs, tensors, force=force)
     return path
 
 
-def _gguf_string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _kv_string(key: str, value: str) -> bytes:
-    return _gguf_string(key) + struct.pack("<I", GGUFValueType.STRING) + _gguf_string(value)
-
-
-def _pad(n: int, alignment: int = 32) -> int:
-    return -n % alignment
-
-
-def _write_atomically(path: Path, parts: Sequence[bytes], force: bool) -> None:
-    with atomic_output_dir(path.parent) as tmp:
-        check_overwrite([path], force)
-        tmp_path = tmp / path.name
-        with open(tmp_path, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
 
 
 def write_imatrix_dat(path: str | Path, entries: Mapping[str, ImatrixEntry | tuple], *, datasets: Sequence[str],
@@ -310,5 +279,5 @@ def write_imatrix_dat(path: str | Path, entries: Mapping[str, ImatrixEntry | tup
                   values.tobytes()]
     last = datasets[-1].encode() if datasets else b""
     parts += [struct.pack("<i", int(chunk_count)), struct.pack("<i", len(last)), last]
-    _write_atomically(path, parts, force)
+    atomic_write(path, parts, force=force)
     return path

@@ -26,7 +26,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from qtool.errors import QtoolError
-from qtool.quantize.mixtures import FileType, block_size, parse_tensor_type
+from qtool.gguf_io import atomic_write
+from qtool.quantize.formats import block_size
+from qtool.quantize.mixtures import FileType, parse_tensor_type
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -200,12 +202,7 @@ def write_mix(mix: MixFile, path: str | Path, *, force: bool = False) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise QtoolError(f"mix file directory {path.parent} does not exist")
-    if path.exists() and not force:
-        raise QtoolError(f"{path} already exists (use --force to overwrite)")
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(mix_to_toml(mix), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, mix_to_toml(mix), force=force)
 
 
 def read_mix(path: str | Path) -> MixFile:

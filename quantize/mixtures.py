@@ -1,7 +1,7 @@
 """File type (Q4_K_M, …) → the type of every tensor, exactly as llama-quantize chooses it.
 
 Source of the rules: llama.cpp `src/llama-quant.cpp` (`tensor_allows_quantization`, `llama_tensor_get_type`,
-`llama_tensor_get_type_impl`, `tensor_type_fallback`), summarised in quantization.md §4. The decisions depend on
+`llama_tensor_get_type_impl`, `tensor_type_fallback`), summarised in docs/reference/quantization.md §4. The decisions depend on
 the order tensors are visited (attn_v and ffn_* counters), so the unit of work is the whole tensor list:
 `choose_tensor_types` sorts it the way llama.cpp's loader does and walks it once.
 
@@ -15,10 +15,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import gguf
 from gguf import GGMLQuantizationType as T
 
 from qtool.errors import QtoolError
+from qtool.model_file import HParams
+from qtool.quantize.formats import FORMATS, block_size
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
@@ -115,9 +116,9 @@ _DESCRIPTION = {
 # llama-quantize accepts these short names as the K-quant "medium" mixtures.
 _ALIASES = {"Q3_K": FileType.Q3_K_M, "Q4_K": FileType.Q4_K_M, "Q5_K": FileType.Q5_K_M}
 
-# Tensor types qtool can write (a file type's rules, an override or a fallback may name any of them).
-WRITABLE_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                  T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
+# Tensor types qtool can write (a file type's rules, an override or a fallback may name any of them): the format
+# table's entries.
+WRITABLE_TYPES = tuple(FORMATS)
 
 
 def list_file_types() -> list[tuple[str, FileType]]:
@@ -153,13 +154,6 @@ def parse_tensor_type(text: str) -> T:
     return qtype
 
 
-def bits_per_weight(qtype: T) -> float:
-    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
-    return 8.0 * nbytes / block
-
-
-def block_size(qtype: T) -> int:
-    return gguf.GGML_QUANT_SIZES[qtype][0]
 
 
 # --- the model facts the rules read --------------------------------------------------------------------------
@@ -197,24 +191,13 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, kv: dict) -> "ModelInfo":
-        """From GGUF key/values (plain values, as `GGUFFile.value` returns them)."""
-        arch = kv.get("general.architecture")
-        if not arch:
-            raise QtoolError("the model has no general.architecture key")
-
-        def first(value, default):
-            if isinstance(value, (list, tuple)):
-                return int(value[0]) if value else default
-            return default if value is None else int(value)
-
-        n_layer = kv.get(f"{arch}.block_count")
-        if n_layer is None:
-            raise QtoolError(f"the model has no {arch}.block_count key")
-        n_head = first(kv.get(f"{arch}.attention.head_count"), 0)
+        """From GGUF key/values (plain values, as `GGUFModel.values()` gives them). Per-layer arrays: layer 0's
+        value, as llama.cpp's rules read them."""
+        h = HParams.from_kv(kv)
+        n_head = h.n_head or 0
         # llama.cpp's loader defaults the KV head count to the head count
-        n_head_kv = first(kv.get(f"{arch}.attention.head_count_kv"), n_head)
-        n_expert = first(kv.get(f"{arch}.expert_count"), 0)
-        return cls(arch, int(n_layer), n_head, n_head_kv, n_expert)
+        n_head_kv = h.n_head_kv if h.n_head_kv is not None else n_head
+        return cls(h.arch, h.need("n_layer"), n_head, n_head_kv, h.n_expert or 0)
 
 
 # --- options and results -------------------------------------------------------------------------------------

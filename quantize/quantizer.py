@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType
@@ -24,9 +24,12 @@ from qtool.errors import QtoolError
 from qtool.gguf_io import GGUFFile, GGUFTensorInfo, PlannedTensor, check_overwrite, read_gguf, tensor_nbytes, write_gguf
 from qtool.quantize import formats
 from qtool.quantize.imatrix_file import Imatrix, ImatrixIssues, column_weights, read_imatrix
+from qtool.quantize.formats import bits_per_weight, block_size
 from qtool.quantize.mixtures import (FLOAT_TYPES, FileType, MixtureOptions, ModelInfo, TensorChoice,
-                                     TensorTypeOverride, bits_per_weight, block_size, choose_tensor_types,
-                                     ggml_n_dims)
+                                     TensorTypeOverride, choose_tensor_types, ggml_n_dims)
+
+if TYPE_CHECKING:
+    from qtool.quantize.mix import MixFile
 
 QUANTIZATION_VERSION = 2            # GGML_QNT_VERSION
 SLAB_ELEMENTS = 1 << 22             # rows are read, converted and quantized this many values at a time
@@ -52,6 +55,42 @@ class QuantizeOptions:
     tensor_type_map: Mapping[str, T] | None = None
     # Metadata added after the input's (key, value, GGUFValueType, element type or None), e.g. a mix's prediction.
     extra_kvs: Sequence[tuple] = ()
+
+
+def quantize_options(file_type: str | None, input_path: str | Path, *, imatrix: str | Path | None = None,
+                     output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+                     tensor_types: str | Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False,
+                     allow_requantize: bool = False, threads: int | None = None, force: bool = False,
+                     mix: MixFile | None = None, predicted_kld: float | None = None) -> QuantizeOptions:
+    """User options as typed (on the command line or in a recipe) -> QuantizeOptions: the one place `qtool quantize`
+    and `qtool run` make them.
+
+    With a `mix`, its exact per-tensor types replace the rules; the file type only labels the file (given, or the
+    type whose default tensor type holds most of the mix's weights) and `predicted_kld` is recorded in the file
+    (`qtool ppl` and `qtool run` show the measured KLD beside it)."""
+    from qtool.gguf_io import predicted_kld_kvs
+    from qtool.quantize.mixtures import parse_file_type, parse_tensor_type
+
+    if mix is not None:
+        if file_type:
+            ftype = parse_file_type(file_type)
+        else:
+            from qtool.quantize.mix import file_type_for_mix
+
+            sizes = {t.name: int(np.prod(t.shape, dtype=np.int64)) for t in read_gguf(input_path).tensors}
+            ftype = file_type_for_mix(mix.tensors, {n: sizes.get(n, 0) for n in mix.tensors})
+        return QuantizeOptions(ftype, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
+                               force=force, tensor_type_map=mix.tensors, extra_kvs=predicted_kld_kvs(predicted_kld))
+    if not file_type:
+        raise QtoolError("missing --type (e.g. --type Q4_K_M; --list shows them all), --target-bpw or --mix")
+    return QuantizeOptions(
+        parse_file_type(file_type), imatrix=imatrix,
+        output_tensor_type=parse_tensor_type(output_tensor_type) if output_tensor_type else None,
+        token_embedding_type=parse_tensor_type(token_embedding_type) if token_embedding_type else None,
+        tensor_types=[TensorTypeOverride.parse(t) for t in ([tensor_types] if isinstance(tensor_types, str)
+                                                           else tensor_types)],
+        pure=pure, leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize, threads=threads,
+        force=force)
 
 
 @dataclass
@@ -240,7 +279,7 @@ def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_r
                          "(llama-gguf-split --merge) and quantize the merged file")
     if source.value("general.type") == "imatrix":
         raise QtoolError(f"{input_path} is an importance matrix, not a model")
-    model = ModelInfo.from_metadata({k: v.value for k, v in source.kv.items()})
+    model = ModelInfo.from_metadata(source.values())
     infos = {t.name: t for t in source.tensors}
     if not infos:
         raise QtoolError(f"{input_path} has no tensors (a vocab-only file?)")
@@ -321,23 +360,6 @@ def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_r
 # --- the stream -------------------------------------------------------------------------------------------------
 
 
-def _to_float32(raw: np.ndarray, qtype: T, n_per_row: int, out: np.ndarray) -> np.ndarray:
-    """Stored rows → float32 exactly as llama-quantize widens them (F16/BF16 exactly; others dequantized)."""
-    rows = out.shape[0]
-    if qtype == T.F32:
-        out[...] = raw.view(np.float32).reshape(rows, n_per_row)
-    elif qtype == T.F16 and out.flags.c_contiguous:
-        from qtool.quantize.kernels.floats import decode_f16
-        decode_f16(np.ascontiguousarray(raw).reshape(-1).view(np.uint16), out.reshape(-1))
-    elif qtype == T.F16:
-        np.copyto(out, raw.view(np.float16).reshape(rows, n_per_row))
-    elif qtype == T.BF16:
-        out.view(np.uint32)[...] = raw.view(np.uint16).reshape(rows, n_per_row).astype(np.uint32) << 16
-    else:
-        out[...] = formats.dequantize(raw.reshape(rows, -1), qtype, n_per_row)
-    return out
-
-
 class _Buffer:
     """A byte buffer that only grows: fresh allocations of this size would page-fault on every tensor."""
 
@@ -406,7 +428,7 @@ class _TensorStream:
                 rows = min(slab_rows, (mat + 1) * rows_per_mat - r0)
                 raw = self._read(info.offset + r0 * src_row_bytes, rows * src_row_bytes,
                                  self.raw.get(rows * src_row_bytes))
-                xs = _to_float32(raw, info.qtype, n_per_row, x[:rows])
+                xs = formats.decode(raw, info.qtype, n_per_row, out=x[:rows])
                 try:
                     fmt.quantize(xs, w, out=out[r0:r0 + rows])
                 except QtoolError as e:
@@ -466,12 +488,8 @@ def quantize_model(input_path: str | Path, output_path: str | Path | None, optio
     planned = [PlannedTensor(c.name, c.shape, c.target_type, lambda i=i: stream.tensor_bytes(i))
                for i, c in enumerate(plan.choices)]
 
-    def metadata_in_input_order(writer) -> None:
-        writer.kv_data[0].clear()   # general.architecture comes back with the input's keys, in its place
-
-    try:
-        write_gguf(output_path, plan.model.arch, [*plan.kvs, *options.extra_kvs], planned, force=options.force,
-                   prepare=metadata_in_input_order)
+    try:    # arch None: general.architecture comes with the input's keys, in its place
+        write_gguf(output_path, None, [*plan.kvs, *options.extra_kvs], planned, force=options.force)
     finally:
         stream.close()
     return QuantizeReport(input_path, output_path, options.file_type, _results(plan), notes,

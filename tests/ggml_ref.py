@@ -11,7 +11,7 @@ built once as a shared library with the project's default Release flags into
 tests/build_llamacpp.py: flags, compiler, CPU), about 20 s on 2 cores.
 Default flags matter: ``ggml-base`` gets no ``-march`` flags, so on x86-64 the compiler cannot contract
 ``a*b + c`` into FMA instructions and every float operation rounds separately — the arithmetic that
-llama-quantize on x86-64 performs and that our kernels reproduce (reference §2.8).
+llama-quantize on x86-64 performs and that our kernels reproduce (docs/reference/quantization.md §2.8).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def test_imatrix_changes_the_result():
     plain = ggml_ref.ggml_quantize(T.Q4_K, x)
     weighted = ggml_ref.ggml_quantize(T.Q4_K, x, w)
     assert not np.array_equal(plain, weighted)
-    # Q8_0 ignores the imatrix (reference §2.1)
+    # Q8_0 ignores the imatrix (docs/reference/quantization.md §2.1)
     np.testing.assert_array_equal(ggml_ref.ggml_quantize(T.Q8_0, x, w), ggml_ref.ggml_quantize(T.Q8_0, x))
 
 

@@ -701,3 +701,18 @@ def test_bf16_kernel_matches_reference_rounding():
     # §0: NaN -> (u >> 16) | 64; otherwise round to nearest even on the upper half.
     expected = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
     np.testing.assert_array_equal(out.view(np.uint16), expected.astype(np.uint16))
+
+
+def test_kernel_block_geometry_is_the_format_tables():
+    """The block sizes the kernels hard-wire (numba freezes them) are gguf's and the format table's."""
+    import gguf
+
+    from qtool.quantize.formats import FORMATS
+    from qtool.quantize.kernels import common
+
+    for qtype, fmt in FORMATS.items():
+        assert (fmt.block_size, fmt.type_size) == gguf.GGML_QUANT_SIZES[qtype]
+        if fmt.name in ("F32", "F16", "BF16"):
+            continue
+        assert getattr(common, f"{fmt.name}_BYTES") == fmt.type_size, fmt.name
+        assert fmt.block_size == (common.QK_K if fmt.block_size == 256 else common.QK), fmt.name

@@ -23,7 +23,8 @@ import pytest
 from gguf import GGUFValueType as T
 
 from qtool.convert import tokenizer as tokmod
-from qtool.convert.tokenizer import VocabKV, export_vocab
+from qtool.convert.tokenizer import export_vocab
+from qtool.gguf_io import KV
 from qtool.errors import QtoolError
 from tests.fixtures.tokenizers import VOCABS, gguf_vocab, write_hf_tokenizer
 from tests.interop import unavailable
@@ -87,7 +88,7 @@ def _write_model(vocab: str, d: Path, hparams: dict[str, Any] | None = None, **o
 
 
 def _export(d: Path, kind: str, pre: str | None = None
-            ) -> tuple[dict[str, VocabKV], list[str]]:
+            ) -> tuple[dict[str, KV], list[str]]:
     hparams = json.loads((d / "config.json").read_text(encoding="utf-8"))
     kvs, log = export_vocab(d, hparams, kind, pre)
     return {kv.key: kv for kv in kvs}, log

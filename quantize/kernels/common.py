@@ -1,6 +1,6 @@
 """Scalar building blocks shared by the kernels, each reproducing one piece of ggml-quants.c bit for bit.
 
-Arithmetic rules (reference §0, §2.8): everything is float32, every operation rounds on its own (no
+Arithmetic rules (docs/reference/quantization.md §0, §2.8): everything is float32, every operation rounds on its own (no
 fastmath, so LLVM never contracts a*b+c into an FMA), sums run sequentially in index order, and the
 parenthesisation of the C source is kept. Numba promotes ``int64 op float32`` and Python float literals to
 float64, so integers and constants are converted to float32 explicitly (``F32(...)`` or module-level
@@ -19,6 +19,15 @@ F32 = np.float32
 
 GROUP_MAX_EPS = F32(1e-15)
 ROUNDING_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round-to-nearest-even(f) in the low mantissa bits
+
+# Block geometry (elements per block, bytes per block), as gguf.GGML_QUANT_SIZES and quantize/formats.py's table
+# state them (tests/test_kernels.py checks they agree). Numba freezes module globals into the compiled kernels, so
+# they live here, where a change drops every cached kernel (see kernels/__init__.py).
+QK = 32                 # legacy and IQ4_NL blocks
+QK_K = 256              # k-quant and IQ4_XS super-blocks
+Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES = 18, 20, 22, 24, 34
+Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = 84, 110, 144, 176, 210
+IQ4_NL_BYTES, IQ4_XS_BYTES = 18, 136
 
 # kvalues_iq4nl of ggml-common.h, as float32 because the C compares and subtracts them as floats.
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)

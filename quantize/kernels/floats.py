@@ -1,4 +1,4 @@
-"""F16 and BF16 rows: per-element conversions (reference §0), parallel over rows.
+"""F16 and BF16 rows: per-element conversions (docs/reference/quantization.md §0), parallel over rows.
 
 numpy's float32 -> float16 cast is bit-identical for finite input but single-threaded and, measured on the
 4096x4096 benchmark, about half as fast as llama.cpp's converter; gguf-py's BF16 port is four times slower.

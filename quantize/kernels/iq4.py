@@ -1,5 +1,5 @@
 """IQ4_NL (32-element blocks) and IQ4_XS (256-element super-blocks): 4-bit indices into the non-linear
-kvalues_iq4nl table (reference §2.5). llama-quantize runs quantize_row_iq4_nl_impl with ntry = 7 for both,
+kvalues_iq4nl table (docs/reference/quantization.md §2.5). llama-quantize runs quantize_row_iq4_nl_impl with ntry = 7 for both,
 with or without an imatrix (without one the weights are x²)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import F32, GROUP_MAX_EPS, IQ4NL_VALUES, best_index_int8, first_absmax, nearest_int, store_fp16
+from .common import (F32, GROUP_MAX_EPS, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, best_index_int8, first_absmax,
+                     nearest_int, store_fp16)
 
 NTRY = 7
 
@@ -82,7 +83,7 @@ def quantize_iq4_nl(x, imatrix, out):
         scratch = np.empty(SCRATCH, np.float32)
         for ib in range(n // 32):
             xb = x[r, 32 * ib:32 * (ib + 1)]
-            blk = out[r, 18 * ib:18 * (ib + 1)]
+            blk = out[r, IQ4_NL_BYTES * ib:IQ4_NL_BYTES * (ib + 1)]
             _fill_weights(xb, imatrix[32 * ib:32 * (ib + 1)], use_imatrix, _sigma2(xb), weight)
             d = _sub_block_scale(xb, weight, scratch)
             store_fp16(blk, 0, d)
@@ -104,7 +105,7 @@ def quantize_iq4_xs(x, imatrix, out):
         for ibl in range(n // 256):
             xs = x[r, 256 * ibl:256 * (ibl + 1)]
             qw = imatrix[256 * ibl:256 * (ibl + 1)]
-            blk = out[r, 136 * ibl:136 * (ibl + 1)]
+            blk = out[r, IQ4_XS_BYTES * ibl:IQ4_XS_BYTES * (ibl + 1)]
             sigma2 = _sigma2(xs)
             max_scale = F32(0.0)
             amax_scale = F32(0.0)

@@ -1,5 +1,5 @@
 """K-quants on 256-element super-blocks: Q4_K, Q5_K (scale + min per 32) and Q6_K (signed scale per 16)
-(reference §2.4).
+(docs/reference/quantization.md §2.4).
 
 Shape of every K-quant: search a float scale (and min) per sub-block with provisional codes, quantize the
 sub-block scales to small integers under fp16 super-scale(s), then re-derive each code from the fp16-rounded
@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, GROUP_MAX_EPS, QX_SCRATCH, fp16_bits_to_fp32, make_qkx_quants, make_qp_quants,
-                     make_qx_quants, nearest_int, store_fp16)
+from .common import (F32, GROUP_MAX_EPS, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K, QX_SCRATCH, fp16_bits_to_fp32,
+                     make_qkx_quants, make_qp_quants, make_qx_quants, nearest_int, store_fp16)
 
-QK_K = 256
 RMIN_IMATRIX = F32(-0.9)
 RDELTA_IMATRIX = F32(0.05)
 NSTEP_IMATRIX = 36
@@ -153,7 +152,7 @@ def quantize_q4_k(x, imatrix, out):
         scale_codes = np.empty(8, np.uint8)
         min_codes = np.empty(8, np.uint8)
         for i in range(n // QK_K):
-            blk = out[r, 144 * i:144 * (i + 1)]
+            blk = out[r, Q4_K_BYTES * i:Q4_K_BYTES * (i + 1)]
             _scale_min_block(x[r, QK_K * i:QK_K * (i + 1)], imatrix[QK_K * i:QK_K * (i + 1)], use_imatrix, 15,
                              F32(-1.0), 20, False, blk, L, weights, scales, mins, sw, scale_codes, min_codes, laux)
             for c in range(4):
@@ -175,7 +174,7 @@ def quantize_q5_k(x, imatrix, out):
         scale_codes = np.empty(8, np.uint8)
         min_codes = np.empty(8, np.uint8)
         for i in range(n // QK_K):
-            blk = out[r, 176 * i:176 * (i + 1)]
+            blk = out[r, Q5_K_BYTES * i:Q5_K_BYTES * (i + 1)]
             _scale_min_block(x[r, QK_K * i:QK_K * (i + 1)], imatrix[QK_K * i:QK_K * (i + 1)], use_imatrix, 31,
                              F32(-0.5), 15, True, blk, L, weights, scales, mins, sw, scale_codes, min_codes, laux)
             for l in range(32):
@@ -198,7 +197,7 @@ def _q6_k_block(xb, weights, blk, L, scales, scratch):
             max_abs_scale = abs(scales[ib])
             max_scale = scales[ib]
     if max_abs_scale < GROUP_MAX_EPS:
-        for k in range(210):
+        for k in range(Q6_K_BYTES):
             blk[k] = 0
         return
     iscale = F32(-128.0) / max_scale
@@ -237,4 +236,4 @@ def quantize_q6_k(x, imatrix, out):
             # Q6_K's imatrix path weights by the raw imatrix values (the sigma2 factor is commented out in C).
             for l in range(QK_K):
                 weights[l] = imatrix[QK_K * i + l] if use_imatrix else xb[l] * xb[l]
-            _q6_k_block(xb, weights, out[r, 210 * i:210 * (i + 1)], L, scales, scratch)
+            _q6_k_block(xb, weights, out[r, Q6_K_BYTES * i:Q6_K_BYTES * (i + 1)], L, scales, scratch)

@@ -1,4 +1,4 @@
-"""The 2- and 3-bit K-quants, Q2_K and Q3_K (reference §2.4), byte-identical to ggml_quantize_chunk.
+"""The 2- and 3-bit K-quants, Q2_K and Q3_K (docs/reference/quantization.md §2.4), byte-identical to ggml_quantize_chunk.
 
 Both work on super-blocks of 256 values split into 16 sub-blocks of 16. Without an importance matrix llama.cpp
 runs the ``quantize_row_q*_K_ref`` paths; with one, the ``quantize_row_q*_K_impl`` paths, which search
@@ -16,13 +16,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, GROUP_MAX_EPS, fp16_bits_to_fp32, make_qkx_quants, make_qp_quants, make_qx_quants,
-                     nearest_int, store_fp16)
+from .common import (F32, GROUP_MAX_EPS, Q2_K_BYTES, Q3_K_BYTES, QK_K, fp16_bits_to_fp32, make_qkx_quants,
+                     make_qp_quants, make_qx_quants, nearest_int, store_fp16)
 
-QK_K = 256
 SUB = 16  # elements per sub-block
-Q2_K_BYTES = 84
-Q3_K_BYTES = 110
 
 # Search parameters of the two paths (C literals are float32).
 Q2_REF_RMIN, Q2_REF_RDELTA, Q2_REF_NSTEP = F32(-0.5), F32(0.1), 15

@@ -1,4 +1,4 @@
-"""The 32-element legacy formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (reference §2.3).
+"""The 32-element legacy formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (docs/reference/quantization.md §2.3).
 
 Without an importance matrix llama.cpp uses the ``quantize_row_*_ref`` paths (one scale from the block's
 extreme values, codes from the unrounded fp32 scale); with one, the ``quantize_row_*_impl`` paths, which are
@@ -10,10 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, QX_SCRATCH, c_float_to_int, c_float_to_int8, first_absmax, make_qkx_quants,
-                     make_qx_quants, store_fp16)
-
-QK = 32
+from .common import (F32, QK, Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QX_SCRATCH, c_float_to_int,
+                     c_float_to_int8, first_absmax, make_qkx_quants, make_qx_quants, store_fp16)
 RMIN_IMATRIX = F32(-0.9)
 RDELTA_IMATRIX = F32(0.05)
 NSTEP_IMATRIX = 36
@@ -101,7 +99,7 @@ def quantize_q4_0(x, imatrix, out):
         sigma2 = _row_sigma2(x[r]) if use_imatrix else F32(0.0)
         for ib in range(n // QK):
             xb = x[r, QK * ib:QK * (ib + 1)]
-            blk = out[r, 18 * ib:18 * (ib + 1)]
+            blk = out[r, Q4_0_BYTES * ib:Q4_0_BYTES * (ib + 1)]
             if use_imatrix:
                 _fill_weights(xb, imatrix[QK * ib:QK * (ib + 1)], sigma2, weight)
                 d = make_qx_quants(QK, 8, xb, 0, L, 0, weight, 0, scratch)
@@ -122,7 +120,7 @@ def quantize_q5_0(x, imatrix, out):
         sigma2 = _row_sigma2(x[r]) if use_imatrix else F32(0.0)
         for ib in range(n // QK):
             xb = x[r, QK * ib:QK * (ib + 1)]
-            blk = out[r, 22 * ib:22 * (ib + 1)]
+            blk = out[r, Q5_0_BYTES * ib:Q5_0_BYTES * (ib + 1)]
             if use_imatrix:
                 _fill_weights(xb, imatrix[QK * ib:QK * (ib + 1)], sigma2, weight)
                 d = make_qx_quants(QK, 16, xb, 0, L, 0, weight, 0, scratch)
@@ -144,7 +142,7 @@ def quantize_q4_1(x, imatrix, out):
         sigma2 = _row_sigma2(x[r]) if use_imatrix else F32(0.0)
         for ib in range(n // QK):
             xb = x[r, QK * ib:QK * (ib + 1)]
-            blk = out[r, 20 * ib:20 * (ib + 1)]
+            blk = out[r, Q4_1_BYTES * ib:Q4_1_BYTES * (ib + 1)]
             if use_imatrix:
                 _fill_weights(xb, imatrix[QK * ib:QK * (ib + 1)], sigma2, weight)
                 d, the_min = make_qkx_quants(QK, 15, xb, 0, weight, L, 0, Laux,
@@ -168,7 +166,7 @@ def quantize_q5_1(x, imatrix, out):
         sigma2 = _row_sigma2(x[r]) if use_imatrix else F32(0.0)
         for ib in range(n // QK):
             xb = x[r, QK * ib:QK * (ib + 1)]
-            blk = out[r, 24 * ib:24 * (ib + 1)]
+            blk = out[r, Q5_1_BYTES * ib:Q5_1_BYTES * (ib + 1)]
             if use_imatrix:
                 _fill_weights(xb, imatrix[QK * ib:QK * (ib + 1)], sigma2, weight)
                 d, the_min = make_qkx_quants(QK, 31, xb, 0, weight, L, 0, Laux,
@@ -197,7 +195,7 @@ def quantize_q8_0(x, imatrix, out):
     for r in prange(rows):
         for ib in range(n // QK):
             xb = x[r, QK * ib:QK * (ib + 1)]
-            blk = out[r, 34 * ib:34 * (ib + 1)]
+            blk = out[r, Q8_0_BYTES * ib:Q8_0_BYTES * (ib + 1)]
             amax = F32(0.0)
             for j in range(QK):
                 ax = abs(xb[j])
