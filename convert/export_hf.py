@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ROPE_DEPTH, Arch, arch_for_gguf
 from qtool.errors import QtoolError
+from qtool.floats import f32_to_bf16_bits
 from qtool.gguf_io import Progress
 from qtool.model_file import GGUFModel, TensorRef
 
@@ -367,20 +368,6 @@ def _w_pack_loader(model: GGUFModel, layer: int, n_head: int) -> Callable[[], np
 
 
 # --- casting ---------------------------------------------------------------------------------------------------
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns, rounding to nearest even (as torch and llama.cpp do)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded = np.where(nan, np.uint32(0x7FC0) | ((bits >> np.uint32(16)) & np.uint32(0x8000)), rounded)
-    return rounded.astype(np.uint16)
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-
 
 def encode_as(x: np.ndarray, dtype: DType, name: str) -> np.ndarray:
     """float32 data -> the little-endian bytes safetensors stores for `dtype`; refuses NaN and overflow."""

@@ -35,6 +35,7 @@ from numba import njit, prange
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
 from qtool.errors import QtoolError
+from qtool.floats import round_to_bf16
 from qtool.evaluate.weights import GGUFWeights
 from qtool.quantize import formats
 
@@ -342,8 +343,7 @@ def round_activations(x: np.ndarray, kind: str, out: np.ndarray) -> np.ndarray:
     elif kind == "f16":
         _sized(round_f16_, _round_f16_serial, x.size)(x, x.view(np.uint32), out, out.view(np.uint32))
     elif kind == "bf16":
-        bits = x.view(np.uint32)
-        out.view(np.uint32)[...] = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) & np.uint32(0xFFFF0000)
+        round_to_bf16(x, out)
     else:
         raise ValueError(kind)
     return out

@@ -341,22 +341,17 @@ def _print_file_types() -> None:
 
 def _group_by_layer(choices) -> list[tuple[str, str, str, str]]:
     """Fallbacks that differ only in their layer number, as one row: blk.[0-29].attn_q.weight."""
-    import re
+    from qtool.quantize.mixtures import layer_of, layer_spans
 
     groups: dict[tuple, list[int]] = {}
     for c in choices:
-        m = re.match(r"blk\.(\d+)\.(.*)", c.name)
-        key = ("blk.{}." + m.group(2) if m else c.name, c.wanted_type.name, c.target_type.name, c.fallback)
-        groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
+        layer = layer_of(c.name)
+        template = "blk.{}." + c.name.split(".", 2)[2] if layer >= 0 else c.name
+        groups.setdefault((template, c.wanted_type.name, c.target_type.name, c.fallback), []).append(layer)
     rows = []
     for (template, wanted, got, why), layers in groups.items():
         if "{}" in template:
-            spans, start = [], None
-            for i, layer in enumerate(layers):
-                start = layer if start is None else start
-                if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-                    spans.append(str(start) if start == layer else f"{start}-{layer}")
-                    start = None
+            spans = [str(a) if a == b else f"{a}-{b}" for a, b, _ in layer_spans([(n, None) for n in layers])]
             template = template.format(spans[0] if len(layers) == 1 else "[" + ",".join(spans) + "]")
         rows.append((template, wanted, got, why))
     return rows

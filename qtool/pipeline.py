@@ -13,13 +13,13 @@ import importlib.util
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from qtool.errors import QtoolError
 from qtool.gguf_io import atomic_write
-from qtool.recipe import GATE_KEYS, Recipe
+from qtool.recipe import Recipe
+from qtool.report import GateResult, RunResult, write_reports
 
 STAGES = ("export", "convert", "imatrix", "quantize", "eval")
 Log = Callable[[str], None]
@@ -69,42 +69,6 @@ class Manifest:
         self.entries[stage] = {"key": key, "outputs": {str(p): fingerprint(p) for p in outputs},
                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
         atomic_write(self.path, json.dumps(self.entries, indent=2))
-
-
-# --- results ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class GateResult:
-    ftype: str
-    gate: str            # recipe key, e.g. max_kld
-    measured: float
-    allowed: float
-    passed: bool
-
-    def message(self) -> str:
-        op = ">" if self.gate.startswith("min_") else "<"
-        word = "passed" if self.passed else "FAILED"
-        return (f"{self.ftype}: {GATE_KEYS[self.gate]} {self.measured:.4g} "
-                f"({'needs' if not self.passed else 'within'} {op}= {self.allowed:g}) {word}")
-
-
-@dataclass
-class RunResult:
-    recipe: Path
-    out_dir: Path
-    base: Path | None = None
-    variants: dict[str, Path] = field(default_factory=dict)
-    imatrix: Path | None = None
-    evaluation: dict[str, Any] | None = None
-    gates: list[GateResult] = field(default_factory=list)
-    stages_run: list[str] = field(default_factory=list)
-    stages_skipped: list[str] = field(default_factory=list)
-    report_paths: list[Path] = field(default_factory=list)
-    wall_seconds: float = 0.0
-
-    @property
-    def failed_gates(self) -> list[GateResult]:
-        return [g for g in self.gates if not g.passed]
 
 
 # --- the runner -------------------------------------------------------------------------------------------------
@@ -281,7 +245,6 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
         result.gates = check_gates(recipe, result.evaluation)
     result.wall_seconds = time.perf_counter() - t0
     if result.evaluation is not None:
-        from qtool.report import write_reports
         result.report_paths = write_reports(result, recipe)
     return result
 

@@ -1,19 +1,58 @@
-"""The report of a `qtool run`: report.json (stable, for machines), report.md (for people), report.png (plot)."""
+"""The results of a `qtool run` (RunResult, GateResult) and their report: report.json (stable, for machines),
+report.md (for people), report.png (plot). The pipeline produces them; this module only reads them."""
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qtool.gguf_io import atomic_write
 
+from qtool.recipe import GATE_KEYS
+
 if TYPE_CHECKING:  # pragma: no cover
-    from qtool.pipeline import RunResult
     from qtool.recipe import Recipe
 
 
-def rows(result: "RunResult", recipe: "Recipe") -> list[dict[str, Any]]:
+# --- results ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class GateResult:
+    ftype: str
+    gate: str            # recipe key, e.g. max_kld
+    measured: float
+    allowed: float
+    passed: bool
+
+    def message(self) -> str:
+        op = ">" if self.gate.startswith("min_") else "<"
+        word = "passed" if self.passed else "FAILED"
+        return (f"{self.ftype}: {GATE_KEYS[self.gate]} {self.measured:.4g} "
+                f"({'needs' if not self.passed else 'within'} {op}= {self.allowed:g}) {word}")
+
+
+@dataclass
+class RunResult:
+    recipe: Path
+    out_dir: Path
+    base: Path | None = None
+    variants: dict[str, Path] = field(default_factory=dict)
+    imatrix: Path | None = None
+    evaluation: dict[str, Any] | None = None
+    gates: list[GateResult] = field(default_factory=list)
+    stages_run: list[str] = field(default_factory=list)
+    stages_skipped: list[str] = field(default_factory=list)
+    report_paths: list[Path] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+
+def rows(result: RunResult, recipe: "Recipe") -> list[dict[str, Any]]:
     """One row per model (base first) with the numbers a reader compares, plus the gate verdict."""
     ev = result.evaluation or {"models": []}
     out = []
@@ -38,7 +77,7 @@ def _predicted(r: dict[str, Any]) -> str:
     return "" if r.get("predicted_kld") is None else f" (predicted {r['predicted_kld']:.5f})"
 
 
-def to_markdown(result: "RunResult", recipe: "Recipe") -> str:
+def to_markdown(result: RunResult, recipe: "Recipe") -> str:
     ev = result.evaluation or {}
     lines = [f"# qtool run: {recipe.path.name}", "",
              f"Evaluation: {ev.get('dataset')}, ctx {ev.get('n_ctx')}, {ev.get('n_chunks')} chunks, "
@@ -58,7 +97,7 @@ def to_markdown(result: "RunResult", recipe: "Recipe") -> str:
 
 
 
-def plot(result: "RunResult", recipe: "Recipe", path: Path) -> None:
+def plot(result: RunResult, recipe: "Recipe", path: Path) -> None:
     """Size vs mean KL divergence, one labelled point per type: the trade-off at a glance."""
     import matplotlib
     matplotlib.use("Agg")
@@ -86,7 +125,7 @@ def plot(result: "RunResult", recipe: "Recipe", path: Path) -> None:
     atomic_write(path, png.getvalue())
 
 
-def write_reports(result: "RunResult", recipe: "Recipe") -> list[Path]:
+def write_reports(result: RunResult, recipe: "Recipe") -> list[Path]:
     out = result.out_dir
     data = {
         "recipe": str(recipe.path), "out_dir": str(out), "base": str(result.base),

@@ -25,7 +25,8 @@ The choice itself is a multiple-choice knapsack solved by mix.solve_budget. Tens
 quantizes (norms, 1-D) keep their type and their bytes count in the budget, as they count in the file's bpw.
 
 It lives in qtool/, beside pipeline.py, because it composes two stages: quantize/ (errors, the solver, the mix
-file) and evaluate/ (the forward passes), which do not import each other.
+file) and evaluate/ (the forward passes). quantize/ never imports evaluate/ (evaluate/ asks quantize/formats.py to
+decode, and nothing else of it), so code that runs the model to price a quantization belongs above both.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from qtool.gguf_io import tensor_nbytes
 from qtool.quantize import formats
 from qtool.quantize.mix import MixFile, admissible_types, file_type_for_mix, parse_candidates, solve_budget
 from qtool.quantize.formats import bits_per_weight
-from qtool.quantize.mixtures import FLOAT_TYPES, FileType, layer_of
+from qtool.quantize.mixtures import FLOAT_TYPES, FileType, layer_of, layer_spans
 
 REFERENCE_BPW = 4.5          # the operating point where each tensor's gain is measured
 DEFAULT_CTX = 512
@@ -350,13 +351,7 @@ def mix_rows(types: dict[str, T]) -> list[tuple[str, str]]:
         if items[0][0] < 0:
             rows.append((key, ", ".join(t for _, t in items)))
             continue
-        spans: list[list] = []
-        for layer, t in items:
-            if spans and spans[-1][2] == t and spans[-1][1] == layer - 1:
-                spans[-1][1] = layer
-            else:
-                spans.append([layer, layer, t])
-        rows.append((key, " · ".join(f"{a}{'' if a == b else f'-{b}'} {t}" for a, b, t in spans)))
+        rows.append((key, " · ".join(f"{a}{'' if a == b else f'-{b}'} {t}" for a, b, t in layer_spans(items))))
     order = {c: i for i, c in enumerate(("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output",
                                          "ffn_gate", "ffn_up", "ffn_down"))}
     return sorted(rows, key=lambda r: (order.get(r[0], len(order)), r[0]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from gguf import GGMLQuantizationType as T
 
@@ -267,6 +267,18 @@ def layer_of(name: str) -> int:
     """`sscanf(name, "blk.%d.")`, -1 when the name is not a block tensor."""
     m = _LAYER.match(name)
     return int(m.group(1)) if m else -1
+
+
+def layer_spans(items: Sequence[tuple[int, Any]]) -> list[tuple[int, int, Any]]:
+    """(layer, value) pairs in order -> (first layer, last layer, value) runs of consecutive layers with one value:
+    how a per-layer list is printed compactly (`0-2 Q5_0 · 3-29 Q4_0`, `blk.[0-29].attn_q.weight`)."""
+    spans: list[list] = []
+    for layer, value in items:
+        if spans and spans[-1][2] == value and spans[-1][1] == layer - 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer, value])
+    return [tuple(s) for s in spans]
 
 
 def llama_tensor_order(names: Sequence[str]) -> list[str]:

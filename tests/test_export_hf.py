@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as T
 
 from qtool.cli import main
-from qtool.convert.export_hf import (bf16_bits_to_f32, encode_as, DTYPES, f32_to_bf16_bits, hf_tokenizer_files,
-                                     plan_export, recover_llama3_rope, write_export)
+from qtool.convert.export_hf import (encode_as, DTYPES, hf_tokenizer_files, plan_export, recover_llama3_rope,
+                                     write_export)
+from qtool.floats import bf16_bits_to_f32, f32_to_bf16_bits
 from qtool.convert.models import llama3_rope_factors, model_spec, normhead
 from qtool.errors import QtoolError
 from qtool.gguf_io import GGUFFile, PlannedTensor, read_gguf, write_gguf

@@ -701,6 +701,9 @@ def test_bf16_kernel_matches_reference_rounding():
     # §0: NaN -> (u >> 16) | 64; otherwise round to nearest even on the upper half.
     expected = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
     np.testing.assert_array_equal(out.view(np.uint16), expected.astype(np.uint16))
+    # the one numpy bf16 rounding (export-hf, activation rounding) is the same function
+    from qtool.floats import f32_to_bf16_bits
+    np.testing.assert_array_equal(f32_to_bf16_bits(x).reshape(out.shape[0], -1), out.view(np.uint16))
 
 
 def test_kernel_block_geometry_is_the_format_tables():
