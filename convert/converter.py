@@ -10,7 +10,8 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from qtool.errors import QtoolError
-from qtool.gguf_io import KV, PlannedTensor, Progress, preview_kvs, shard_paths, tensor_nbytes, write_gguf
+from qtool.gguf_io import (KV, PlannedTensor, Progress, preview_kvs, shard_paths, split_groups, tensor_nbytes,
+                           write_gguf)
 
 from .checkpoint import Checkpoint
 from .models import (ModelSpec, OutTensor, arch_kvs, expected_hf_tensors, gguf_name, llama3_rope_factors,
@@ -255,13 +256,8 @@ def output_path(plan: ConversionPlan, outfile: str | Path | None, *, vocab_only:
 
 
 def planned_shards(plan: ConversionPlan, outfile: Path, split_max_tensors: int, split_max_size: int) -> list[tuple[Path, int, int]]:
-    """(path, tensor count, bytes) per output file, with the same split rule as gguf.GGUFWriter."""
-    groups: list[list[int]] = [[]]
-    for t in plan.tensors:
-        nbytes = tensor_nbytes(t.shape, t.qtype)
-        cur = groups[-1]
-        if cur and ((split_max_tensors and len(cur) >= split_max_tensors)
-                    or (split_max_size and sum(cur) + nbytes > split_max_size)):
-            groups.append([])
-        groups[-1].append(nbytes)
-    return [(p, len(g), sum(g)) for p, g in zip(shard_paths(outfile, len(groups)), groups)]
+    """(path, tensor count, bytes) per output file, as write_gguf will split them."""
+    sizes = {t.name: tensor_nbytes(t.shape, t.qtype) for t in plan.tensors}
+    planned = [PlannedTensor(t.name, t.shape, t.qtype, lambda: None) for t in plan.tensors]
+    groups = split_groups(planned, split_max_tensors, split_max_size)
+    return [(p, len(g), sum(sizes[n] for n in g)) for p, g in zip(shard_paths(outfile, len(groups)), groups)]

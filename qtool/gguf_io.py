@@ -26,8 +26,8 @@ PREDICTED_KLD_KEY = "qtool.mix.predicted_kld"
 
 @dataclass
 class KV:
-    """One GGUF key/value pair to write, in write order; ``sub_type`` is the element type of an ARRAY value.
-    (Read metadata is `GGUFFile.kv`: key -> GGUFValue, the same fields without the key.)"""
+    """One GGUF key/value pair, read (`GGUFFile.kv`: key -> KV, in file order) or to write, in write order;
+    ``sub_type`` is the element type of an ARRAY value."""
 
     key: str
     value: Any
@@ -176,6 +176,22 @@ def preview_kvs(arch: str | None, kvs: Sequence[KV | tuple],
     return [KV(k, v.value, v.type, v.sub_type) for k, v in writer.kv_data[0].items()]
 
 
+def _add_tensor_infos(writer: gguf.GGUFWriter, tensors: Sequence[PlannedTensor]) -> None:
+    for t in tensors:
+        # gguf takes a quantized tensor's shape in bytes along the last axis
+        byte_shape = gguf.quant_shape_to_byte_shape(tuple(t.shape), t.qtype)
+        writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), tensor_nbytes(t.shape, t.qtype),
+                               raw_dtype=t.qtype)
+
+
+def split_groups(tensors: Sequence[PlannedTensor], split_max_tensors: int = 0,
+                 split_max_size: int = 0) -> list[list[str]]:
+    """The tensor names each output file of `write_gguf` will hold (gguf's own split rule, not a copy of it)."""
+    writer = _Writer(None, None, split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+    _add_tensor_infos(writer, tensors)
+    return [list(shard) for shard in writer.tensors]
+
+
 def write_gguf(path: Path, arch: str | None, kvs: Sequence[KV | tuple],
                tensors: Sequence[PlannedTensor], *, split_max_tensors: int = 0, split_max_size: int = 0,
                force: bool = False, progress: Progress | None = None,
@@ -193,11 +209,7 @@ def write_gguf(path: Path, arch: str | None, kvs: Sequence[KV | tuple],
             prepare(writer)
         for key, value, vtype, sub_type in kvs:
             add_kv(writer, key, value, vtype, sub_type)
-        for t in tensors:
-            # gguf takes a quantized tensor's shape in bytes along the last axis
-            byte_shape = gguf.quant_shape_to_byte_shape(tuple(t.shape), t.qtype)
-            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), tensor_nbytes(t.shape, t.qtype),
-                                   raw_dtype=t.qtype)
+        _add_tensor_infos(writer, tensors)
         n_shards = len(writer.tensors)
         tmp_paths = shard_paths(tmp_dir / path.name, n_shards)
         final_paths = shard_paths(path, n_shards)
@@ -245,13 +257,6 @@ _SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UI
 
 
 @dataclass
-class GGUFValue:
-    value: Any
-    type: GGUFValueType
-    sub_type: GGUFValueType | None = None
-
-
-@dataclass
 class GGUFTensorInfo:
     name: str
     shape: tuple[int, ...]          # numpy order (rows first)
@@ -263,7 +268,7 @@ class GGUFTensorInfo:
 @dataclass
 class GGUFFile:
     path: Path
-    kv: dict[str, GGUFValue]
+    kv: dict[str, KV]
     tensors: list[GGUFTensorInfo]
     alignment: int
 
@@ -426,13 +431,13 @@ def read_gguf(path: str | Path, *, lazy_strings: bool = False) -> GGUFFile:
         if version not in (2, 3):
             raise QtoolError(f"{path}: unsupported GGUF version {version}")
         n_tensors, n_kv = buf.unpack("<Q"), buf.unpack("<Q")
-        kv: dict[str, GGUFValue] = {}
+        kv: dict[str, KV] = {}
         try:
             for _ in range(n_kv):
                 key = buf.string()
                 vtype = GGUFValueType(buf.unpack("<I"))
                 value, sub = _read_value(buf, vtype, lazy_strings)
-                kv[key] = GGUFValue(value, vtype, sub)
+                kv[key] = KV(key, value, vtype, sub)
             infos = []
             for _ in range(n_tensors):
                 name = buf.string()

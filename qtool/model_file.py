@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from qtool.errors import QtoolError
-from qtool.gguf_io import GGUFFile, GGUFTensorInfo, GGUFValue, read_gguf
+from qtool.gguf_io import KV, GGUFFile, GGUFTensorInfo, read_gguf
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -180,7 +180,7 @@ class GGUFModel:
 
     # --- metadata -----------------------------------------------------------------------------------------------
     @property
-    def kv(self) -> dict[str, GGUFValue]:
+    def kv(self) -> dict[str, KV]:
         """The model's metadata (the first file's: split files repeat only their split.* keys)."""
         return self.files[0].kv
 

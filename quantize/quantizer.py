@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType
 
 from qtool.errors import QtoolError
-from qtool.gguf_io import GGUFFile, GGUFTensorInfo, PlannedTensor, check_overwrite, read_gguf, tensor_nbytes, write_gguf
+from qtool.gguf_io import KV, GGUFFile, GGUFTensorInfo, PlannedTensor, check_overwrite, read_gguf, tensor_nbytes, write_gguf
 from qtool.quantize import formats
 from qtool.quantize.imatrix_file import Imatrix, ImatrixIssues, column_weights, read_imatrix
 from qtool.quantize.formats import bits_per_weight, block_size
@@ -54,7 +54,7 @@ class QuantizeOptions:
     # then only label the file (general.file_type).
     tensor_type_map: Mapping[str, T] | None = None
     # Metadata added after the input's (key, value, GGUFValueType, element type or None), e.g. a mix's prediction.
-    extra_kvs: Sequence[tuple] = ()
+    extra_kvs: Sequence[KV] = ()
 
 
 def quantize_options(file_type: str | None, input_path: str | Path, *, imatrix: str | Path | None = None,
@@ -189,7 +189,7 @@ class QuantizePlan:
     imatrix: Imatrix | None
     weights: dict[str, np.ndarray]          # imatrix column weights per tensor name (empty without an imatrix)
     imatrix_use: dict[str, str]             # tensor name -> "used" / why not
-    kvs: list[tuple]
+    kvs: list[KV]
     notes: list[str] = field(default_factory=list)
 
 
@@ -218,16 +218,16 @@ def _truncate_utf8(text: str, limit: int) -> str:
     return text.encode()[:limit].decode("utf-8", errors="ignore")
 
 
-def _output_kvs(source: GGUFFile, file_type: FileType, imatrix_kvs: list[tuple]) -> list[tuple]:
+def _output_kvs(source: GGUFFile, file_type: FileType, imatrix_kvs: list[KV]) -> list[KV]:
     """llama-quantize's metadata: the input's keys in order, then version and file type, then the imatrix keys.
 
     Setting a key in gguf removes it and appends it, which fixes the order.
     """
-    kvs = [(k, v.value, v.type, v.sub_type) for k, v in source.kv.items() if k not in _SPLIT_KEYS + _SET_KEYS]
-    kvs.append(("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32, None))
-    kvs.append(("general.file_type", int(file_type), GGUFValueType.UINT32, None))
+    kvs = [kv for k, kv in source.kv.items() if k not in _SPLIT_KEYS + _SET_KEYS]
+    kvs.append(KV("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32))
+    kvs.append(KV("general.file_type", int(file_type), GGUFValueType.UINT32))
     for kv in imatrix_kvs:
-        kvs = [x for x in kvs if x[0] != kv[0]] + [kv]
+        kvs = [x for x in kvs if x.key != kv.key] + [kv]
     return kvs
 
 
@@ -343,16 +343,16 @@ def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_r
         notes.append(f"{len(missing)} quantized tensors have no imatrix entry and were quantized without one: "
                      + ", ".join(missing[:4]) + (" …" if len(missing) > 4 else ""))
 
-    imatrix_kvs = []
+    imatrix_kvs: list[KV] = []
     if weights:
-        imatrix_kvs.append(("quantize.imatrix.file", _truncate_utf8(str(options.imatrix), KV_STRING_MAX),
-                            GGUFValueType.STRING, None))
+        imatrix_kvs.append(KV("quantize.imatrix.file", _truncate_utf8(str(options.imatrix), KV_STRING_MAX),
+                              GGUFValueType.STRING))
         if imatrix.datasets:
-            imatrix_kvs.append(("quantize.imatrix.dataset", _truncate_utf8(imatrix.datasets[0], KV_STRING_MAX),
-                                GGUFValueType.STRING, None))
-        imatrix_kvs.append(("quantize.imatrix.entries_count", len(weights), GGUFValueType.UINT32, None))
+            imatrix_kvs.append(KV("quantize.imatrix.dataset", _truncate_utf8(imatrix.datasets[0], KV_STRING_MAX),
+                                  GGUFValueType.STRING))
+        imatrix_kvs.append(KV("quantize.imatrix.entries_count", len(weights), GGUFValueType.UINT32))
         if imatrix.chunk_count > 0:
-            imatrix_kvs.append(("quantize.imatrix.chunks_count", imatrix.chunk_count, GGUFValueType.UINT32, None))
+            imatrix_kvs.append(KV("quantize.imatrix.chunks_count", imatrix.chunk_count, GGUFValueType.UINT32))
     kvs = _output_kvs(source, options.file_type, imatrix_kvs)
     return QuantizePlan(source, options, model, choices, infos, imatrix, weights, imatrix_use, kvs, notes)
 

@@ -23,7 +23,7 @@ from gguf import GGUFValueType
 from qtool.errors import QtoolError
 from qtool.evaluate import tokenizer as tokmod
 from qtool.evaluate.tokenizer import Tokenizer, TokenAttr
-from qtool.gguf_io import GGUFFile, GGUFValue, read_gguf, write_gguf
+from qtool.gguf_io import KV, GGUFFile, read_gguf, write_gguf
 from tests.conftest import SHARED, VOCAB_DIR
 from tests.llamacpp import llamacpp_dir
 from tests.interop import need_module, need_tool, unavailable
@@ -226,7 +226,7 @@ def fake_gguf(model: str, tokens: list[str], *, types: list[int] | None = None, 
     values = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
               "tokenizer.ggml.token_type": types or [1] * len(tokens), "tokenizer.ggml.merges": merges,
               **{f"tokenizer.ggml.{k}": v for k, v in kv.items()}}
-    return GGUFFile(Path("fake.gguf"), {k: GGUFValue(v, GGUFValueType.STRING) for k, v in values.items()
+    return GGUFFile(Path("fake.gguf"), {k: KV(k, v, GGUFValueType.STRING) for k, v in values.items()
                                         if v is not None}, [], 32)
 
 
