@@ -73,6 +73,8 @@ class Format:
     half_offsets: tuple[int, ...] = ()
     # Returns the row kernel (loading it on first use); the default serves decode-only entries.
     load_kernel: Callable[[str], RowKernel] = field(default=_cannot_write, repr=False, compare=False)
+    # The parallel decoder (quantize/kernels/decode.py, `kernel(raw, out)`), where there is one; else gguf-py's.
+    load_decoder: Callable[[str], Callable] | None = field(default=None, repr=False, compare=False)
 
     @property
     def bits_per_weight(self) -> float:
@@ -163,26 +165,28 @@ def _refuse_non_finite(rows: np.ndarray, what: str) -> None:
                          "llama-quantize refuses such data too")
 
 
-def _entry(qtype: T, half_offsets: tuple[int, ...], load_kernel, uses_imatrix: bool = True) -> Format:
+def _entry(qtype: T, half_offsets: tuple[int, ...], load_kernel, uses_imatrix: bool = True,
+           decoder: str | None = None) -> Format:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     return Format(qtype, qtype.name, block_size, type_size, uses_imatrix=uses_imatrix,
-                  half_offsets=half_offsets, load_kernel=load_kernel)
+                  half_offsets=half_offsets, load_kernel=load_kernel,
+                  load_decoder=_numba_kernel("decode", decoder) if decoder else None)
 
 
 FORMATS: dict[T, Format] = {f.qtype: f for f in (
     _entry(T.F32, (), lambda name: _encode_f32, uses_imatrix=False),
     _entry(T.F16, (), _numba_kernel("floats", "quantize_f16"), uses_imatrix=False),
     _entry(T.BF16, (), _numba_kernel("floats", "quantize_bf16"), uses_imatrix=False),
-    _entry(T.Q8_0, (0,), _numba_kernel("legacy", "quantize_q8_0"), uses_imatrix=False),
-    _entry(T.Q4_0, (0,), _numba_kernel("legacy", "quantize_q4_0")),
+    _entry(T.Q8_0, (0,), _numba_kernel("legacy", "quantize_q8_0"), uses_imatrix=False, decoder="decode_q8_0"),
+    _entry(T.Q4_0, (0,), _numba_kernel("legacy", "quantize_q4_0"), decoder="decode_q4_0"),
     _entry(T.Q4_1, (0, 2), _numba_kernel("legacy", "quantize_q4_1")),
     _entry(T.Q5_0, (0,), _numba_kernel("legacy", "quantize_q5_0")),
     _entry(T.Q5_1, (0, 2), _numba_kernel("legacy", "quantize_q5_1")),
     _entry(T.Q2_K, (80, 82), _numba_kernel("kquants_low", "quantize_q2_k")),
     _entry(T.Q3_K, (108,), _numba_kernel("kquants_low", "quantize_q3_k")),
-    _entry(T.Q4_K, (0, 2), _numba_kernel("kquants", "quantize_q4_k")),
+    _entry(T.Q4_K, (0, 2), _numba_kernel("kquants", "quantize_q4_k"), decoder="decode_q4_k"),
     _entry(T.Q5_K, (0, 2), _numba_kernel("kquants", "quantize_q5_k")),
-    _entry(T.Q6_K, (208,), _numba_kernel("kquants", "quantize_q6_k")),
+    _entry(T.Q6_K, (208,), _numba_kernel("kquants", "quantize_q6_k"), decoder="decode_q6_k"),
     _entry(T.IQ4_NL, (0,), _numba_kernel("iq4", "quantize_iq4_nl")),
     _entry(T.IQ4_XS, (0,), _numba_kernel("iq4", "quantize_iq4_xs")),
 )}
@@ -257,6 +261,8 @@ def decode(raw: np.ndarray, qtype: T | int | str, n_per_row: int, out: np.ndarra
         np.copyto(out, raw.view(np.float16).reshape(rows, n_per_row))
     elif key == T.BF16:
         out.view(np.uint32)[...] = raw.view(np.uint16).reshape(rows, n_per_row).astype(np.uint32) << 16
+    elif key in FORMATS and FORMATS[key].load_decoder is not None and out.flags.c_contiguous:
+        FORMATS[key].load_decoder(key.name)(np.ascontiguousarray(raw).reshape(rows, -1), out)
     else:
         out[...] = dequantize(raw.reshape(rows, -1), key, n_per_row)
     return out

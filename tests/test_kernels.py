@@ -719,3 +719,30 @@ def test_kernel_block_geometry_is_the_format_tables():
             continue
         assert getattr(common, f"{fmt.name}_BYTES") == fmt.type_size, fmt.name
         assert fmt.block_size == (common.QK_K if fmt.block_size == 256 else common.QK), fmt.name
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+def test_parallel_decoders_equal_gguf_py(name):
+    """The numba decoders behind formats.decode, bit for bit against gguf-py: quantized rows (with an outlier and an
+    all-zero row) and raw random bytes (every fp16 scale pattern: subnormal, inf, NaN)."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from qtool.quantize import formats
+
+    qtype = T[name]
+    fmt = formats.FORMATS[qtype]
+    assert fmt.load_decoder is not None
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((8, 512)) * rng.uniform(1e-4, 50, (8, 1))).astype(np.float32)
+    x[3] = 0.0
+    x[5, 17] = 3e4
+    quantized = np.ascontiguousarray(fmt.quantize(x))
+    random_bytes = rng.integers(0, 256, (16, fmt.row_bytes(512)), dtype=np.uint8)
+    for raw in (quantized, random_bytes):
+        with np.errstate(invalid="ignore", over="ignore"):       # inf scales times zero codes
+            want = np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(raw.shape[0], 512)
+        got = formats.decode(raw, qtype, 512)
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))

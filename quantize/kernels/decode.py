@@ -1,0 +1,102 @@
+"""Block decoders for the evaluation's hot path: stored rows (uint8 [rows, row bytes]) -> float32 [rows, n], parallel
+over rows, bit-identical to gguf-py's `dequantize` (tests/test_kernels.py checks every one) and so to ggml's
+`dequantize_row_*` (docs/reference/quantization.md §1.2 for the layouts). gguf-py stays the decoder of every other
+type; these serve the types quantized models are mostly made of, where its single-threaded numpy was the slow part
+of every evaluation pass that does not keep a float32 copy.
+
+Every kernel has the signature ``kernel(raw, out)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .common import F32, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, QK, QK_K, fp16_bits_to_fp32
+
+
+@njit(cache=True, inline="always")
+def _half(blk, offset):
+    return fp16_bits_to_fp32(np.int64(blk[offset]) | (np.int64(blk[offset + 1]) << 8))
+
+
+@njit(parallel=True, cache=True)
+def decode_q8_0(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK):
+            blk = raw[r, Q8_0_BYTES * ib:Q8_0_BYTES * (ib + 1)]
+            d = _half(blk, 0)
+            y = out[r, QK * ib:QK * (ib + 1)]
+            for j in range(QK):
+                q = np.int64(blk[2 + j])
+                y[j] = F32(q - 256 if q >= 128 else q) * d
+
+
+@njit(parallel=True, cache=True)
+def decode_q4_0(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK):
+            blk = raw[r, Q4_0_BYTES * ib:Q4_0_BYTES * (ib + 1)]
+            d = _half(blk, 0)
+            y = out[r, QK * ib:QK * (ib + 1)]
+            for j in range(QK // 2):
+                b = np.int64(blk[2 + j])
+                y[j] = F32((b & 0xF) - 8) * d
+                y[j + QK // 2] = F32((b >> 4) - 8) * d
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(j, scales):
+    if j < 4:
+        return np.int64(scales[j]) & 63, np.int64(scales[j + 4]) & 63
+    d = (np.int64(scales[j + 4]) & 0xF) | ((np.int64(scales[j - 4]) >> 6) << 4)
+    m = (np.int64(scales[j + 4]) >> 4) | ((np.int64(scales[j]) >> 6) << 4)
+    return d, m
+
+
+@njit(parallel=True, cache=True)
+def decode_q4_k(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, Q4_K_BYTES * ib:Q4_K_BYTES * (ib + 1)]
+            d, dmin = _half(blk, 0), _half(blk, 2)
+            scales = blk[4:16]
+            qs = blk[16:]
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            for g in range(4):                     # 64 values: 32 low nibbles, then 32 high nibbles
+                sc, m = _scale_min_k4(2 * g, scales)
+                d1, m1 = d * F32(sc), dmin * F32(m)
+                sc, m = _scale_min_k4(2 * g + 1, scales)
+                d2, m2 = d * F32(sc), dmin * F32(m)
+                for l in range(32):
+                    q = np.int64(qs[32 * g + l])
+                    y[64 * g + l] = d1 * F32(q & 0xF) - m1
+                    y[64 * g + 32 + l] = d2 * F32(q >> 4) - m2
+
+
+@njit(parallel=True, cache=True)
+def decode_q6_k(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, Q6_K_BYTES * ib:Q6_K_BYTES * (ib + 1)]
+            d = _half(blk, 208)
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            for half in range(2):                  # 128 values each: ql[64], qh[32], scales[8]
+                ql = blk[64 * half:64 * half + 64]
+                qh = blk[128 + 32 * half:128 + 32 * half + 32]
+                for l in range(32):
+                    s = 192 + 8 * half + l // 16
+                    h = np.int64(qh[l])
+                    q1 = ((np.int64(ql[l]) & 0xF) | ((h & 3) << 4)) - 32
+                    q2 = ((np.int64(ql[l + 32]) & 0xF) | (((h >> 2) & 3) << 4)) - 32
+                    q3 = ((np.int64(ql[l]) >> 4) | (((h >> 4) & 3) << 4)) - 32
+                    q4 = ((np.int64(ql[l + 32]) >> 4) | (((h >> 6) & 3) << 4)) - 32
+                    base = 128 * half
+                    for k, q in ((0, q1), (2, q2), (4, q3), (6, q4)):
+                        sc = np.int64(blk[s + k])
+                        sc = sc - 256 if sc >= 128 else sc
+                        y[base + 16 * k + l] = (d * F32(sc)) * F32(q)
