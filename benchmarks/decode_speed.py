@@ -3,7 +3,7 @@
 (formats.decode) against gguf-py's numpy dequantize, the decoder the evaluation used before. An inner-loop rate
 (seconds per matrix, best of --repeats), not a whole-process ratio; the outputs are checked equal bit for bit.
 
-    python benchmarks/decode_speed.py [--types Q8_0,Q4_0,Q4_K,Q6_K] [--repeats 3]
+    python benchmarks/decode_speed.py [--types Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def best(fn, repeats: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K,Q6_K")
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import gguf

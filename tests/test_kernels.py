@@ -721,7 +721,7 @@ def test_kernel_block_geometry_is_the_format_tables():
         assert fmt.block_size == (common.QK_K if fmt.block_size == 256 else common.QK), fmt.name
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_parallel_decoders_equal_gguf_py(name):
     """The numba decoders behind formats.decode, bit for bit against gguf-py: quantized rows (with an outlier and an
     all-zero row) and raw random bytes (every fp16 scale pattern: subnormal, inf, NaN)."""

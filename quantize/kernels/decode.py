@@ -4,7 +4,7 @@ over rows, bit-identical to gguf-py's `dequantize` (tests/test_kernels.py checks
 type; these serve the types quantized models are mostly made of, where its single-threaded numpy was the slow part
 of every evaluation pass that does not keep a float32 copy.
 
-Every kernel has the signature ``kernel(raw, out)``.
+Every kernel has the signature ``kernel(raw, out)``. Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import F32, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, QK, QK_K, fp16_bits_to_fp32
+from .common import (F32, QK, QK_K, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES,
+                     Q8_0_BYTES, fp16_bits_to_fp32)
 
 
 @njit(cache=True, inline="always")
@@ -56,6 +57,14 @@ def _scale_min_k4(j, scales):
     return d, m
 
 
+@njit(cache=True, inline="always")
+def _group_scales(d, dmin, scales, g):
+    """Q4_K/Q5_K: (scale, min) of the two 32-value sub-blocks of 64-value group g, as float32."""
+    sc, m = _scale_min_k4(2 * g, scales)
+    sc2, m2 = _scale_min_k4(2 * g + 1, scales)
+    return d * F32(sc), dmin * F32(m), d * F32(sc2), dmin * F32(m2)
+
+
 @njit(parallel=True, cache=True)
 def decode_q4_k(raw, out):
     rows, n = out.shape
@@ -67,10 +76,7 @@ def decode_q4_k(raw, out):
             qs = blk[16:]
             y = out[r, QK_K * ib:QK_K * (ib + 1)]
             for g in range(4):                     # 64 values: 32 low nibbles, then 32 high nibbles
-                sc, m = _scale_min_k4(2 * g, scales)
-                d1, m1 = d * F32(sc), dmin * F32(m)
-                sc, m = _scale_min_k4(2 * g + 1, scales)
-                d2, m2 = d * F32(sc), dmin * F32(m)
+                d1, m1, d2, m2 = _group_scales(d, dmin, scales, g)
                 for l in range(32):
                     q = np.int64(qs[32 * g + l])
                     y[64 * g + l] = d1 * F32(q & 0xF) - m1
@@ -100,3 +106,73 @@ def decode_q6_k(raw, out):
                         sc = np.int64(blk[s + k])
                         sc = sc - 256 if sc >= 128 else sc
                         y[base + 16 * k + l] = (d * F32(sc)) * F32(q)
+
+
+@njit(cache=True, inline="always")
+def _fifth_bits(blk, offset):
+    return (np.int64(blk[offset]) | (np.int64(blk[offset + 1]) << 8) | (np.int64(blk[offset + 2]) << 16)
+            | (np.int64(blk[offset + 3]) << 24))
+
+
+@njit(parallel=True, cache=True)
+def decode_q4_1(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK):
+            blk = raw[r, Q4_1_BYTES * ib:Q4_1_BYTES * (ib + 1)]
+            d, m = _half(blk, 0), _half(blk, 2)
+            y = out[r, QK * ib:QK * (ib + 1)]
+            for j in range(QK // 2):
+                b = np.int64(blk[4 + j])
+                y[j] = F32(b & 0xF) * d + m
+                y[j + QK // 2] = F32(b >> 4) * d + m
+
+
+@njit(parallel=True, cache=True)
+def decode_q5_0(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK):
+            blk = raw[r, Q5_0_BYTES * ib:Q5_0_BYTES * (ib + 1)]
+            d = _half(blk, 0)
+            qh = _fifth_bits(blk, 2)
+            y = out[r, QK * ib:QK * (ib + 1)]
+            for j in range(QK // 2):
+                b = np.int64(blk[6 + j])
+                y[j] = F32(((b & 0xF) | (((qh >> j) << 4) & 0x10)) - 16) * d
+                y[j + QK // 2] = F32(((b >> 4) | ((qh >> (j + 12)) & 0x10)) - 16) * d
+
+
+@njit(parallel=True, cache=True)
+def decode_q5_1(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK):
+            blk = raw[r, Q5_1_BYTES * ib:Q5_1_BYTES * (ib + 1)]
+            d, m = _half(blk, 0), _half(blk, 2)
+            qh = _fifth_bits(blk, 4)
+            y = out[r, QK * ib:QK * (ib + 1)]
+            for j in range(QK // 2):
+                b = np.int64(blk[8 + j])
+                y[j] = F32((b & 0xF) | (((qh >> j) << 4) & 0x10)) * d + m
+                y[j + QK // 2] = F32((b >> 4) | ((qh >> (j + 12)) & 0x10)) * d + m
+
+
+@njit(parallel=True, cache=True)
+def decode_q5_k(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, Q5_K_BYTES * ib:Q5_K_BYTES * (ib + 1)]
+            d, dmin = _half(blk, 0), _half(blk, 2)
+            scales = blk[4:16]
+            qh = blk[16:48]
+            ql = blk[48:]
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            for g in range(4):                     # 64 values: low nibbles + bit 2g, high nibbles + bit 2g+1
+                d1, m1, d2, m2 = _group_scales(d, dmin, scales, g)
+                for l in range(32):
+                    q = np.int64(ql[32 * g + l])
+                    h = np.int64(qh[l])
+                    y[64 * g + l] = d1 * F32((q & 0xF) + (16 if (h >> (2 * g)) & 1 else 0)) - m1
+                    y[64 * g + 32 + l] = d2 * F32((q >> 4) + (16 if (h >> (2 * g + 1)) & 1 else 0)) - m2
