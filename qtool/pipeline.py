@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,8 +103,45 @@ def _stem(recipe: Recipe, source: Path | str) -> str:
     return name.split(".")[0] or "model"
 
 
+@dataclass
+class _Run:
+    """One run of a recipe: where it writes, what it has done, and how a stage is run or skipped."""
+
+    recipe: Recipe
+    out: Path
+    stem: str
+    manifest: Manifest
+    result: RunResult
+    only: str | None
+    force: bool
+    log: Log
+    progress_factory: Callable[[str], Any] | None
+
+    def step(self, stage: str, key_parts: dict[str, Any], outputs: list[Path],
+             work: Callable[[], dict[str, Any] | None], label: str | None = None) -> None:
+        """Run `work` unless the manifest says its outputs are up to date for these inputs (or --only skips it)."""
+        name = label or stage
+        key = _options_key(key_parts)
+        if not self.force and self.manifest.up_to_date(name, key, outputs):
+            self.result.stages_skipped.append(name)
+            self.log(f"{name}: up to date")
+            return
+        if self.only is not None and self.only != stage:
+            missing = [p for p in outputs if not p.exists()]
+            if missing:
+                raise QtoolError(f"--only {self.only}: stage {name} has not produced {missing[0].name} yet; "
+                                 "run without --only")
+            self.result.stages_skipped.append(name)
+            return
+        self.log(f"{name}: running")
+        extra = work() or {}
+        self.manifest.record(name, key, outputs, extra)
+        self.result.stages_run.append(name)
+
+
 def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, log: Log = lambda m: None,
                progress_factory: Callable[[str], Any] | None = None) -> RunResult:
+    """export (when the recipe asks) -> convert -> imatrix -> quantize each type -> evaluate -> gates -> reports."""
     if only is not None and only not in STAGES:
         raise QtoolError(f"--only {only!r}: choose one of {', '.join(STAGES)}")
     t0 = time.perf_counter()
@@ -112,134 +150,16 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise QtoolError(f"output.dir {out}: {e.strerror}") from None
-    manifest = Manifest(out / "manifest.json")
-    result = RunResult(recipe.path, out)
     source = _source(recipe)
-    stem = _stem(recipe, source)
-
-    def should_run(stage: str) -> bool:
-        return only is None or only == stage
-
-    def step(stage: str, key_parts: dict[str, Any], outputs: list[Path], work: Callable[[], dict[str, Any] | None],
-             label: str | None = None) -> None:
-        name = label or stage
-        key = _options_key(key_parts)
-        if not force and manifest.up_to_date(name, key, outputs):
-            result.stages_skipped.append(name)
-            log(f"{name}: up to date")
-            return
-        if not should_run(stage):
-            missing = [p for p in outputs if not p.exists()]
-            if missing:
-                raise QtoolError(f"--only {only}: stage {name} has not produced {missing[0].name} yet; run without --only")
-            result.stages_skipped.append(name)
-            return
-        log(f"{name}: running")
-        extra = work() or {}
-        manifest.record(name, key, outputs, extra)
-        result.stages_run.append(name)
-
-    # 1. export (a GGUF source that the recipe wants re-derived from an HF checkpoint, as the demo does)
-    hf_dir: Path | str | None = None
-    base: Path
-    if isinstance(source, Path) and source.suffix == ".gguf":
-        if recipe.source.get("export_hf"):
-            hf_dir = out / f"{stem}-hf"
-
-            def do_export() -> None:
-                from qtool.convert.export_hf import export_hf
-                export_hf(source, hf_dir, dtype="bf16", force=True)
-            step("export", {"source": fingerprint(source), "dtype": "bf16"}, [hf_dir / "config.json"], do_export)
-        else:
-            base = source
-    else:
-        hf_dir = source
-
-    # 2. convert
-    if hf_dir is not None:
-        conv = recipe.convert
-        outtype = conv.get("outtype", "f16").lower()
-        base = out / f"{stem}-{outtype.upper()}.gguf"
-
-        def do_convert() -> None:
-            from qtool.convert import hub
-            from qtool.convert.converter import plan_conversion, write_plan
-            model_dir = hub.fetch(hf_dir, recipe.source.get("revision")) if isinstance(hf_dir, str) else hf_dir
-            plan = plan_conversion(model_dir, outtype, pre=conv.get("pre"), normhead_override=conv.get("normhead"),
-                                   model_name=stem)
-            try:
-                write_plan(plan, base, force=True)
-            finally:
-                plan.close()
-            for note in plan.notes:
-                log(f"convert: {note}")
-        src_fp = fingerprint(hf_dir) if isinstance(hf_dir, Path) and hf_dir.exists() else str(hf_dir)
-        step("convert", {"source": src_fp, **conv}, [base], do_convert)
-    result.base = base
-
-    # 3. imatrix
-    imatrix_path: Path | None = None
-    if recipe.imatrix is not None:
-        im = recipe.imatrix
-        imatrix_path = out / "imatrix.gguf"
-
-        def do_imatrix() -> None:
-            from qtool.evaluate.imatrix import compute_imatrix_file
-            compute_imatrix_file(base, im["dataset"] if im["dataset"] == "wikitext" else str(recipe.resolve(im["dataset"])),
-                                 imatrix_path, n_ctx=im.get("ctx", 512), n_chunks=im.get("chunks"), force=True)
-        ds = im["dataset"]
-        ds_fp = ds if ds == "wikitext" else fingerprint(recipe.resolve(ds)) if recipe.resolve(ds).exists() else ds
-        step("imatrix", {"base": fingerprint(base) if base.exists() else "", "dataset": ds_fp, **im},
-             [imatrix_path], do_imatrix)
-        result.imatrix = imatrix_path
-
-    # 4. quantize, one stage per type
+    run = _Run(recipe, out, _stem(recipe, source), Manifest(out / "manifest.json"), RunResult(recipe.path, out),
+               only, force, log, progress_factory)
+    result = run.result
+    hf_dir = _export_stage(run, source)
+    result.base = base = _convert_stage(run, hf_dir) if hf_dir is not None else source
+    result.imatrix = _imatrix_stage(run, base)
     for ftype in recipe.types:
-        target = out / f"{stem}-{ftype}.gguf"
-        opts = recipe.overrides.get(ftype, {})
-
-        def do_quantize(ftype: str = ftype, target: Path = target, opts: dict[str, Any] = opts) -> dict[str, Any]:
-            from qtool.quantize import quantizer   # looked up at call time (tests replace quantize_model)
-
-            mix = predicted = None
-            if opts.get("mix"):     # exact per-tensor types (validated alone when the recipe was loaded)
-                from qtool.sensitivity import read_mix_for
-                mix, predicted = read_mix_for(recipe.resolve(opts["mix"]), base, imatrix_path,
-                                              lambda warning: log(f"quantize {ftype}: {warning}"))
-            options = quantizer.quantize_options(
-                ftype, base, imatrix=imatrix_path, output_tensor_type=opts.get("output_tensor_type"),
-                token_embedding_type=opts.get("token_embedding_type"), tensor_types=opts.get("tensor_type", []),
-                pure=bool(opts.get("pure", False)), leave_output_tensor=bool(opts.get("leave_output_tensor", False)),
-                threads=recipe.threads, force=True, mix=mix, predicted_kld=predicted)
-            report = quantizer.quantize_model(base, target, options)
-            for note in report.notes:
-                log(f"quantize {ftype}: {note}")
-            return {"bits_per_weight": report.bits_per_weight}
-        key = {"base": fingerprint(base) if base.exists() else "", "type": ftype, "opts": opts,
-               "imatrix": fingerprint(imatrix_path) if imatrix_path and imatrix_path.exists() else None}
-        if opts.get("mix"):
-            key["mix"] = fingerprint(recipe.resolve(opts["mix"]))     # an edited mix file redoes the stage
-        step("quantize", key, [target], do_quantize, label=f"quantize {ftype}")
-        result.variants[ftype] = target
-
-    # 5. evaluation (base and all variants in lockstep)
-    ev = recipe.eval
-    eval_json = out / "eval.json"
-
-    def do_eval() -> None:
-        from qtool.evaluate.datasets import load_eval_text
-        from qtool.evaluate.perplexity import run_perplexity
-        from qtool.evaluate.report import to_json_dict
-        spec = ev["dataset"] if ev["dataset"] == "wikitext" else str(recipe.resolve(ev["dataset"]))
-        text = load_eval_text(spec)
-        run = run_perplexity(base, [result.variants[t] for t in recipe.types], text.text, dataset_name=text.name,
-                             n_ctx=ev.get("ctx", 512), n_chunks=ev.get("chunks") or None,
-                             progress=progress_factory("eval") if progress_factory else None)
-        data = to_json_dict(run)
-        atomic_write(eval_json, json.dumps(data, indent=2))
-    key = {"models": [fingerprint(p) if p.exists() else str(p) for p in [base, *result.variants.values()]],
-           "eval": ev}
-    step("eval", key, [eval_json], do_eval)
+        result.variants[ftype] = _quantize_stage(run, base, result.imatrix, ftype)
+    eval_json = _eval_stage(run, base)
     if eval_json.exists():
         result.evaluation = json.loads(eval_json.read_text())
         result.gates = check_gates(recipe, result.evaluation)
@@ -247,6 +167,111 @@ def run_recipe(recipe: Recipe, *, only: str | None = None, force: bool = False, 
     if result.evaluation is not None:
         result.report_paths = write_reports(result, recipe)
     return result
+
+
+def _export_stage(run: _Run, source: Path | str) -> Path | str | None:
+    """The HF checkpoint to convert: the source itself, or a GGUF source exported back to one (as the demo does);
+    None when the source is a GGUF to use as it is."""
+    if not (isinstance(source, Path) and source.suffix == ".gguf"):
+        return source
+    if not run.recipe.source.get("export_hf"):
+        return None
+    hf_dir = run.out / f"{run.stem}-hf"
+
+    def do_export() -> None:
+        from qtool.convert.export_hf import export_hf
+        export_hf(source, hf_dir, dtype="bf16", force=True)
+    run.step("export", {"source": fingerprint(source), "dtype": "bf16"}, [hf_dir / "config.json"], do_export)
+    return hf_dir
+
+
+def _convert_stage(run: _Run, hf_dir: Path | str) -> Path:
+    conv = run.recipe.convert
+    outtype = conv.get("outtype", "f16").lower()
+    base = run.out / f"{run.stem}-{outtype.upper()}.gguf"
+
+    def do_convert() -> None:
+        from qtool.convert import hub
+        from qtool.convert.converter import plan_conversion, write_plan
+        model_dir = hub.fetch(hf_dir, run.recipe.source.get("revision")) if isinstance(hf_dir, str) else hf_dir
+        plan = plan_conversion(model_dir, outtype, pre=conv.get("pre"), normhead_override=conv.get("normhead"),
+                               model_name=run.stem)
+        try:
+            write_plan(plan, base, force=True)
+        finally:
+            plan.close()
+        for note in plan.notes:
+            run.log(f"convert: {note}")
+    src_fp = fingerprint(hf_dir) if isinstance(hf_dir, Path) and hf_dir.exists() else str(hf_dir)
+    run.step("convert", {"source": src_fp, **conv}, [base], do_convert)
+    return base
+
+
+def _imatrix_stage(run: _Run, base: Path) -> Path | None:
+    im = run.recipe.imatrix
+    if im is None:
+        return None
+    imatrix_path = run.out / "imatrix.gguf"
+    ds = im["dataset"]
+
+    def do_imatrix() -> None:
+        from qtool.evaluate.imatrix import compute_imatrix_file
+        compute_imatrix_file(base, ds if ds == "wikitext" else str(run.recipe.resolve(ds)), imatrix_path,
+                             n_ctx=im.get("ctx", 512), n_chunks=im.get("chunks"), force=True)
+    ds_fp = ds if ds == "wikitext" else fingerprint(run.recipe.resolve(ds)) if run.recipe.resolve(ds).exists() else ds
+    run.step("imatrix", {"base": fingerprint(base) if base.exists() else "", "dataset": ds_fp, **im},
+             [imatrix_path], do_imatrix)
+    return imatrix_path
+
+
+def _quantize_stage(run: _Run, base: Path, imatrix_path: Path | None, ftype: str) -> Path:
+    recipe = run.recipe
+    target = run.out / f"{run.stem}-{ftype}.gguf"
+    opts = recipe.overrides.get(ftype, {})
+
+    def do_quantize() -> dict[str, Any]:
+        from qtool.quantize import quantizer   # looked up at call time (tests replace quantize_model)
+
+        mix = predicted = None
+        if opts.get("mix"):     # exact per-tensor types (validated alone when the recipe was loaded)
+            from qtool.sensitivity import read_mix_for
+            mix, predicted = read_mix_for(recipe.resolve(opts["mix"]), base, imatrix_path,
+                                          lambda warning: run.log(f"quantize {ftype}: {warning}"))
+        options = quantizer.quantize_options(
+            ftype, base, imatrix=imatrix_path, output_tensor_type=opts.get("output_tensor_type"),
+            token_embedding_type=opts.get("token_embedding_type"), tensor_types=opts.get("tensor_type", []),
+            pure=bool(opts.get("pure", False)), leave_output_tensor=bool(opts.get("leave_output_tensor", False)),
+            threads=recipe.threads, force=True, mix=mix, predicted_kld=predicted)
+        report = quantizer.quantize_model(base, target, options)
+        for note in report.notes:
+            run.log(f"quantize {ftype}: {note}")
+        return {"bits_per_weight": report.bits_per_weight}
+    key = {"base": fingerprint(base) if base.exists() else "", "type": ftype, "opts": opts,
+           "imatrix": fingerprint(imatrix_path) if imatrix_path and imatrix_path.exists() else None}
+    if opts.get("mix"):
+        key["mix"] = fingerprint(recipe.resolve(opts["mix"]))     # an edited mix file redoes the stage
+    run.step("quantize", key, [target], do_quantize, label=f"quantize {ftype}")
+    return target
+
+
+def _eval_stage(run: _Run, base: Path) -> Path:
+    """Base and every variant in lockstep over the evaluation text: eval.json."""
+    ev, variants = run.recipe.eval, run.result.variants
+    eval_json = run.out / "eval.json"
+
+    def do_eval() -> None:
+        from qtool.evaluate.datasets import load_eval_text
+        from qtool.evaluate.perplexity import run_perplexity
+        from qtool.evaluate.report import to_json_dict
+        spec = ev["dataset"] if ev["dataset"] == "wikitext" else str(run.recipe.resolve(ev["dataset"]))
+        text = load_eval_text(spec)
+        result = run_perplexity(base, [variants[t] for t in run.recipe.types], text.text, dataset_name=text.name,
+                                n_ctx=ev.get("ctx", 512), n_chunks=ev.get("chunks") or None,
+                                progress=run.progress_factory("eval") if run.progress_factory else None)
+        atomic_write(eval_json, json.dumps(to_json_dict(result), indent=2))
+    key = {"models": [fingerprint(p) if p.exists() else str(p) for p in [base, *variants.values()]], "eval": ev}
+    run.step("eval", key, [eval_json], do_eval)
+    return eval_json
 
 
 def check_gates(recipe: Recipe, evaluation: dict[str, Any]) -> list[GateResult]:
