@@ -127,7 +127,9 @@ def wheel(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("build")
     # No build isolation: the isolated build would fetch setuptools from the network (the test extra installs it).
     env = {**os.environ, "PIP_NO_INPUT": "1"}
-    shutil.copytree(ROOT, build / "src", ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build"))
+    # the sources only (not the 176 MB llama.cpp tree in .cache/, nor outputs)
+    ignore = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".cache", "out", "*.gguf")
+    shutil.copytree(ROOT, build / "src", ignore=ignore)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist),
           str(build / "src")], cwd=build, env=env)
     wheels = list(dist.glob("qtool-*.whl"))
