@@ -234,10 +234,9 @@ class GGUFModel:
 def decode_rows(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
                 rows: slice | np.ndarray | None = None) -> np.ndarray:
     """Stored bytes [rows, row bytes] of a tensor of `shape` -> float32, optionally only the rows `rows` selects."""
-    from qtool.quantize.formats import decode  # the one decoder; imported here so convert needs no kernels
+    from qtool.quantize.formats import decode  # the one decoder (late: gguf_io's GGUFFile.array comes here too)
 
     if rows is not None:
         raw = raw[rows]
         shape = (raw.shape[0], *shape[1:])
-    n_per_row = shape[-1]
-    return decode(raw.reshape(-1, raw.shape[-1]) if raw.ndim != 2 else raw, qtype, n_per_row).reshape(shape)
+    return decode(raw, qtype, shape[-1]).reshape(shape)

@@ -21,6 +21,12 @@ def _half(blk, offset):
     return fp16_bits_to_fp32(np.int64(blk[offset]) | (np.int64(blk[offset + 1]) << 8))
 
 
+@njit(cache=True, inline="always")
+def _int8(byte):
+    v = np.int64(byte)
+    return v - 256 if v >= 128 else v
+
+
 @njit(parallel=True, cache=True)
 def decode_q8_0(raw, out):
     rows, n = out.shape
@@ -30,8 +36,7 @@ def decode_q8_0(raw, out):
             d = _half(blk, 0)
             y = out[r, QK * ib:QK * (ib + 1)]
             for j in range(QK):
-                q = np.int64(blk[2 + j])
-                y[j] = F32(q - 256 if q >= 128 else q) * d
+                y[j] = F32(_int8(blk[2 + j])) * d
 
 
 @njit(parallel=True, cache=True)
@@ -101,11 +106,11 @@ def decode_q6_k(raw, out):
                     q2 = ((np.int64(ql[l + 32]) & 0xF) | (((h >> 2) & 3) << 4)) - 32
                     q3 = ((np.int64(ql[l]) >> 4) | (((h >> 4) & 3) << 4)) - 32
                     q4 = ((np.int64(ql[l + 32]) >> 4) | (((h >> 6) & 3) << 4)) - 32
-                    base = 128 * half
-                    for k, q in ((0, q1), (2, q2), (4, q3), (6, q4)):
-                        sc = np.int64(blk[s + k])
-                        sc = sc - 256 if sc >= 128 else sc
-                        y[base + 16 * k + l] = (d * F32(sc)) * F32(q)
+                    base = 128 * half + l
+                    y[base] = (d * F32(_int8(blk[s]))) * F32(q1)
+                    y[base + 32] = (d * F32(_int8(blk[s + 2]))) * F32(q2)
+                    y[base + 64] = (d * F32(_int8(blk[s + 4]))) * F32(q3)
+                    y[base + 96] = (d * F32(_int8(blk[s + 6]))) * F32(q4)
 
 
 @njit(cache=True, inline="always")
