@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import qtool
@@ -24,7 +25,8 @@ with open(sys.argv[1], "wb") as out:
     proc = subprocess.Popen(sys.argv[2:], stdout=out, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "peak_rss": usage.ru_maxrss * 1024}))
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "peak_rss": usage.ru_maxrss * 1024,
+                  "cpu": usage.ru_utime + usage.ru_stime}))
 """
 
 
@@ -54,14 +56,29 @@ for path in sorted({l.split()[-1] for l in open("/proc/self/maps") if "blas" in 
 """
 
 
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, str]:
-    """(return code, wall seconds, peak RSS bytes, stdout+stderr) of a child process."""
+@dataclass
+class Measured:
+    rc: int
+    wall: float          # seconds
+    peak_rss: int        # bytes: the child's high-water mark
+    cpu: float           # user + system seconds of the child (and its waited-for children)
+    text: str            # stdout + stderr
+
+
+def measure(cmd: list[str], env: dict[str, str], timeout: float | None = None) -> Measured:
+    """Run a child process through the small meter process; its exit code, wall time, peak RSS, CPU time, output."""
     with tempfile.NamedTemporaryFile(suffix=".log") as out:
         meter = subprocess.run([sys.executable, "-S", "-c", _WAIT4, out.name, *cmd], env=env,
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True, check=True, timeout=timeout)
         text = Path(out.name).read_text(encoding="utf-8", errors="replace")
     m = json.loads(meter.stdout)
-    return m["rc"], m["wall"], m["peak_rss"], text
+    return Measured(m["rc"], m["wall"], m["peak_rss"], m["cpu"], text)
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, str]:
+    """(return code, wall seconds, peak RSS bytes, stdout+stderr) of a child process."""
+    m = measure(cmd, env)
+    return m.rc, m.wall, m.peak_rss, m.text
 
 
 def clean_env() -> dict[str, str]:

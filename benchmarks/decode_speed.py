@@ -3,7 +3,8 @@
 (formats.decode) against gguf-py's numpy dequantize, the decoder the evaluation used before. An inner-loop rate
 (seconds per matrix, best of --repeats), not a whole-process ratio; the outputs are checked equal bit for bit.
 
-    python benchmarks/decode_speed.py [--types Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K] [--repeats 3]
+    python benchmarks/decode_speed.py [--repeats 3]
+        [--types Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_NL,IQ4_XS,BF16]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def best(fn, repeats: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K")
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_NL,IQ4_XS,BF16")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import gguf
@@ -43,7 +44,7 @@ def main() -> int:
         ref = best(lambda: gguf.quants.dequantize(raw, qtype), args.repeats)
         ours = best(lambda: formats.decode(raw, qtype, 4096, out=out), args.repeats)
         same = np.array_equal(np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(out.shape), out)
-        print(f"{name:5s} gguf-py {ref:6.3f} s   qtool {ours:6.3f} s   {ref / ours:5.1f}x faster   identical: {same}")
+        print(f"{name:6s} gguf-py {ref:6.3f} s   qtool {ours:6.3f} s   {ref / ours:5.1f}x faster   identical: {same}")
     return 0
 
 

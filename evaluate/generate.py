@@ -273,7 +273,7 @@ def apply_chat_template(template: str, user_message: str, tokenizer: Tokenizer) 
 class Timings:
     """Wall-clock seconds of the forward passes (as llama.cpp's prompt eval / eval times) and of sampling."""
 
-    load_seconds: float = 0.0        # reading and dequantizing the weights, before the first pass
+    load_seconds: float = 0.0        # reading the weights before the first pass (0: they are memory-mapped)
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_runs: int = 0             # one-token forward passes after the prefill
@@ -397,17 +397,7 @@ def generate_text(path: str | Path, prompt: str, *, n_predict: int = 128, sampli
     model = Model(weights)
     if tokenizer.n_vocab != model.n_vocab:
         raise QtoolError(f"{path}: the vocabulary has {tokenizer.n_vocab} tokens but token_embd has {model.n_vocab} rows")
-    t0 = time.perf_counter()
-    if weights.resident:
-        # dequantize now, so that the prefill time measures the forward pass (llama.cpp's load time is apart too)
-        for name in weights.names():
-            weights.get(name)
-    load_seconds = time.perf_counter() - t0
     result = generate(model, tokenizer, ids, n_predict, Sampler(sampling), on_text)
-    result.timings.load_seconds = load_seconds
-    if not weights.resident:
-        result.notes.append(f"note: the float32 weights ({weights.float32_bytes / 1e9:.1f} GB) exceed the memory "
-                            "budget, so every token dequantized each layer again")
     return result
 
 

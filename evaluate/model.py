@@ -8,7 +8,8 @@ tied output); the pass itself is the llama graph of llama.cpp (src/models/{llama
     logits = rms_norm(x) @ output.T
 
 Weights are read in the GGUF layout (q/k rows permuted for llama/baichuan, whose NORM rope rotates
-adjacent pairs), so no tensor is rewritten on load. Weights of any type are used as float32; by default
+adjacent pairs), so no tensor is rewritten on load. Weights stay in their stored form (evaluate/weights.py: each
+product decodes tiles of rows, or reads the blocks directly for one token); their values are used as float32; by default
 (`activations="llama.cpp"`) the input of every matrix product is rounded the way llama.cpp's CPU backend
 rounds it for that weight type (F16, or 8-bit blocks for quantized weights), which is what makes its
 perplexities llama-perplexity's; `activations="float32"` computes the model exactly in float32.
@@ -19,8 +20,8 @@ Two extension points:
   q, k and v get the same array. One attribute test when unused.
 - `KVCache`: pass one to `forward` to decode incrementally; keys and values of earlier calls are reused.
 
-`forward` processes a batch of sequences layer by layer, so a model whose float32 weights are not kept
-in memory dequantizes each layer once per batch, not once per sequence.
+`forward` processes a batch of sequences layer by layer, so each weight tile is decoded once per batch, not once
+per sequence.
 """
 from __future__ import annotations
 
@@ -433,6 +434,10 @@ class Model:
     def n_vocab(self) -> int:
         return self.config.n_vocab
 
+    def unmap(self) -> None:
+        """Let go of the weights' memory-mapped pages until the next pass (evaluate/weights.py: `unmap`)."""
+        self.weights.unmap()
+
     def _check_shapes(self) -> None:
         c, w = self.config, self.weights
         q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -467,11 +472,11 @@ class Model:
         """x @ W.T (+ bias) into the work buffer `role`; `name` is the tensor name without '.weight'."""
         if self.on_matmul_input is not None:
             self.on_matmul_input(name + ".weight", x.x)
-        w = self.weights.get(name + ".weight")
-        out = np.matmul(x.rounded(self._activation_kind(name + ".weight")), w.T,
-                        out=self._ws(role, (x.x.shape[0], w.shape[0])))
-        if self.weights.has(name + ".bias"):
-            out += self.weights.get(name + ".bias")
+        w = self.weights
+        out = w.matmul(name + ".weight", x.rounded(self._activation_kind(name + ".weight")),
+                       self._ws(role, (x.x.shape[0], w.shape(name + ".weight")[0])))
+        if w.has(name + ".bias"):
+            out += w.get(name + ".bias")
         return out
 
     def _rope_tables(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -580,9 +585,7 @@ class Model:
             self.on_matmul_input(self.output_name, h)
         kind = self._activation_kind(self.output_name)
         hr = h if kind is None else round_activations(h, kind, np.empty_like(h))
-        logits = np.empty((h.shape[0], self.config.n_vocab), np.float32)
-        for first, block in self.weights.row_blocks(self.output_name):
-            np.matmul(hr, block.T, out=logits[:, first:first + block.shape[0]])
+        logits = self.weights.matmul(self.output_name, hr, np.empty((h.shape[0], self.config.n_vocab), np.float32))
         if self.weights.has("output.bias"):
             logits += self.weights.get("output.bias")
         return logits

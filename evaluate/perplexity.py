@@ -196,6 +196,8 @@ def evaluate(models: Sequence[LanguageModel], tokens: np.ndarray, n_ctx: int, *,
         for mi, model in enumerate(models):
             # logits at n_ctx-1 predict past the chunk: llama.cpp computes and ignores them, so do we
             logits = model.forward(inputs, output_from=first)[:, :-1]
+            if len(models) > 1 and hasattr(model, "unmap"):
+                model.unmap()          # one model's pages at a time
             acc = per_model[mi]
             if mi == 0:
                 base_logits, base_log_z = logits, np.empty(targets.shape, np.float64)

@@ -1,14 +1,19 @@
-"""GGUF tensors -> float32 arrays on demand; the whole float32 model is kept when the memory budget allows.
+"""GGUF tensors for the forward pass, read in their stored form: the memory-mapped file is the model.
 
-A model whose float32 size fits the budget is *resident*: every tensor is dequantized once, on first use,
-and kept. Otherwise each tensor is dequantized again whenever the forward pass needs it (one layer at a
-time), and the two big vocabulary matrices are touched only in slices: token rows by id, output rows in
-blocks. Either way the numbers are the same; only speed and memory differ.
+No float32 copy of the model is made. Each matrix product `x @ W.T` decodes W a tile of rows at a time into a
+small float32 buffer (parallel numba decoders, `formats.decode`) and multiplies that tile against the whole batch
+with BLAS, tile after tile; a product of a few rows (decoding one token) reads the blocks directly in a mat-vec
+kernel where the type has one (`qtool.evaluate.matvec`). Memory is the file (page cache) plus activations and one
+tile. Small tensors (norms, biases, rope factors) are decoded once and kept.
+
+`--max-memory` (a `MemoryBudget` of bytes) turns on a cache of decoded float32 tensors for those with RAM to
+spare: each tensor is kept on first use while the budget lasts, and its products then skip the decode. The
+numbers are the same either way (only BLAS's summation order may differ in the last bits between a whole-matrix
+and a tiled product).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -17,34 +22,21 @@ from qtool.errors import QtoolError
 from qtool.model_file import GGUFModel
 from qtool.quantize import formats
 
-# Share of the currently available RAM that resident models may take by default: the rest is left for
-# activations, logits, the page cache of the GGUF files, and whatever else runs on the machine.
-DEFAULT_MEMORY_FRACTION = 0.5
-# Rows of a non-resident output matrix dequantized at once (bounds the temporary to a few hundred MB).
-OUTPUT_BLOCK_BYTES = 256 * 1024 * 1024
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); a conservative 4 GB where that is unreadable."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 10**9
-
-
-def default_max_memory() -> int:
-    return int(available_memory() * DEFAULT_MEMORY_FRACTION)
+T = GGMLQuantizationType
+# Float32 bytes of one decoded tile: big enough for BLAS to run at full speed on it, small enough to stay in the
+# last-level cache next to the batch (measured on 11008x4096 Q4_K_M products of 2048 rows, benchmarks/scale.py).
+TILE_BYTES = 8 * 1024 * 1024
+# Tensors of at most this many elements (norms, biases, rope factors) are decoded once and kept.
+SMALL_TENSOR_ELEMENTS = 1 << 16
+# Products with at most this many input rows use the mat-vec kernels where the type has one.
+MATVEC_MAX_ROWS = 4
 
 
 class MemoryBudget:
-    """Bytes that resident float32 models may still take; shared by every model of one run."""
+    """Bytes that cached float32 tensors may still take; shared by every model of one run (default: none)."""
 
     def __init__(self, nbytes: int | None = None):
-        self.total = default_max_memory() if nbytes is None else int(nbytes)
+        self.total = 0 if nbytes is None else max(0, int(nbytes))
         self.remaining = self.total
 
     def reserve(self, nbytes: int) -> bool:
@@ -54,13 +46,8 @@ class MemoryBudget:
         return True
 
 
-def f16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """Stored float16 bytes -> a new flat float32 array (exact, on all cores; numpy's cast uses one)."""
-    return formats.decode(raw.reshape(-1), GGMLQuantizationType.F16, raw.size // 2).reshape(-1)
-
-
 class GGUFWeights:
-    """The tensors of one GGUF model (all of its split files, through qtool.model_file), as float32 on demand."""
+    """The tensors of one GGUF model (all of its split files, through qtool.model_file), in their stored form."""
 
     def __init__(self, path: str | Path, budget: MemoryBudget | None = None):
         self.path = Path(path)
@@ -71,9 +58,10 @@ class GGUFWeights:
         self.tensor_bytes = self.model.tensor_bytes
         self.size_bytes = self.model.size_bytes
         self.float32_bytes = 4 * self.n_params
-        budget = budget if budget is not None else MemoryBudget()
-        self.resident = budget.reserve(self.float32_bytes)
-        self._cache: dict[str, np.ndarray] = {}
+        self.budget = budget if budget is not None else MemoryBudget()
+        self._cache: dict[str, np.ndarray] = {}          # decoded float32 tensors (small ones, and the budget's)
+        self._raw: dict[str, np.ndarray] = {}            # stored rows (uint8 [rows, row bytes], memory-mapped)
+        self._tile: np.ndarray | None = None
 
     # --- metadata ---------------------------------------------------------------------------------------------
     def value(self, key: str, default=None):
@@ -82,6 +70,10 @@ class GGUFWeights:
     @property
     def bits_per_weight(self) -> float:
         return self.model.bits_per_weight
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(a.nbytes for a in self._cache.values())
 
     def has(self, name: str) -> bool:
         return name in self.model.tensors
@@ -96,37 +88,78 @@ class GGUFWeights:
         return list(self.model.tensors)
 
     # --- data -------------------------------------------------------------------------------------------------
-    def get(self, name: str) -> np.ndarray:
-        """The whole tensor as float32 (kept for later calls when the model is resident)."""
+    def dense(self, name: str) -> np.ndarray | None:
+        """The float32 tensor when one is held (cached, or a float32 tensor's own memory map), else None."""
         cached = self._cache.get(name)
         if cached is not None:
             return cached
-        arr = self.model.decode(name)
-        if self.resident:
-            self._cache[name] = arr
-        return arr
+        t = self.model.tensor(name)
+        if t.n_elements <= SMALL_TENSOR_ELEMENTS or (self.budget.remaining and self.budget.reserve(4 * t.n_elements)):
+            arr = self._cache[name] = np.ascontiguousarray(self.model.decode(name), dtype=np.float32)
+            return arr
+        if t.qtype == T.F32:
+            return self.model.decode(name)          # a view of the memory map
+        return None
+
+    def get(self, name: str) -> np.ndarray:
+        """The whole tensor as float32 (a new array unless it is held)."""
+        arr = self.dense(name)
+        return arr if arr is not None else self.model.decode(name)
+
+    def stored(self, name: str) -> np.ndarray:
+        """The stored rows of a 2-D tensor: uint8 [rows, row bytes], memory-mapped."""
+        raw = self._raw.get(name)
+        if raw is None:
+            t = self.model.tensor(name)
+            raw = self._raw[name] = t.raw().reshape(t.shape[0], -1)
+        return raw
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` of a 2-D tensor as a new float32 array (only those rows are dequantized)."""
+        """Rows `ids` of a 2-D tensor as a new float32 array (only those rows are decoded)."""
         ids = np.asarray(ids, dtype=np.int64)
         n_rows = self.model.tensor(name).shape[0]
         if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
             bad = int(ids[(ids < 0) | (ids >= n_rows)][0])
             raise QtoolError(f"token id {bad} is outside the model's vocabulary of {n_rows}")
-        if self.resident or name in self._cache:
-            return self.get(name)[ids]
+        held = self._cache.get(name)
+        if held is not None:
+            return held[ids]
         return np.array(self.model.decode(name, ids), dtype=np.float32)
 
-    def row_blocks(self, name: str, block_bytes: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 rows) covering a 2-D tensor: one block when resident, bounded blocks otherwise."""
+    def matmul(self, name: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = x @ W.T for float32 x (rows, n_in) and the 2-D tensor W (n_out, n_in); out is (rows, n_out)."""
+        if x.shape[0] == 0:
+            return out
+        w = self.dense(name)
+        if w is not None:
+            return np.matmul(x, w.T, out=out)
         t = self.model.tensor(name)
-        if self.resident or name in self._cache:
-            yield 0, self.get(name)
-            return
-        n_rows, n_cols = t.shape[0], int(np.prod(t.shape[1:]))
-        step = max(1, (block_bytes or OUTPUT_BLOCK_BYTES) // (4 * n_cols))
-        for start in range(0, n_rows, step):
-            yield start, self.model.decode(name, slice(start, min(n_rows, start + step)))
+        raw = self.stored(name)
+        n_out, n_in = t.shape
+        if x.shape[0] <= MATVEC_MAX_ROWS:
+            from qtool.evaluate import matvec
+            kernel = matvec.kernel_for(t.qtype)
+            if kernel is not None:
+                kernel(raw, x, out)
+                return out
+        step = max(16, TILE_BYTES // (4 * n_in)) // 16 * 16
+        step = min(step, n_out)
+        if self._tile is None or self._tile.size < step * n_in:
+            self._tile = np.empty(step * n_in, np.float32)
+        tile = self._tile[:step * n_in].reshape(step, n_in)
+        for first in range(0, n_out, step):
+            last = min(n_out, first + step)
+            block = formats.decode(raw[first:last], t.qtype, n_in, out=tile[:last - first])
+            np.matmul(x, block.T, out=out[:, first:last])
+        return out
+
+    def unmap(self) -> None:
+        """Drop this model's memory maps (their pages leave the process; the page cache may keep them): the next
+        product maps its tensor again. Lockstep evaluation calls it after each model's pass, so that several models
+        together never hold more than one model's pages."""
+        self._raw.clear()
 
     def release(self) -> None:
         self._cache.clear()
+        self._raw.clear()
+        self._tile = None

@@ -39,6 +39,21 @@ def main() -> None:
     """HuggingFace checkpoints -> llama.cpp GGUF files, quantized and measured."""
 
 
+def _apply_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None:
+        from qtool.threads import set_threads
+        note = set_threads(value)
+        if note:
+            _note(note)
+    return value
+
+
+def threads_option(f):
+    """--threads for a command: numba's kernels and BLAS use that many threads (default: all cores)."""
+    return click.option("--threads", type=int, default=None, metavar="N", callback=_apply_threads,
+                        help="Threads for the numba kernels and BLAS (default: all cores).")(f)
+
+
 def _note(msg: str) -> None:
     style = "yellow" if msg.lower().startswith("warning") else "dim"
     err.print(f"[{style}]{msg}[/]", soft_wrap=True)
@@ -59,8 +74,9 @@ def _note(msg: str) -> None:
 @click.option("--model-name", default=None, help="general.name to write (default: from README/config/dir).")
 @click.option("--dry-run", is_flag=True, help="List tensors, shapes, types and metadata; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@threads_option
 def convert(model, outfile, outtype, vocab_only, split_max_size, split_max_tensors, pre, normhead, revision,
-            model_name, dry_run, force):
+            model_name, dry_run, force, threads):
     """Convert a HuggingFace checkpoint (directory or Hub repo id) to GGUF."""
     from qtool.convert import hub
     from qtool.convert.converter import output_path, plan_conversion, write_plan
@@ -182,7 +198,7 @@ def info(file, as_json):
 @click.option("--pure", is_flag=True, help="No mixture rules: the file type's tensor type everywhere.")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight in its source type.")
 @click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing already quantized tensors.")
-@click.option("--threads", type=int, default=None, help="Threads for the row kernels (default: all cores).")
+@threads_option
 @click.option("--dry-run", is_flag=True, help="Show every tensor's type and the sizes; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--list", "list_types", is_flag=True, help="List the file types and exit.")
@@ -407,7 +423,8 @@ def _print_quantize_report(report) -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Start a new model-0000N-of-0000M.safetensors past this size (e.g. 500MB, 2GB).")
 @click.option("--force", is_flag=True, help="Overwrite an earlier export in OUTDIR.")
-def export_hf_command(model, outdir, dtype, max_shard_size, force):
+@threads_option
+def export_hf_command(model, outdir, dtype, max_shard_size, force, threads):
     """Turn a GGUF file back into a HuggingFace checkpoint directory (weights, config, tokenizer)."""
     from qtool.convert.export_hf import plan_export, write_export
     from qtool.gguf_io import parse_size
@@ -441,14 +458,15 @@ def export_hf_command(model, outdir, dtype, max_shard_size, force):
 @click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", "n_chunks", type=int, default=None, help="Evaluate at most N chunks.")
 @click.option("--max-memory", default=None,
-              help="Memory for float32 weights kept between chunks, all models together (e.g. 8G); "
-                   "models beyond it are dequantized layer by layer. Default: half the available RAM.")
+              help="Optional cache of decoded float32 weights, all models together (e.g. 8G): tensors that fit "
+                   "skip their decode on later chunks. Default: none (weights stay in their stored form).")
 @click.option("--activations", type=click.Choice(["llama.cpp", "float32"]), default="llama.cpp", show_default=True,
               help="llama.cpp: round each matrix product's input as llama.cpp's CPU backend does for the weight "
                    "type (8-bit for quantized weights), giving llama-perplexity's numbers; float32: exact.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the table as Markdown.")
-def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, activations, json_path, markdown_path):
+@threads_option
+def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, activations, json_path, markdown_path, threads):
     """Perplexity of BASE (llama-perplexity's protocol) and of each VARIANT, with KL divergence against BASE.
 
     All models run on the same chunk before the next one, so no logits are saved.
@@ -492,7 +510,8 @@ def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, activations, json_
 @click.option("--only", type=click.Choice(["export", "convert", "imatrix", "quantize", "eval"]), default=None,
               help="Run just this stage (the ones before it must be done).")
 @click.option("--force", is_flag=True, help="Redo every stage, even when up to date.")
-def run_cmd(recipe, sets, only, force):
+@threads_option
+def run_cmd(recipe, sets, only, force, threads):
     """Run a recipe: convert, imatrix, quantize, evaluate, check the gates, write the report. Exit 1 on a failed gate."""
     from qtool.pipeline import run_recipe
     from qtool.recipe import load_recipe
@@ -553,7 +572,8 @@ def run_cmd(recipe, sets, only, force):
 @click.option("--seed", type=int, default=None, help="Random seed, 0..2^32-1 (default: a random one, reported).")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (same as --temp 0).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as one user turn.")
-def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, chat):
+@threads_option
+def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, chat, threads):
     """Continue PROMPT with a GGUF model (numpy, KV cache), streaming the text; timings like llama.cpp's at the end."""
     from qtool.evaluate.generate import SamplingParams, generate_text
 
@@ -601,12 +621,14 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, 
 @click.option("--in-file", "in_files", multiple=True, type=click.Path(path_type=Path),
               help="An earlier imatrix to add in (repeatable). Without --dataset the files are only combined.")
 @click.option("--parse-special", is_flag=True, help="Tokenize special-token texts in the dataset as special tokens.")
-@click.option("--max-memory", default=None, help="Memory for float32 weights kept between chunks (e.g. 8G).")
+@click.option("--max-memory", default=None,
+              help="Optional cache of decoded float32 weights kept between chunks (e.g. 8G). Default: none.")
 @click.option("--show", "show_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="Print per-tensor statistics of an imatrix file (with MODEL: also its uncalibrated tensors).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@threads_option
 def imatrix(model, dataset, n_ctx, n_chunks, output, fmt, process_output, in_files, parse_special, max_memory,
-            show_file, force):
+            show_file, force, threads):
     """Importance matrix of MODEL over a calibration text, as llama-imatrix computes it (for quantize --imatrix)."""
     from qtool.evaluate.imatrix import compute_imatrix_file, summarize_imatrix
     from qtool.gguf_io import parse_size

@@ -270,17 +270,11 @@ def measure_gains(plan, sens: Sensitivity, calibration: str, *, n_chunks: int, n
             super().__init__(path)
             self.swapped: dict[str, np.ndarray] = {}
 
-        def get(self, name: str) -> np.ndarray:
-            return self.swapped[name] if name in self.swapped else super().get(name)
+        def dense(self, name: str) -> np.ndarray | None:
+            return self.swapped[name] if name in self.swapped else super().dense(name)
 
         def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
             return self.swapped[name][np.asarray(ids)] if name in self.swapped else super().rows(name, ids)
-
-        def row_blocks(self, name: str, block_bytes: int | None = None):
-            if name in self.swapped:
-                yield 0, self.swapped[name]
-                return
-            yield from super().row_blocks(name, block_bytes)
 
     weights = SwappedWeights(sens.source)
     model = Model(weights, activations="float32")

@@ -3,7 +3,7 @@
 Each entry declares its block size, bytes per block, the row kernel that quantizes it byte-identically to
 llama.cpp's ``ggml_quantize_chunk`` (numba, ``quantize/kernels/``), and where its fp16 scales sit so that the
 output is validated the way llama-quantize validates it (``ggml_validate_row_data``). Dequantization is
-gguf-py's, which matches llama.cpp for every type.
+gguf-py's, which matches llama.cpp for every type, or (``decode``) a parallel decoder bit-identical to it.
 
 gguf-py's numpy quantizers are byte-exact too for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 without an imatrix (and F16/BF16),
 but on a 4096x4096 tensor, one thread, they ran at 94-202 MB/s against 450-580 MB/s for the numba kernels
@@ -182,13 +182,13 @@ FORMATS: dict[T, Format] = {f.qtype: f for f in (
     _entry(T.Q4_1, (0, 2), _numba_kernel("legacy", "quantize_q4_1"), decoder="decode_q4_1"),
     _entry(T.Q5_0, (0,), _numba_kernel("legacy", "quantize_q5_0"), decoder="decode_q5_0"),
     _entry(T.Q5_1, (0, 2), _numba_kernel("legacy", "quantize_q5_1"), decoder="decode_q5_1"),
-    _entry(T.Q2_K, (80, 82), _numba_kernel("kquants_low", "quantize_q2_k")),
-    _entry(T.Q3_K, (108,), _numba_kernel("kquants_low", "quantize_q3_k")),
+    _entry(T.Q2_K, (80, 82), _numba_kernel("kquants_low", "quantize_q2_k"), decoder="decode_q2_k"),
+    _entry(T.Q3_K, (108,), _numba_kernel("kquants_low", "quantize_q3_k"), decoder="decode_q3_k"),
     _entry(T.Q4_K, (0, 2), _numba_kernel("kquants", "quantize_q4_k"), decoder="decode_q4_k"),
     _entry(T.Q5_K, (0, 2), _numba_kernel("kquants", "quantize_q5_k"), decoder="decode_q5_k"),
     _entry(T.Q6_K, (208,), _numba_kernel("kquants", "quantize_q6_k"), decoder="decode_q6_k"),
-    _entry(T.IQ4_NL, (0,), _numba_kernel("iq4", "quantize_iq4_nl")),
-    _entry(T.IQ4_XS, (0,), _numba_kernel("iq4", "quantize_iq4_xs")),
+    _entry(T.IQ4_NL, (0,), _numba_kernel("iq4", "quantize_iq4_nl"), decoder="decode_iq4_nl"),
+    _entry(T.IQ4_XS, (0,), _numba_kernel("iq4", "quantize_iq4_xs"), decoder="decode_iq4_xs"),
 )}
 
 
@@ -239,8 +239,10 @@ def quantize(x: np.ndarray, qtype: T | int | str, imatrix: np.ndarray | None = N
 
 def decode(raw: np.ndarray, qtype: T | int | str, n_per_row: int, out: np.ndarray | None = None) -> np.ndarray:
     """Stored rows (uint8 [rows, row bytes], or a memory map of them) -> float32 [rows, n_per_row]: the one decoder
-    every stage uses. F32 is a view of `raw` (unless `out` is given); F16 is widened exactly on all cores, BF16 by
-    a shift; every other type by gguf-py (`dequantize`). `out`, float32 [rows, n_per_row], receives the result."""
+    every stage uses. F32 is a view of `raw` (unless `out` is given); F16 and BF16 are widened exactly on all cores
+    (BF16 by gguf-py's shift), the types with a `load_decoder` by their parallel decoder (quantize/kernels/decode.py)
+    and every other type by gguf-py (`dequantize`), all bit-identical to gguf-py. `out`, float32 [rows, n_per_row],
+    receives the result."""
     key = _parse_type(qtype)
     if key not in gguf.GGML_QUANT_SIZES:
         raise QtoolError(f"cannot decode {key.name} tensors")
@@ -259,6 +261,9 @@ def decode(raw: np.ndarray, qtype: T | int | str, n_per_row: int, out: np.ndarra
         decode_f16(np.ascontiguousarray(raw).reshape(-1).view(np.uint16), out.reshape(-1))
     elif key == T.F16:
         np.copyto(out, raw.view(np.float16).reshape(rows, n_per_row))
+    elif key == T.BF16 and out.flags.c_contiguous:
+        from qtool.quantize.kernels.floats import decode_bf16
+        decode_bf16(np.ascontiguousarray(raw).reshape(-1).view(np.uint16), out.reshape(-1))
     elif key == T.BF16:
         out.view(np.uint32)[...] = raw.view(np.uint16).reshape(rows, n_per_row).astype(np.uint32) << 16
     elif key in FORMATS and FORMATS[key].load_decoder is not None and out.flags.c_contiguous:

@@ -443,14 +443,8 @@ class _TensorStream:
 def _set_threads(threads: int | None) -> str | None:
     if not threads:
         return None
-    import numba
-    if threads < 1:
-        raise QtoolError("--threads must be at least 1")
-    limit = numba.config.NUMBA_NUM_THREADS
-    numba.set_num_threads(min(threads, limit))
-    if threads > limit:
-        return f"using {limit} threads: numba was started with at most {limit} (set NUMBA_NUM_THREADS)"
-    return None
+    from qtool.threads import set_threads
+    return set_threads(threads)
 
 
 def _results(plan: QuantizePlan) -> list[TensorResult]:

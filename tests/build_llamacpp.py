@@ -26,7 +26,7 @@ from tests.fetch_llamacpp import DEFAULT_VERSION  # noqa: E402
 from tests.llamacpp import ensure_llamacpp  # noqa: E402
 
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-gguf-split", "llama-tokenize",
-         "llama-completion")
+         "llama-completion", "llama-bench")
 
 
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
@@ -86,6 +86,18 @@ def _runs(bin_dir: Path) -> list[str]:
     return bad
 
 
+def _drop_stale_cmake_cache(build: Path, src: Path) -> None:
+    """A build folder configured for another source path (a cache directory that was moved or renamed) makes cmake
+    refuse to configure: forget that configuration, keep nothing from it."""
+    cache = build / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:") and Path(line.split("=", 1)[1]) != src:
+            shutil.rmtree(build)
+            return
+
+
 def build(tree: Path, jobs: int, version: str = DEFAULT_VERSION) -> Path:
     out = build_dir(version)
     bin_dir = out / "build" / "bin"
@@ -105,6 +117,7 @@ def build(tree: Path, jobs: int, version: str = DEFAULT_VERSION) -> Path:
         shutil.rmtree(src, ignore_errors=True)
         shutil.copytree(tree, partial)
         partial.rename(src)
+    _drop_stale_cmake_cache(out / "build", src)
     subprocess.run(["cmake", "-S", str(src), "-B", str(out / "build"), *CMAKE_FLAGS], check=True, timeout=1800)
     subprocess.run(["cmake", "--build", str(out / "build"), "--config", "Release", "-j", str(jobs),
                     "--target", *TOOLS], check=True, timeout=3600)

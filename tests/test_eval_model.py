@@ -434,9 +434,9 @@ def test_f16_rounding_matches_numpy_on_every_exponent():
 
 
 def test_f16_weights_decode_exactly_for_every_bit_pattern():
-    from qtool.evaluate.weights import f16_to_f32
+    from qtool.quantize import formats
     half = np.arange(65536, dtype=np.uint32).astype(np.uint16)
-    ours = f16_to_f32(half.view(np.uint8))
+    ours = formats.decode(half.view(np.uint8), gguf.GGMLQuantizationType.F16, 65536).reshape(-1)
     ref = half.view(np.float16).astype(np.float32)
     finite = ~np.isnan(ref)
     np.testing.assert_array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))
@@ -502,22 +502,25 @@ def test_matmul_hook_sees_the_input_of_every_matrix_product(gguf_of):
     assert shapes["token_embd.weight"] == (3 * 6, c.n_embd)
 
 
-def test_streamed_weights_give_the_same_logits(gguf_of, monkeypatch):
-    """A model over the memory budget dequantizes per use (rows by id, output in blocks): same numbers."""
+def test_stored_weights_give_the_same_logits_as_cached_ones(gguf_of, monkeypatch):
+    """By default weights stay in their stored form (tiles decoded per product); a --max-memory cache of decoded
+    tensors gives the same numbers."""
     import qtool.evaluate.weights as weights_mod
     _, path = gguf_of("llama-spm", "q8_0")
-    resident, streamed = load(path), load(path, budget=0)
-    assert resident.weights.resident and not streamed.weights.resident
-    monkeypatch.setattr(weights_mod, "OUTPUT_BLOCK_BYTES", 4 * 64 * 1000)   # 1000 rows per block, 32 blocks
-    tokens = np.stack([random_tokens(resident.n_vocab, 20, 5), random_tokens(resident.n_vocab, 20, 6)])
-    got, want = streamed.forward(tokens, output_from=3), resident.forward(tokens, output_from=3)
+    cached, stored = load(path, budget=10**12), load(path)
+    monkeypatch.setattr(weights_mod, "TILE_BYTES", 4 * 64 * 1000)   # 992 rows per tile: 33 tiles of the output
+    monkeypatch.setattr(weights_mod, "MATVEC_MAX_ROWS", 0)          # tiles even for few rows
+    tokens = np.stack([random_tokens(cached.n_vocab, 20, 5), random_tokens(cached.n_vocab, 20, 6)])
+    got, want = stored.forward(tokens, output_from=3), cached.forward(tokens, output_from=3)
     # Same weights, same rounding; only BLAS's summation order may differ for the sliced output blocks (measured on
     # an AVX2-only EPYC with OpenBLAS's Haswell kernel: 3.2 % of logits off by at most 2.1e-7; elsewhere equal).
     # The bound is 10x that, relative to the logits' scale.
     scale = float(np.max(np.abs(want)))
     assert np.max(np.abs(got - want)) <= 2e-6 * max(scale, 1.0), np.max(np.abs(got - want))
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
-    assert not streamed.weights._cache
+    big = [n for n, a in stored.weights._cache.items() if a.size > weights_mod.SMALL_TENSOR_ELEMENTS]
+    assert not big, big                                             # nothing but norms decoded and kept
+    assert cached.weights.cached_bytes >= 4 * (cached.weights.n_params - cached.n_vocab * cached.config.n_embd)
 
 
 def test_quantized_tensors_are_dequantized_like_gguf_py(gguf_of):
@@ -535,11 +538,20 @@ def test_quantized_tensors_are_dequantized_like_gguf_py(gguf_of):
 
 
 def test_memory_budget_is_shared_between_models(gguf_of):
+    """--max-memory caches decoded tensors on first use while the budget lasts, across every model of a run."""
     _, path = gguf_of("llama-spm")
-    size = GGUFWeights(path, MemoryBudget(10**12)).float32_bytes
+    size = GGUFWeights(path).float32_bytes
     budget = MemoryBudget(size + size // 2)
-    assert GGUFWeights(path, budget).resident
-    assert not GGUFWeights(path, budget).resident
+    first, second = GGUFWeights(path, budget), GGUFWeights(path, budget)
+    for name in first.names():
+        first.dense(name)
+        second.dense(name)
+    from qtool.evaluate.weights import SMALL_TENSOR_ELEMENTS
+    small = sum(4 * int(np.prod(first.shape(n))) for n in first.names()
+                if np.prod(first.shape(n)) <= SMALL_TENSOR_ELEMENTS)      # always kept, outside the budget
+    assert first.cached_bytes == size
+    assert small < second.cached_bytes <= small + size // 2
+    assert budget.remaining >= 0
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
@@ -638,3 +650,28 @@ def test_serial_twins_compute_what_the_parallel_kernels_compute():
     M.rope_rows(r1, cos, sin, 2, True)
     M._rope_rows_serial(r2, cos, sin, 2, True)
     np.testing.assert_array_equal(r1, r2)
+
+
+def test_lockstep_evaluation_holds_one_models_pages_at_a_time(gguf_of):
+    """Several models in lockstep: each lets go of its memory maps after its pass (so their pages never add up);
+    one model alone keeps them between chunks. The scores do not depend on it."""
+    from qtool.evaluate.perplexity import evaluate
+    _, q8 = gguf_of("llama-spm", "q8_0")
+    _, f16 = gguf_of("llama-spm", "f16")
+    tokens = random_tokens(32000, 4 * 16, 11)
+    alone = load(q8)
+    solo = evaluate([alone], tokens, 16, chunks_per_group=2)
+    assert alone.weights._raw                                  # the output matrix stays mapped
+    base, variant = load(f16), load(q8)
+    seen = []
+    forward = variant.forward
+
+    def spy(*args, **kwargs):
+        seen.append(dict(base.weights._raw))                   # the base has let go before the variant runs
+        return forward(*args, **kwargs)
+
+    variant.forward = spy
+    both = evaluate([base, variant], tokens, 16, chunks_per_group=2)
+    assert len(seen) == 2 and not any(seen)
+    assert not base.weights._raw and not variant.weights._raw
+    np.testing.assert_array_equal(both[1].nll, solo[0].nll)

@@ -721,7 +721,19 @@ def test_kernel_block_geometry_is_the_format_tables():
         assert fmt.block_size == (common.QK_K if fmt.block_size == 256 else common.QK), fmt.name
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+DECODED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+# fp16 scale patterns at the edges: ±0, the smallest and largest subnormals, the smallest normal, ±1, ±65504.
+EDGE_HALVES = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x83FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF],
+                       np.uint16)
+
+
+def test_every_writable_block_type_has_a_parallel_decoder():
+    from qtool.quantize import formats
+
+    assert sorted(f.name for f in formats.FORMATS.values() if f.load_decoder is not None) == sorted(DECODED)
+
+
+@pytest.mark.parametrize("name", DECODED)
 def test_parallel_decoders_equal_gguf_py(name):
     """The numba decoders behind formats.decode, bit for bit against gguf-py: quantized rows (with an outlier and an
     all-zero row) and raw random bytes (every fp16 scale pattern: subnormal, inf, NaN)."""
@@ -746,3 +758,80 @@ def test_parallel_decoders_equal_gguf_py(name):
         nan = np.isnan(want)
         assert np.array_equal(np.isnan(got), nan)
         np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def random_finite_blocks(rng, fmt, rows: int, n: int) -> np.ndarray:
+    """Random block bytes whose fp16 scale fields are finite: random non-inf/NaN halves in most blocks, the
+    EDGE_HALVES (subnormal, tiny, negative, ±65504) in the others, so that every decoded value is finite."""
+    raw = rng.integers(0, 256, (rows, fmt.row_bytes(n)), dtype=np.uint8)
+    blocks = raw.reshape(rows, -1, fmt.type_size)
+    for offset in fmt.half_offsets:
+        halves = rng.integers(0, 2 ** 16, blocks.shape[:2], dtype=np.uint32).astype(np.uint16)
+        halves[(halves & 0x7C00) == 0x7C00] ^= 0x4000                     # inf/NaN exponent -> a finite one
+        edge = rng.random(blocks.shape[:2]) < 0.5
+        halves[edge] = rng.choice(EDGE_HALVES, int(edge.sum()))
+        halves.reshape(-1)[:len(EDGE_HALVES)] = EDGE_HALVES                 # each edge at least once
+        blocks[:, :, offset] = halves & 0xFF
+        blocks[:, :, offset + 1] = halves >> 8
+    return raw
+
+
+@pytest.mark.parametrize("name", DECODED)
+def test_parallel_decoders_equal_gguf_py_on_finite_random_blocks(name):
+    """Every decoder, bit for bit against gguf-py, on random blocks with finite (incl. extreme) scales: no value is
+    NaN, so the float32 bit patterns must be equal everywhere, through the kernel itself and through
+    formats.decode into a given C-contiguous buffer (and into a strided one, which goes through gguf-py)."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from qtool.quantize import formats
+
+    qtype = T[name]
+    fmt = formats.FORMATS[qtype]
+    n = 4 * 256
+    raw = random_finite_blocks(np.random.default_rng(sum(map(ord, name))), fmt, 24, n)
+    want = np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(raw.shape[0], n)
+    assert np.isfinite(want).all()
+
+    direct = np.full(want.shape, np.nan, np.float32)                     # catches unwritten values
+    fmt.load_decoder(name)(raw, direct)
+    assert np.array_equal(direct.view(np.uint32), want.view(np.uint32))
+
+    out = np.full(want.shape, np.nan, np.float32)
+    assert formats.decode(raw, qtype, n, out=out) is out
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+    wide = np.full((raw.shape[0], 2 * n), np.nan, np.float32)
+    strided = wide[:, ::2]
+    formats.decode(raw, qtype, n, out=strided)
+    assert np.array_equal(strided.view(np.uint32), want.view(np.uint32))
+
+    assert np.array_equal(formats.decode(raw[5:9], qtype, n).view(np.uint32), want[5:9].view(np.uint32))
+
+
+def test_bf16_decode_equals_gguf_py_for_every_bit_pattern():
+    """formats.decode of BF16 (the parallel floats.decode_bf16, or the numpy shift into a strided buffer) against
+    gguf-py and the plain shift, on all 65536 patterns (NaN payloads, ±inf, subnormals, ±0) and random rows."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from qtool.quantize import formats
+
+    every = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).reshape(64, 1024)
+    random = np.random.default_rng(12).integers(0, 2 ** 16, (7, 1024), dtype=np.uint32).astype(np.uint16)
+    for halves in (every, random):
+        raw = halves.view(np.uint8)
+        want = (halves.astype(np.uint32) << 16)
+        reference = np.asarray(gguf.quants.dequantize(raw, T.BF16), np.float32).reshape(halves.shape)
+        assert np.array_equal(reference.view(np.uint32), want)
+        got = formats.decode(raw, T.BF16, 1024)
+        assert np.array_equal(got.view(np.uint32), want)
+        out = np.zeros(halves.shape, np.float32)
+        assert formats.decode(raw, T.BF16, 1024, out=out) is out
+        assert np.array_equal(out.view(np.uint32), want)
+        strided = np.zeros((halves.shape[0], 2048), np.float32)[:, 1::2]
+        formats.decode(raw, T.BF16, 1024, out=strided)
+        assert np.array_equal(strided.view(np.uint32), want)
+    flat = np.zeros(every.size, np.float32)
+    floats.decode_bf16(every.reshape(-1), flat)
+    assert np.array_equal(flat.view(np.uint32), every.reshape(-1).astype(np.uint32) << 16)

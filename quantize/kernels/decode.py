@@ -4,7 +4,9 @@ over rows, bit-identical to gguf-py's `dequantize` (tests/test_kernels.py checks
 type; these serve the types quantized models are mostly made of, where its single-threaded numpy was the slow part
 of every evaluation pass that does not keep a float32 copy.
 
-Every kernel has the signature ``kernel(raw, out)``. Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K.
+Every kernel has the signature ``kernel(raw, out)``. Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+IQ4_NL, IQ4_XS. Each value is computed with gguf-py's float32 operations in its order: a sub-block scale is
+``d * float(scale)`` rounded to float32 first, then multiplied by the code (and the min subtracted), never fused.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, QK, QK_K, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES,
-                     Q8_0_BYTES, fp16_bits_to_fp32)
+from .common import (F32, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, QK, QK_K, Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES,
+                     Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES,
+                     fp16_bits_to_fp32)
 
 
 @njit(cache=True, inline="always")
@@ -181,3 +184,83 @@ def decode_q5_k(raw, out):
                     h = np.int64(qh[l])
                     y[64 * g + l] = d1 * F32((q & 0xF) + (16 if (h >> (2 * g)) & 1 else 0)) - m1
                     y[64 * g + 32 + l] = d2 * F32((q >> 4) + (16 if (h >> (2 * g + 1)) & 1 else 0)) - m2
+
+
+@njit(parallel=True, cache=True)
+def decode_q2_k(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, Q2_K_BYTES * ib:Q2_K_BYTES * (ib + 1)]
+            d, dmin = _half(blk, 80), _half(blk, 82)   # scales[16] (low nibble scale, high nibble min), qs[64]
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            for half in range(2):                      # 128 values: 2-bit fields 0..3 of qs[32 * half:32 * half + 32]
+                for s in range(4):
+                    for k in range(2):                 # two 16-value sub-blocks per (half, field)
+                        sc = np.int64(blk[8 * half + 2 * s + k])
+                        dl = d * F32(sc & 0xF)
+                        ml = dmin * F32(sc >> 4)
+                        for l in range(16 * k, 16 * k + 16):
+                            q = (np.int64(blk[16 + 32 * half + l]) >> (2 * s)) & 3
+                            y[128 * half + 32 * s + l] = dl * F32(q) - ml
+
+
+@njit(cache=True, inline="always")
+def _q3_k_scale(scales, i):
+    """Q3_K: the 6-bit scale of 16-value sub-block i (low 4 bits from bytes 0..7, high 2 from bytes 8..11), less 32."""
+    low = (np.int64(scales[i % 8]) >> (4 * (i // 8))) & 0xF
+    high = (np.int64(scales[8 + i % 4]) >> (2 * (i // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
+@njit(parallel=True, cache=True)
+def decode_q3_k(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, Q3_K_BYTES * ib:Q3_K_BYTES * (ib + 1)]
+            d = _half(blk, 108)                        # hmask[32], qs[64], scales[12], d
+            scales = blk[96:108]
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            for half in range(2):                      # 128 values: 2-bit fields 0..3 of qs, hmask bits 4*half + field
+                for s in range(4):
+                    for k in range(2):
+                        dl = d * F32(_q3_k_scale(scales, 8 * half + 2 * s + k))
+                        for l in range(16 * k, 16 * k + 16):
+                            q = (np.int64(blk[32 + 32 * half + l]) >> (2 * s)) & 3
+                            if not (np.int64(blk[l]) >> (4 * half + s)) & 1:
+                                q -= 4                 # the high bit is stored inverted: clear means -4
+                            y[128 * half + 32 * s + l] = dl * F32(q)
+
+
+@njit(parallel=True, cache=True)
+def decode_iq4_nl(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK):
+            blk = raw[r, IQ4_NL_BYTES * ib:IQ4_NL_BYTES * (ib + 1)]
+            d = _half(blk, 0)
+            y = out[r, QK * ib:QK * (ib + 1)]
+            for j in range(QK // 2):
+                b = np.int64(blk[2 + j])
+                y[j] = d * IQ4NL_VALUES[b & 0xF]
+                y[j + QK // 2] = d * IQ4NL_VALUES[b >> 4]
+
+
+@njit(parallel=True, cache=True)
+def decode_iq4_xs(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, IQ4_XS_BYTES * ib:IQ4_XS_BYTES * (ib + 1)]
+            d = _half(blk, 0)                          # d, scales_h (uint16), scales_l[4], qs[128]
+            scales_h = np.int64(blk[2]) | (np.int64(blk[3]) << 8)
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            for s in range(QK_K // 32):                # eight 32-value sub-blocks with 6-bit scales
+                low = (np.int64(blk[4 + s // 2]) >> (4 * (s % 2))) & 0xF
+                high = (scales_h >> (2 * s)) & 3
+                dl = d * F32((low | (high << 4)) - 32)
+                for j in range(16):
+                    b = np.int64(blk[8 + 16 * s + j])
+                    y[32 * s + j] = dl * IQ4NL_VALUES[b & 0xF]
+                    y[32 * s + 16 + j] = dl * IQ4NL_VALUES[b >> 4]

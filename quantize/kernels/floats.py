@@ -40,3 +40,19 @@ def decode_f16(halves, out):
     """float16 bit patterns (uint16, 1-D) -> float32 (1-D), exactly, on all cores (numpy's cast uses one)."""
     for i in prange(halves.size):
         out[i] = fp16_bits_to_fp32(halves[i])
+
+
+@njit(parallel=True, cache=True)
+def _widen_bf16(halves, bits):
+    for i in prange(halves.size):
+        bits[i] = np.uint32(halves[i]) << np.uint32(16)
+
+
+@njit(cache=True)
+def decode_bf16(halves, out):
+    """bfloat16 bit patterns (uint16, 1-D) -> float32 (1-D), on all cores: the 16 bits become the upper half, moved
+    as integers so that every pattern, NaN payloads included, comes out as gguf-py's (and ggml's) shift leaves it.
+    The float32 -> uint32 view is taken here, outside the parallel function: inside one, numba 0.68.1 loses the
+    stores through a view of the same item size (the output stayed all zeros; quantize_f16's uint8 -> uint16 view
+    is not affected)."""
+    _widen_bf16(halves, out.view(np.uint32))
