@@ -119,7 +119,9 @@ def _lane_buffer(typingctx):
     call of the function, which for a prange body is once per thread's share of the rows, never per row. (numba
     has no stack arrays, and np.empty in the loop would be a malloc per row.)"""
     def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, ir.FloatType(), size=LANE_BUFFER)
+        buffer = cgutils.alloca_once(builder, ir.FloatType(), size=LANE_BUFFER)
+        buffer.align = 64       # whole cache lines: where LLVM keeps the lanes in memory (B > 1), a 64-byte vector
+        return buffer           # split over two lines forwards no store to the next load (measured 2.5x slower)
 
     return types.CPointer(types.float32)(), codegen
 
