@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Mat-vec speed (one token's product, B=1 unless --rows) of qtool.evaluate.matvec against decode-then-BLAS: for an 11008x4096
-(Llama-2-7B FFN) and a 4096x4096 matrix of each type, seconds per product (best of --repeats after a warm-up),
-as GB/s of stored bytes read and weights per second. The reference column is what GGUFWeights.matmul does for
-types without a kernel: formats.decode into a float32 buffer, then np.matmul (F32: np.matmul on the stored
-values). Results are checked against that reference (max error over the float32 bound sum |x| |W|).
+"""Mat-vec speed (one token's product: B=1 row of x, or --rows) of qtool.evaluate.matvec against decode-then-BLAS:
+for an 11008x4096 (Llama-2-7B FFN) and a 4096x4096 matrix of each type, seconds per product (best of --repeats
+after a warm-up), as GB/s of stored bytes read and weights per second. The reference column is what
+GGUFWeights.matmul does for types without a kernel: formats.decode into a float32 buffer, then np.matmul (F32:
+np.matmul on the stored values). Results are checked against that reference (max error over the float32 bound
+sum |x| |W|).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/matvec_speed.py [--types Q4_K,Q6_K] [--repeats 5]
     python benchmarks/matvec_speed.py --crossover        # serial vs parallel time on small matrices
@@ -104,9 +105,9 @@ def crossover(args) -> int:
             raw.setflags(write=False)
             x = rng.standard_normal((1, n_in)).astype(np.float32)
             out = np.empty((1, n_out), np.float32)
-            group = matvec._row_group(n_out)
+            group = matvec._row_group(n_out, 1)
             t_par = best(lambda: par[0](raw, x, out, group), args.repeats * 20)
-            t_ser = best(lambda: ser[0](raw, x, out, matvec.ROW_GROUP), args.repeats * 20)
+            t_ser = best(lambda: ser[0](raw, x, out, group), args.repeats * 20)
             print(f"{name:5s} {n_out:5d}x{n_in:<5d} {n_out * n_in:9d} weights: serial {t_ser * 1e6:8.1f}  "
                   f"parallel {t_par * 1e6:8.1f}  {'parallel' if t_par < t_ser else 'serial'} wins")
     return 0

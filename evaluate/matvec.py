@@ -24,16 +24,14 @@ lanes l and adds per lane a balanced tree of 8 (Q6_K 16) products x*w, taken fro
 from 4 legacy blocks (F16/BF16: 8 runs of 32 values), into the lane's float32 accumulator, which lives on the stack
 (`_lane_buffer`; registers, after LLVM's SROA). After the row's last block the lanes are summed pairwise. So there
 is no horizontal reduction per block, and out[b, r] carries the error of a float32 sum of depth about
-n_in/128 + 10 (+ 1 per extra tile), relative to sum_j |x[b, j] W[r, j]|.
-Chosen by measurement (single thread, 11008x4096 Q4_K, benchmarks/matvec_speed.py): the integer-code dot per
-sub-block times one scale, as ggml does, was slower both with a horizontal reduction per sub-block (~1.3x) and
-with lane accumulators (2.3 ms against 2.0); reductions that fastmath reassociation vectorizes end each block in
-a serial chain of FMAs (2.6-4.3 ms).
+n_in/128 + 10, relative to sum_j |x[b, j] W[r, j]|.
+Chosen by measurement (one thread, 11008x4096 Q4_K, 2.0 ms this way): the dot product of the integer codes per
+sub-block times one scale, as ggml does, was slower with a horizontal reduction per sub-block (2.4-2.5 ms) and
+with lane accumulators per sub-block (2.3 ms); letting fastmath reassociation vectorize the reductions instead of
+the lanes ends each block in a serial chain of FMAs (2.6-4.3 ms).
 
 B > 1. Each kernel is compiled for B = 1..4 (NB, a constant in its code): every value is decoded once and enters B
-rows' lanes, without allocation in the parallel loop. x is read in tiles of columns (TILE_BYTES for all B rows,
-kept in L1) shared by ROW_GROUP weight rows: B rows of a 4096-wide x do not stay in L1 from one weight row to the
-next.
+rows' lanes, without allocation in the parallel loop.
 
 Small products (< PARALLEL_MIN_WEIGHTS weights) run on the calling thread, as evaluate/model.py's `_serial_twin`
 kernels do: below that, waking the workers costs more than they save.
@@ -65,16 +63,17 @@ T = GGMLQuantizationType
 Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 MAX_ROWS = 4                     # activation rows one call handles (the B = 1..4 specializations)
-# Below this many weights a product runs on the calling thread. benchmarks/matvec_speed.py --crossover: a parallel
-# call costs >= 8 us more than a serial one (threads spinning; far more when OMP_WAIT_POLICY=passive has put them
-# to sleep), and one thread reads 15-25 weights per ns, so splitting pays from about 2 * 8 us of work.
-PARALLEL_MIN_WEIGHTS = 1 << 18
+# Below this many weights a product runs on the calling thread. benchmarks/matvec_speed.py --crossover (2 cores,
+# qtool's OMP_WAIT_POLICY=passive, so the workers sleep between calls): a parallel call costs 30-40 us more than a
+# serial one, which reads about 20 weights per ns; Q4_K and Q8_0 break even near 1M weights (885K: serial 40 us,
+# parallel 47; 1M: 49 and 42).
+PARALLEL_MIN_WEIGHTS = 1 << 20
 LANE_BUFFER = MAX_ROWS * 32      # float32 accumulators per call frame: 32 lanes (or 16) per activation row
-# x is read in tiles of columns of at most TILE_BYTES (all B rows), each used for up to ROW_GROUP weight rows before
-# the next: B rows of a 4096-wide x (64 KB for B = 4) do not stay in a 48 KB L1 from one weight row to the next.
-# Measured on Q4_K, one thread: B = 3, 4 and n_in = 11008 1.3-1.9x faster, B = 1, 2 unchanged (16-40 KB tiles and
-# 8-128 rows per group were tried).
-TILE_BYTES = 24 * 1024
+# Weight rows per parallel work item for B >= 3 (B <= 2: one). The same machine code, reading the same bytes in the
+# same order, ran B = 3, 4 up to 1.5x faster with groups of 64 (Q4_K, Q8_0, F16; Q6_K 10-15% slower) and B = 2 2x
+# slower (all four), in interleaved runs in one process (11008x4096, one thread). The cause was not found (the VM
+# it was measured on has no hardware counters). Tiling the columns of x so that the B rows of a tile stay in L1
+# was tried too (16-64 KB tiles): no measurable effect.
 ROW_GROUP = 64
 FASTMATH = {"contract"}          # FMA allowed; no reassociation (the summation order is the source's)
 # The templates' constants: each variant (_variant) is compiled with its own values of these. Only a template's own
@@ -120,8 +119,8 @@ def _lane_buffer(typingctx):
     has no stack arrays, and np.empty in the loop would be a malloc per row.)"""
     def codegen(context, builder, signature, args):
         buffer = cgutils.alloca_once(builder, ir.FloatType(), size=LANE_BUFFER)
-        buffer.align = 64       # whole cache lines: where LLVM keeps the lanes in memory (B > 1), a 64-byte vector
-        return buffer           # split over two lines forwards no store to the next load (measured 2.5x slower)
+        buffer.align = 64       # whole cache lines, for where LLVM keeps the lanes in memory (B > 1) and not in
+        return buffer           # registers: a 64-byte vector access split over two lines is slower
 
     return types.CPointer(types.float32)(), codegen
 
@@ -281,31 +280,18 @@ def _lane_total(acc, s, lanes):
 
 
 @njit(inline="always")
-def _store(out, r, acc, nb, lanes, first):
-    """out[b, r] = (first tile) or += (later tiles) the lane total of row b."""
+def _store(out, r, acc, nb, lanes):
+    """out[b, r] = the lane total of row b."""
     for b in range(nb):
-        total = _lane_total(acc, b * lanes, lanes)
-        if first:
-            out[b, r] = total
-        else:
-            out[b, r] += total
-
-
-@njit(inline="always")
-def _tile(nb):
-    """Columns of x per tile: nb rows of them within TILE_BYTES, a multiple of 256 (whole super-blocks, and whole
-    groups of four 32-blocks)."""
-    return max(QK_K, TILE_BYTES // (4 * nb) // QK_K * QK_K)
+        out[b, r] = _lane_total(acc, b * lanes, lanes)
 
 
 # Every kernel below is a template: `_variant` compiles it with NB (and the type's helpers, for the shared ones)
 # as constants. The loop nest is the same everywhere:
 #
 #   for each group of weight rows (prange):
-#       for each tile of columns:
-#           for each row r of the group:
-#               lanes = 0;  for each (group of) block(s) of the tile: lanes += trees of decoded values * x
-#               out[:, r] (+)= sum(lanes)
+#       for each row r of the group:
+#           lanes = 0;  for each (group of) block(s): lanes += trees of decoded values * x;  out[:, r] = sum(lanes)
 
 
 # --- F16 / BF16: one value per 16-bit word, lanes of 32 --------------------------------------------------------
@@ -317,39 +303,36 @@ def _halves(raw, x, out, group):
     n_in = x.shape[1]
     words = raw.view(np.uint16)
     x0, x1, x2, x3 = _rows(x, NB)
-    tile = _tile(NB)
     for g in prange((n_out + group - 1) // group):
         acc = carray(_lane_buffer(), LANE_BUFFER)
-        for c0 in range(0, n_in, tile):
-            c1 = min(n_in, c0 + tile)
-            for r in range(g * group, min(n_out, (g + 1) * group)):
-                _zero(acc, 32 * NB)
-                row = words[r]
-                j = c0
-                while j + 256 <= c1:
-                    h = row[j:j + 256]
-                    y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, j, 256)
-                    for l in range(32):
-                        _accumulate8(acc, 32, y0, y1, y2, y3, NB, 0, 32, l,
-                                     _convert(h[l]), _convert(h[32 + l]), _convert(h[64 + l]), _convert(h[96 + l]),
-                                     _convert(h[128 + l]), _convert(h[160 + l]), _convert(h[192 + l]),
-                                     _convert(h[224 + l]))
-                    j += 256
-                while j < c1:
-                    m = min(32, c1 - j)
-                    h = row[j:j + m]
-                    y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, j, m)
-                    for l in range(m):
-                        w = _convert(h[l])
-                        acc[l] += y0[l] * w
-                        if NB > 1:
-                            acc[32 + l] += y1[l] * w
-                        if NB > 2:
-                            acc[64 + l] += y2[l] * w
-                        if NB > 3:
-                            acc[96 + l] += y3[l] * w
-                    j += m
-                _store(out, r, acc, NB, 32, c0 == 0)
+        for r in range(g * group, min(n_out, (g + 1) * group)):
+            _zero(acc, 32 * NB)
+            row = words[r]
+            j = 0
+            while j + 256 <= n_in:
+                h = row[j:j + 256]
+                y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, j, 256)
+                for l in range(32):
+                    _accumulate8(acc, 32, y0, y1, y2, y3, NB, 0, 32, l,
+                                 _convert(h[l]), _convert(h[32 + l]), _convert(h[64 + l]), _convert(h[96 + l]),
+                                 _convert(h[128 + l]), _convert(h[160 + l]), _convert(h[192 + l]),
+                                 _convert(h[224 + l]))
+                j += 256
+            while j < n_in:
+                m = min(32, n_in - j)
+                h = row[j:j + m]
+                y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, j, m)
+                for l in range(m):
+                    w = _convert(h[l])
+                    acc[l] += y0[l] * w
+                    if NB > 1:
+                        acc[32 + l] += y1[l] * w
+                    if NB > 2:
+                        acc[64 + l] += y2[l] * w
+                    if NB > 3:
+                        acc[96 + l] += y3[l] * w
+                j += m
+            _store(out, r, acc, NB, 32)
 
 
 # --- legacy blocks of 32: lanes of 16 (value l and l + 16 of each block), four blocks per iteration --------------
@@ -399,51 +382,48 @@ def _legacy(raw, x, out, group):
     n_out = raw.shape[0]
     n_in = x.shape[1]
     x0, x1, x2, x3 = _rows(x, NB)
-    tile = _tile(NB)
     bb = BLOCK_BYTES
     for g in prange((n_out + group - 1) // group):
         acc = carray(_lane_buffer(), LANE_BUFFER)
-        for c0 in range(0, n_in, tile):
-            c1 = min(n_in, c0 + tile)
-            for r in range(g * group, min(n_out, (g + 1) * group)):
-                _zero(acc, 16 * NB)
-                row = raw[r]
-                ib = c0 // QK
-                last = c1 // QK
-                while ib + 4 <= last:
-                    blk = row[bb * ib:bb * (ib + 4)]                     # four blocks
-                    d0, d1, d2, d3 = _f16x4_to_f32(_u16(blk, 0), _u16(blk, bb), _u16(blk, 2 * bb), _u16(blk, 3 * bb))
-                    m0 = m1 = m2 = m3 = F32(0.0)
-                    if M_OFFSET >= 0:
-                        m0, m1, m2, m3 = _f16x4_to_f32(_u16(blk, M_OFFSET), _u16(blk, bb + M_OFFSET),
-                                                       _u16(blk, 2 * bb + M_OFFSET), _u16(blk, 3 * bb + M_OFFSET))
-                    h0 = h1 = h2 = h3 = np.int64(0)
-                    if QH_OFFSET >= 0:
-                        h0, h1 = _fifth_bits(blk, QH_OFFSET), _fifth_bits(blk, bb + QH_OFFSET)
-                        h2, h3 = _fifth_bits(blk, 2 * bb + QH_OFFSET), _fifth_bits(blk, 3 * bb + QH_OFFSET)
-                    y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK * ib, 4 * QK)
-                    for l in range(16):
-                        w0, w1 = _values(blk, 0, l, d0, m0, h0)
-                        w2, w3 = _values(blk, bb, l, d1, m1, h1)
-                        w4, w5 = _values(blk, 2 * bb, l, d2, m2, h2)
-                        w6, w7 = _values(blk, 3 * bb, l, d3, m3, h3)
-                        _accumulate8(acc, 16, y0, y1, y2, y3, NB, 0, 16, l, w0, w1, w2, w3, w4, w5, w6, w7)
-                    ib += 4
-                while ib < last:                                          # the last < 4 blocks of the row
-                    blk = row[bb * ib:bb * (ib + 1)]
-                    d0, m0, h0 = _legacy_params(blk, M_OFFSET, QH_OFFSET)
-                    y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK * ib, QK)
-                    for l in range(16):
-                        w0, w1 = _values(blk, 0, l, d0, m0, h0)
-                        acc[l] += _tree2(y0, l, w0, w1)
-                        if NB > 1:
-                            acc[16 + l] += _tree2(y1, l, w0, w1)
-                        if NB > 2:
-                            acc[32 + l] += _tree2(y2, l, w0, w1)
-                        if NB > 3:
-                            acc[48 + l] += _tree2(y3, l, w0, w1)
-                    ib += 1
-                _store(out, r, acc, NB, 16, c0 == 0)
+        for r in range(g * group, min(n_out, (g + 1) * group)):
+            _zero(acc, 16 * NB)
+            row = raw[r]
+            ib = 0
+            last = n_in // QK
+            while ib + 4 <= last:
+                blk = row[bb * ib:bb * (ib + 4)]                     # four blocks
+                d0, d1, d2, d3 = _f16x4_to_f32(_u16(blk, 0), _u16(blk, bb), _u16(blk, 2 * bb), _u16(blk, 3 * bb))
+                m0 = m1 = m2 = m3 = F32(0.0)
+                if M_OFFSET >= 0:
+                    m0, m1, m2, m3 = _f16x4_to_f32(_u16(blk, M_OFFSET), _u16(blk, bb + M_OFFSET),
+                                                   _u16(blk, 2 * bb + M_OFFSET), _u16(blk, 3 * bb + M_OFFSET))
+                h0 = h1 = h2 = h3 = np.int64(0)
+                if QH_OFFSET >= 0:
+                    h0, h1 = _fifth_bits(blk, QH_OFFSET), _fifth_bits(blk, bb + QH_OFFSET)
+                    h2, h3 = _fifth_bits(blk, 2 * bb + QH_OFFSET), _fifth_bits(blk, 3 * bb + QH_OFFSET)
+                y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK * ib, 4 * QK)
+                for l in range(16):
+                    w0, w1 = _values(blk, 0, l, d0, m0, h0)
+                    w2, w3 = _values(blk, bb, l, d1, m1, h1)
+                    w4, w5 = _values(blk, 2 * bb, l, d2, m2, h2)
+                    w6, w7 = _values(blk, 3 * bb, l, d3, m3, h3)
+                    _accumulate8(acc, 16, y0, y1, y2, y3, NB, 0, 16, l, w0, w1, w2, w3, w4, w5, w6, w7)
+                ib += 4
+            while ib < last:                                          # the last < 4 blocks of the row
+                blk = row[bb * ib:bb * (ib + 1)]
+                d0, m0, h0 = _legacy_params(blk, M_OFFSET, QH_OFFSET)
+                y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK * ib, QK)
+                for l in range(16):
+                    w0, w1 = _values(blk, 0, l, d0, m0, h0)
+                    acc[l] += _tree2(y0, l, w0, w1)
+                    if NB > 1:
+                        acc[16 + l] += _tree2(y1, l, w0, w1)
+                    if NB > 2:
+                        acc[32 + l] += _tree2(y2, l, w0, w1)
+                    if NB > 3:
+                        acc[48 + l] += _tree2(y3, l, w0, w1)
+                ib += 1
+            _store(out, r, acc, NB, 16)
 
 
 # --- k-quants: super-blocks of 256 ------------------------------------------------------------------------------
@@ -467,27 +447,24 @@ def _q4_k(raw, x, out, group):
     n_out = raw.shape[0]
     n_in = x.shape[1]
     x0, x1, x2, x3 = _rows(x, NB)
-    tile = _tile(NB)
     for g in prange((n_out + group - 1) // group):
         acc = carray(_lane_buffer(), LANE_BUFFER)
-        for c0 in range(0, n_in, tile):
-            c1 = min(n_in, c0 + tile)
-            for r in range(g * group, min(n_out, (g + 1) * group)):
-                _zero(acc, 32 * NB)
-                row = raw[r]
-                for ib in range(c0 // QK_K, c1 // QK_K):
-                    blk = row[Q4_K_BYTES * ib:Q4_K_BYTES * (ib + 1)]
-                    a0, m0, a1, m1, a2, m2, a3, m3, a4, m4, a5, m5, a6, m6, a7, m7 = _k_scales(blk)
-                    qs = blk[16:]
-                    y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK_K * ib, QK_K)
-                    for l in range(32):
-                        c0_, c1_, c2_, c3_ = qs[l], qs[32 + l], qs[64 + l], qs[96 + l]
-                        _accumulate8(acc, 32, y0, y1, y2, y3, NB, 0, 32, l,
-                                     a0 * F32(_code(c0_, 0, 0, 0, 0, 0)) - m0, a1 * F32(_code(c0_, 4, 0, 0, 0, 0)) - m1,
-                                     a2 * F32(_code(c1_, 0, 0, 0, 0, 0)) - m2, a3 * F32(_code(c1_, 4, 0, 0, 0, 0)) - m3,
-                                     a4 * F32(_code(c2_, 0, 0, 0, 0, 0)) - m4, a5 * F32(_code(c2_, 4, 0, 0, 0, 0)) - m5,
-                                     a6 * F32(_code(c3_, 0, 0, 0, 0, 0)) - m6, a7 * F32(_code(c3_, 4, 0, 0, 0, 0)) - m7)
-                _store(out, r, acc, NB, 32, c0 == 0)
+        for r in range(g * group, min(n_out, (g + 1) * group)):
+            _zero(acc, 32 * NB)
+            row = raw[r]
+            for ib in range(n_in // QK_K):
+                blk = row[Q4_K_BYTES * ib:Q4_K_BYTES * (ib + 1)]
+                a0, m0, a1, m1, a2, m2, a3, m3, a4, m4, a5, m5, a6, m6, a7, m7 = _k_scales(blk)
+                qs = blk[16:]
+                y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK_K * ib, QK_K)
+                for l in range(32):
+                    c0_, c1_, c2_, c3_ = qs[l], qs[32 + l], qs[64 + l], qs[96 + l]
+                    _accumulate8(acc, 32, y0, y1, y2, y3, NB, 0, 32, l,
+                                 a0 * F32(_code(c0_, 0, 0, 0, 0, 0)) - m0, a1 * F32(_code(c0_, 4, 0, 0, 0, 0)) - m1,
+                                 a2 * F32(_code(c1_, 0, 0, 0, 0, 0)) - m2, a3 * F32(_code(c1_, 4, 0, 0, 0, 0)) - m3,
+                                 a4 * F32(_code(c2_, 0, 0, 0, 0, 0)) - m4, a5 * F32(_code(c2_, 4, 0, 0, 0, 0)) - m5,
+                                 a6 * F32(_code(c3_, 0, 0, 0, 0, 0)) - m6, a7 * F32(_code(c3_, 4, 0, 0, 0, 0)) - m7)
+            _store(out, r, acc, NB, 32)
 
 
 def _q5_k(raw, x, out, group):
@@ -495,29 +472,26 @@ def _q5_k(raw, x, out, group):
     n_out = raw.shape[0]
     n_in = x.shape[1]
     x0, x1, x2, x3 = _rows(x, NB)
-    tile = _tile(NB)
     for g in prange((n_out + group - 1) // group):
         acc = carray(_lane_buffer(), LANE_BUFFER)
-        for c0 in range(0, n_in, tile):
-            c1 = min(n_in, c0 + tile)
-            for r in range(g * group, min(n_out, (g + 1) * group)):
-                _zero(acc, 32 * NB)
-                row = raw[r]
-                for ib in range(c0 // QK_K, c1 // QK_K):
-                    blk = row[Q5_K_BYTES * ib:Q5_K_BYTES * (ib + 1)]
-                    a0, m0, a1, m1, a2, m2, a3, m3, a4, m4, a5, m5, a6, m6, a7, m7 = _k_scales(blk)
-                    qh = blk[16:48]
-                    ql = blk[48:]
-                    y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK_K * ib, QK_K)
-                    for l in range(32):
-                        h = qh[l]
-                        c0_, c1_, c2_, c3_ = ql[l], ql[32 + l], ql[64 + l], ql[96 + l]
-                        _accumulate8(acc, 32, y0, y1, y2, y3, NB, 0, 32, l,
-                                     a0 * F32(_code(c0_, 0, h, 0, 1, 0)) - m0, a1 * F32(_code(c0_, 4, h, 1, 1, 0)) - m1,
-                                     a2 * F32(_code(c1_, 0, h, 2, 1, 0)) - m2, a3 * F32(_code(c1_, 4, h, 3, 1, 0)) - m3,
-                                     a4 * F32(_code(c2_, 0, h, 4, 1, 0)) - m4, a5 * F32(_code(c2_, 4, h, 5, 1, 0)) - m5,
-                                     a6 * F32(_code(c3_, 0, h, 6, 1, 0)) - m6, a7 * F32(_code(c3_, 4, h, 7, 1, 0)) - m7)
-                _store(out, r, acc, NB, 32, c0 == 0)
+        for r in range(g * group, min(n_out, (g + 1) * group)):
+            _zero(acc, 32 * NB)
+            row = raw[r]
+            for ib in range(n_in // QK_K):
+                blk = row[Q5_K_BYTES * ib:Q5_K_BYTES * (ib + 1)]
+                a0, m0, a1, m1, a2, m2, a3, m3, a4, m4, a5, m5, a6, m6, a7, m7 = _k_scales(blk)
+                qh = blk[16:48]
+                ql = blk[48:]
+                y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK_K * ib, QK_K)
+                for l in range(32):
+                    h = qh[l]
+                    c0_, c1_, c2_, c3_ = ql[l], ql[32 + l], ql[64 + l], ql[96 + l]
+                    _accumulate8(acc, 32, y0, y1, y2, y3, NB, 0, 32, l,
+                                 a0 * F32(_code(c0_, 0, h, 0, 1, 0)) - m0, a1 * F32(_code(c0_, 4, h, 1, 1, 0)) - m1,
+                                 a2 * F32(_code(c1_, 0, h, 2, 1, 0)) - m2, a3 * F32(_code(c1_, 4, h, 3, 1, 0)) - m3,
+                                 a4 * F32(_code(c2_, 0, h, 4, 1, 0)) - m4, a5 * F32(_code(c2_, 4, h, 5, 1, 0)) - m5,
+                                 a6 * F32(_code(c3_, 0, h, 6, 1, 0)) - m6, a7 * F32(_code(c3_, 4, h, 7, 1, 0)) - m7)
+            _store(out, r, acc, NB, 32)
 
 
 @njit(inline="always")
@@ -556,22 +530,19 @@ def _q6_k(raw, x, out, group):
     n_out = raw.shape[0]
     n_in = x.shape[1]
     x0, x1, x2, x3 = _rows(x, NB)
-    tile = _tile(NB)
     for g in prange((n_out + group - 1) // group):
         acc = carray(_lane_buffer(), LANE_BUFFER)
-        for c0 in range(0, n_in, tile):
-            c1 = min(n_in, c0 + tile)
-            for r in range(g * group, min(n_out, (g + 1) * group)):
-                _zero(acc, 16 * NB)
-                row = raw[r]
-                for ib in range(c0 // QK_K, c1 // QK_K):
-                    blk = row[Q6_K_BYTES * ib:Q6_K_BYTES * (ib + 1)]
-                    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15 = _q6_scales(blk)
-                    y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK_K * ib, QK_K)
-                    for l in range(16):
-                        _q6_accumulate(acc, y0, y1, y2, y3, NB, 0, blk, 0, l, s0, s1, s2, s3, s4, s5, s6, s7)
-                        _q6_accumulate(acc, y0, y1, y2, y3, NB, 0, blk, 1, l, s8, s9, s10, s11, s12, s13, s14, s15)
-                _store(out, r, acc, NB, 16, c0 == 0)
+        for r in range(g * group, min(n_out, (g + 1) * group)):
+            _zero(acc, 16 * NB)
+            row = raw[r]
+            for ib in range(n_in // QK_K):
+                blk = row[Q6_K_BYTES * ib:Q6_K_BYTES * (ib + 1)]
+                s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15 = _q6_scales(blk)
+                y0, y1, y2, y3 = _spans(x0, x1, x2, x3, NB, QK_K * ib, QK_K)
+                for l in range(16):
+                    _q6_accumulate(acc, y0, y1, y2, y3, NB, 0, blk, 0, l, s0, s1, s2, s3, s4, s5, s6, s7)
+                    _q6_accumulate(acc, y0, y1, y2, y3, NB, 0, blk, 1, l, s8, s9, s10, s11, s12, s13, s14, s15)
+            _store(out, r, acc, NB, 16)
 
 
 # --- variants and dispatch --------------------------------------------------------------------------------------
@@ -619,9 +590,10 @@ def kernel_for(qtype: GGMLQuantizationType) -> Kernel | None:
     return _kernel(qtype) if qtype in _SPECS else None
 
 
-def _row_group(n_out: int) -> int:
-    """Weight rows per parallel work item: ROW_GROUP, or fewer so that every thread gets about four."""
-    return max(1, min(ROW_GROUP, n_out // (4 * get_num_threads())))
+def _row_group(n_out: int, rows: int) -> int:
+    """Weight rows per parallel work item: 1 for 1-2 rows of x, else ROW_GROUP or fewer so that every thread gets
+    about four items."""
+    return 1 if rows <= 2 else max(1, min(ROW_GROUP, n_out // (4 * get_num_threads())))
 
 
 @cache
@@ -650,9 +622,9 @@ def _kernel(qtype: GGMLQuantizationType) -> Kernel:
             raise ValueError(f"{qtype.name} mat-vec: raw {raw.dtype}{raw.shape}, x {x.dtype}{x.shape}, "
                              f"out {out.dtype}{out.shape} do not fit (1..{MAX_ROWS} rows of x, whole blocks)")
         if n_out * n_in >= PARALLEL_MIN_WEIGHTS:
-            parallel[rows - 1](raw, x, out, _row_group(n_out))
+            parallel[rows - 1](raw, x, out, _row_group(n_out, rows))
         else:
-            serial[rows - 1](raw, x, out, ROW_GROUP)
+            serial[rows - 1](raw, x, out, _row_group(n_out, rows))
 
     kernel.__name__ = kernel.__qualname__ = f"matvec_{qtype.name.lower()}"
     return kernel

@@ -27,11 +27,11 @@ def _shapes(qtype: T) -> list[tuple[int, int]]:
     group of 256 where the type allows one."""
     block = formats.block_size(qtype)
     if block == 256:
-        shapes = [(96, 512), (96, 2816), (70, 4096), (41, 6400)]
+        shapes = [(96, 512), (384, 2816), (260, 4096), (170, 6400)]
     elif block == 32:
-        shapes = [(96, 512), (70, 4160), (41, 6464)]
+        shapes = [(96, 512), (256, 4160), (164, 6464)]
     else:
-        shapes = [(96, 520), (70, 4100), (41, 6405)]
+        shapes = [(96, 520), (256, 4100), (164, 6405)]
     assert shapes[0][0] * shapes[0][1] < matvec.PARALLEL_MIN_WEIGHTS
     assert all(n_out * n_in >= matvec.PARALLEL_MIN_WEIGHTS for n_out, n_in in shapes[1:])
     return shapes
