@@ -353,7 +353,7 @@ def round_activations(x: np.ndarray, kind: str, out: np.ndarray) -> np.ndarray:
 class _Input:
     """One matrix-product input and its llama.cpp-rounded copies, made once per kind for all products sharing it."""
 
-    def __init__(self, x: np.ndarray, workspace: "_Workspace"):
+    def __init__(self, x: np.ndarray, workspace: Workspace):
         self.x, self._ws, self._rounded = x, workspace, {}
 
     def rounded(self, kind: str | None) -> np.ndarray:
@@ -394,7 +394,7 @@ class KVCache:
         return self.k[0].shape[2] if self.k else 0
 
 
-class _Workspace:
+class Workspace:
     """Work buffers by role, reallocated only when a shape changes (each run reuses the same memory)."""
 
     def __init__(self) -> None:
@@ -413,14 +413,16 @@ class Model:
     """A GGUF causal language model: `forward(tokens) -> logits`."""
 
     def __init__(self, weights: GGUFWeights, on_matmul_input: MatmulHook | None = None,
-                 activations: str = "llama.cpp"):
+                 activations: str = "llama.cpp", workspace: Workspace | None = None):
+        """`workspace`: work buffers to share with other models that never run at the same time (lockstep
+        evaluation: one set of buffers for all of them instead of one per model)."""
         if activations not in ACTIVATION_MODES:
             raise QtoolError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, not {activations!r}")
         self.weights = weights
         self.config = ModelConfig.from_weights(weights)
         self.on_matmul_input = on_matmul_input
         self.activations = activations
-        self._ws = _Workspace()
+        self._ws = workspace if workspace is not None else Workspace()
         self._rope: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         c = self.config
         self.rope_freqs = weights.get("rope_freqs.weight") if weights.has("rope_freqs.weight") else None

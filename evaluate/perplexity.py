@@ -211,6 +211,8 @@ def evaluate(models: Sequence[LanguageModel], tokens: np.ndarray, n_ctx: int, *,
                     acc["kld"].append(kl_divergence(base_logits[j], base_log_z[j], logits[j]))
                     acc["p_diff"].append(np.exp(-nll) - np.exp(-base_nll[j]))
                     acc["same_top1"].append(top == base_top[j])
+            if mi > 0:
+                del logits             # before the next model's forward makes its own
         if progress is not None:
             progress(Progress(start + n, n_total, (start + n) * n_ctx * len(models), time.perf_counter() - t0,
                               [float(np.exp(np.mean(np.concatenate(acc["nll"])))) for acc in per_model]))
@@ -344,13 +346,14 @@ def run_perplexity(base_path: str | Path, variant_paths: Sequence[str | Path], t
     `activations`: "llama.cpp" rounds every matrix product's input as llama.cpp's CPU backend does for the
     weight's type (the numbers llama-perplexity prints), "float32" keeps activations exact.
     """
-    from qtool.evaluate.model import Model
+    from qtool.evaluate.model import Model, Workspace
     from qtool.evaluate.tokenizer import Tokenizer
     from qtool.evaluate.weights import GGUFWeights, MemoryBudget
 
     budget = MemoryBudget(max_memory)
     paths = [Path(base_path), *map(Path, variant_paths)]
-    models = [Model(GGUFWeights(p, budget), activations=activations) for p in paths]
+    shared = Workspace()           # the models run one after another: one set of work buffers for all of them
+    models = [Model(GGUFWeights(p, budget), activations=activations, workspace=shared) for p in paths]
     for m in models[1:]:
         check_same_vocab(models[0], m)
     for m in models:

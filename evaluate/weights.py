@@ -156,8 +156,9 @@ class GGUFWeights:
     def unmap(self) -> None:
         """Drop this model's memory maps (their pages leave the process; the page cache may keep them): the next
         product maps its tensor again. Lockstep evaluation calls it after each model's pass, so that several models
-        together never hold more than one model's pages."""
+        together never hold more than one model's pages (nor its decode tile)."""
         self._raw.clear()
+        self._tile = None
 
     def release(self) -> None:
         self._cache.clear()

@@ -675,3 +675,21 @@ def test_lockstep_evaluation_holds_one_models_pages_at_a_time(gguf_of):
     assert len(seen) == 2 and not any(seen)
     assert not base.weights._raw and not variant.weights._raw
     np.testing.assert_array_equal(both[1].nll, solo[0].nll)
+
+
+def test_lockstep_models_can_share_one_workspace(gguf_of):
+    """run_perplexity gives all its models one set of work buffers (they never run at once): the scores are
+    those of models with their own buffers, and the buffers really are shared."""
+    from qtool.evaluate.model import Workspace
+    from qtool.evaluate.perplexity import evaluate
+    _, q8 = gguf_of("llama-spm", "q8_0")
+    _, f16 = gguf_of("llama-spm", "f16")
+    tokens = random_tokens(32000, 4 * 16, 12)
+    own = evaluate([load(f16), load(q8)], tokens, 16, chunks_per_group=2)
+    shared = Workspace()
+    models = [Model(GGUFWeights(p), workspace=shared) for p in (f16, q8)]
+    together = evaluate(models, tokens, 16, chunks_per_group=2)
+    assert models[0]._ws is models[1]._ws is shared and shared._bufs
+    for a, b in zip(own, together):
+        np.testing.assert_array_equal(a.nll, b.nll)
+    np.testing.assert_array_equal(own[1].kld, together[1].kld)
