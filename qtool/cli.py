@@ -341,7 +341,7 @@ def _print_mix(mix, choice, report) -> None:
 
 def _print_file_types() -> None:
     from qtool.quantize.formats import bits_per_weight
-    from qtool.quantize.mixtures import list_file_types, mixture_bits_per_weight
+    from qtool.quantize.mixtures import FileType, list_file_types, mixture_bits_per_weight
 
     table = Table(title="file types (8B bpw: the whole Llama-3.1-8B with the mixture)")
     for col, justify in (("type", "left"), ("ftype", "right"), ("base", "left"), ("bpw", "right"),
@@ -349,7 +349,10 @@ def _print_file_types() -> None:
         table.add_column(col, justify=justify, no_wrap=True)
     for name, ftype in list_file_types():
         alias = name != ftype.name
-        table.add_row(name, str(int(ftype)), ftype.default_type.name, f"{bits_per_weight(ftype.default_type):g}",
+        if ftype == FileType.COPY:      # no number, no tensor type: every tensor keeps its own
+            table.add_row(name, "", "(input)", "", f"{mixture_bits_per_weight(ftype):.4f}", ftype.description)
+            continue
+        table.add_row(name, str(ftype.llama_ftype), ftype.default_type.name, f"{bits_per_weight(ftype.default_type):g}",
                       f"{mixture_bits_per_weight(ftype):.4f}",
                       f"alias for {ftype.name}" if alias else ftype.description)
     out.print(table)

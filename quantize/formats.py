@@ -118,7 +118,13 @@ class Format:
         try:
             return np.asarray(gguf.quants.dequantize(raw, self.qtype), dtype=np.float32)
         except NotImplementedError:
-            raise QtoolError(f"cannot decode {self.name} tensors (gguf-py has no decoder for them)") from None
+            if self.load_decoder is None:
+                raise QtoolError(f"cannot decode {self.name} tensors (gguf-py has no decoder for them)") from None
+        # gguf-py has no decoder for this type (Q1_0): ours, a port of ggml's dequantize_row_*
+        rows = np.ascontiguousarray(raw.reshape(-1, row_bytes))
+        out = np.empty((rows.shape[0], n_per_row), np.float32)
+        self.load_decoder(self.name)(rows, out)
+        return out.reshape(raw.shape[:-1] + (n_per_row,))
 
     def _imatrix_for(self, imatrix: np.ndarray | None, n: int) -> np.ndarray:
         if imatrix is None:
@@ -189,6 +195,10 @@ FORMATS: dict[T, Format] = {f.qtype: f for f in (
     _entry(T.Q6_K, (208,), _numba_kernel("kquants", "quantize_q6_k"), decoder="decode_q6_k"),
     _entry(T.IQ4_NL, (0,), _numba_kernel("iq4", "quantize_iq4_nl"), decoder="decode_iq4_nl"),
     _entry(T.IQ4_XS, (0,), _numba_kernel("iq4", "quantize_iq4_xs"), decoder="decode_iq4_xs"),
+    # llama.cpp quantizes these four the same way with or without an importance matrix
+    _entry(T.TQ1_0, (52,), _numba_kernel("lowbit", "quantize_tq1_0"), uses_imatrix=False, decoder="decode_tq1_0"),
+    _entry(T.TQ2_0, (64,), _numba_kernel("lowbit", "quantize_tq2_0"), uses_imatrix=False, decoder="decode_tq2_0"),
+    _entry(T.Q1_0, (0,), _numba_kernel("lowbit", "quantize_q1_0"), uses_imatrix=False, decoder="decode_q1_0"),
 )}
 
 
@@ -209,10 +219,11 @@ def format_for(qtype: T | int | str) -> Format:
 
 
 # What ggml's CPU backend converts a matrix product's activations to before multiplying them by weights of each
-# type (its vec_dot_type): F16 weights see F16 activations, Q4_0/Q5_0/Q8_0 (and Q4_1/Q5_1 through Q8_1, the same
-# values) 8-bit blocks of 32 with an F16 scale, k-quants and i-quants Q8_K (blocks of 256, float scale); F32 none.
+# type (its vec_dot_type): F16 weights see F16 activations, Q4_0/Q5_0/Q8_0/Q1_0/Q2_0 (and Q4_1/Q5_1 through Q8_1,
+# the same values) 8-bit blocks of 32 with an F16 scale, k-quants, i-quants and TQ1_0/TQ2_0 Q8_K (blocks of 256,
+# float scale); F32 none.
 _ACTIVATION_KIND = {**dict.fromkeys(("F16",), "f16"), **dict.fromkeys(("BF16",), "bf16"),
-                    **dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4"), "q8_0"),
+                    **dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4", "Q1_0", "Q2_0"), "q8_0"),
                     **dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
                                      "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"), "q8_K")}
 

@@ -47,6 +47,12 @@ class FileType(enum.IntEnum):
     IQ4_NL = 25
     IQ4_XS = 30
     BF16 = 32
+    TQ1_0 = 36
+    TQ2_0 = 37
+    Q1_0 = 40
+    # llama-quantize's COPY copies every tensor unchanged; it sits in ALL_F32's slot (ftype 0) of its table and writes
+    # the input's general.file_type. Not a llama_ftype: its value here only keeps it apart from F32.
+    COPY = -1
 
     @property
     def default_type(self) -> T:
@@ -67,6 +73,11 @@ class FileType(enum.IntEnum):
     def is_quantized(self) -> bool:
         return self.default_type not in FLOAT_TYPES
 
+    @property
+    def llama_ftype(self) -> int | None:
+        """The number llama-quantize prints for this file type; None for COPY (it prints none)."""
+        return None if self == FileType.COPY else int(self)
+
 
 _DEFAULT_TYPE = {
     FileType.F32: T.F32, FileType.F16: T.F16, FileType.BF16: T.BF16,
@@ -77,6 +88,8 @@ _DEFAULT_TYPE = {
     FileType.Q4_K_S: T.Q4_K, FileType.Q4_K_M: T.Q4_K,
     FileType.Q5_K_S: T.Q5_K, FileType.Q5_K_M: T.Q5_K,
     FileType.Q6_K: T.Q6_K, FileType.IQ4_NL: T.IQ4_NL, FileType.IQ4_XS: T.IQ4_XS,
+    FileType.TQ1_0: T.TQ1_0, FileType.TQ2_0: T.TQ2_0, FileType.Q1_0: T.Q1_0,
+    FileType.COPY: T.F32,       # ALL_F32's slot; no tensor takes it (every tensor keeps its type)
 }
 
 _DISPLAY_NAME = {
@@ -87,14 +100,19 @@ _DISPLAY_NAME = {
     FileType.Q4_K_S: "Q4_K - Small", FileType.Q4_K_M: "Q4_K - Medium",
     FileType.Q5_K_S: "Q5_K - Small", FileType.Q5_K_M: "Q5_K - Medium", FileType.Q6_K: "Q6_K",
     FileType.IQ4_NL: "IQ4_NL - 4.5 bpw", FileType.IQ4_XS: "IQ4_XS - 4.25 bpw",
+    FileType.TQ1_0: "TQ1_0 - 1.69 bpw ternary", FileType.TQ2_0: "TQ2_0 - 2.06 bpw ternary", FileType.Q1_0: "Q1_0",
+    FileType.COPY: "tensors copied unchanged",
 }
 
 # QUANT_OPTIONS of tools/quantize/quantize.cpp, verbatim, in its order (the order `--list` prints).
 _DESCRIPTION = {
+    FileType.Q1_0: " 1.125 bpw quantization",
     FileType.Q4_0: " 4.34G, +0.4685 ppl @ Llama-3-8B",
     FileType.Q4_1: " 4.78G, +0.4511 ppl @ Llama-3-8B",
     FileType.Q5_0: " 5.21G, +0.1316 ppl @ Llama-3-8B",
     FileType.Q5_1: " 5.65G, +0.1062 ppl @ Llama-3-8B",
+    FileType.TQ1_0: " 1.69 bpw ternarization",
+    FileType.TQ2_0: " 2.06 bpw ternarization",
     FileType.Q2_K: " 2.96G, +3.5199 ppl @ Llama-3-8B",
     FileType.Q2_K_S: " 2.96G, +3.1836 ppl @ Llama-3-8B",
     FileType.Q3_K_S: " 3.41G, +1.6321 ppl @ Llama-3-8B",
@@ -111,7 +129,30 @@ _DESCRIPTION = {
     FileType.F16: "14.00G, +0.0020 ppl @ Mistral-7B",
     FileType.BF16: "14.00G, -0.0050 ppl @ Mistral-7B",
     FileType.F32: "26.00G              @ 7B",
+    FileType.COPY: "only copy tensors, no quantizing",
 }
+
+# llama_model_loader's guess of a file's ftype from its most common tensor type (`general.file_type` absent), by
+# llama_ftype number: also types qtool does not write, since COPY passes any file through.
+_GUESSED_FTYPE = {T.F32: 0, T.F16: 1, T.BF16: 32, T.Q4_0: 2, T.Q4_1: 3, T.Q5_0: 8, T.Q5_1: 9, T.Q8_0: 7, T.Q2_K: 10,
+                  T.Q3_K: 12, T.Q4_K: 15, T.Q5_K: 17, T.Q6_K: 18, T.TQ1_0: 36, T.TQ2_0: 37, T.IQ2_XXS: 19,
+                  T.IQ2_XS: 20, T.IQ2_S: 28, T.IQ3_XXS: 23, T.IQ1_S: 24, T.IQ1_M: 31, T.IQ4_NL: 25, T.IQ4_XS: 30,
+                  T.IQ3_S: 26, T.NVFP4: 39, T.Q1_0: 40}
+LLAMA_FTYPE_GUESSED = 1024
+
+
+def guessed_file_type(types: Sequence[T]) -> int:
+    """The ftype llama.cpp's loader gives a file without `general.file_type`: that of the type held by most tensors
+    (`types` in llama_tensor_order; on a tie, the type that reached the count first), an unknown type counting as
+    ALL_F32, with the GUESSED flag (1024) set — what llama-quantize COPY writes for such a file."""
+    counts: dict[T, int] = {}
+    top, top_type = 0, T.F32
+    for qtype in types:
+        counts[qtype] = counts.get(qtype, 0) + 1
+        if counts[qtype] > top:
+            top, top_type = counts[qtype], qtype
+    return _GUESSED_FTYPE.get(top_type, 0) | LLAMA_FTYPE_GUESSED
+
 
 # llama-quantize accepts these short names as the K-quant "medium" mixtures.
 _ALIASES = {"Q3_K": FileType.Q3_K_M, "Q4_K": FileType.Q4_K_M, "Q5_K": FileType.Q5_K_M}
@@ -123,8 +164,9 @@ WRITABLE_TYPES = tuple(FORMATS)
 
 def list_file_types() -> list[tuple[str, FileType]]:
     """Every accepted file type name with its FileType, in llama-quantize's QUANT_OPTIONS order (aliases included)."""
-    order = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL",
-             "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
+    order = ["Q1_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "Q3_K", "Q3_K_S", "Q3_K_M",
+             "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16",
+             "BF16", "F32", "COPY"]
     return [(name, _ALIASES.get(name) or FileType[name]) for name in order]
 
 
@@ -136,7 +178,7 @@ def parse_file_type(text: str) -> FileType:
     if key in FileType.__members__:
         return FileType[key]
     if key.isdigit() and int(key) in FileType._value2member_map_:
-        return FileType(int(key))
+        return FileType(int(key))       # 0 is F32: COPY is chosen by name only, as in llama-quantize
     names = ", ".join(name for name, _ in list_file_types())
     raise QtoolError(f"unknown or unsupported file type {text!r}; qtool writes: {names}")
 
@@ -417,6 +459,8 @@ class _Rules:
         if category == Category.TOKEN_EMBD:
             if o.token_embedding_type is not None:
                 return o.token_embedding_type, "--token-embedding-type"
+            if ft in (F.TQ1_0, F.TQ2_0):
+                return T.Q4_K, f"token_embd of a {ft.name} file → Q4_K"
             return new_type, "file type default"
         if category in _ATTN_V_LIKE:
             i, n = self.i_attention_wv, self.n_attention_wv
@@ -502,7 +546,7 @@ class _Rules:
 
 
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL}
+             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
 
 
 def shape_fallback(qtype: T, row_length: int) -> tuple[T, str | None]:
@@ -515,7 +559,9 @@ def shape_fallback(qtype: T, row_length: int) -> tuple[T, str | None]:
     elif block <= 32:
         fallback = qtype
     else:
-        raise QtoolError(f"no fallback type is defined for {qtype.name} (row length {row_length})")
+        raise QtoolError(f"no fallback type is defined for {qtype.name}: row length {row_length} is not a multiple "
+                         f"of its {block} (llama-quantize refuses this too); choose another type for this tensor, "
+                         f"e.g. with --tensor-type")
     reason = f"row length {row_length} is not a multiple of {block} ({qtype.name})"
     if row_length % block_size(fallback) != 0:
         return T.F16, reason + f" nor of {block_size(fallback)}: must use F16"
@@ -552,7 +598,7 @@ def choose_tensor_types(tensors: Sequence[tuple[str, Sequence[int], T]], ftype: 
 def tensor_type_for(name: str, shape: tuple[int, ...], source: T, ftype: FileType, default: T, rules: _Rules,
                     options: MixtureOptions) -> TensorChoice:
     """`llama_tensor_get_type`: one tensor, visited in order (the rules' counters advance here)."""
-    kept = why_not_quantized(name, shape, options)
+    kept = "COPY" if ftype == FileType.COPY else why_not_quantized(name, shape, options)
     if kept is not None:
         return TensorChoice(name, shape, source, source, f"kept: {kept}", quantizable=False)
     category = category_of(name)

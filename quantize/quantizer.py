@@ -26,7 +26,8 @@ from qtool.quantize import formats
 from qtool.quantize.imatrix_file import Imatrix, ImatrixIssues, column_weights, read_imatrix
 from qtool.quantize.formats import bits_per_weight, block_size
 from qtool.quantize.mixtures import (FLOAT_TYPES, FileType, MixtureOptions, ModelInfo, TensorChoice,
-                                     TensorTypeOverride, choose_tensor_types, ggml_n_dims)
+                                     TensorTypeOverride, choose_tensor_types, ggml_n_dims, guessed_file_type,
+                                     llama_tensor_order)
 
 if TYPE_CHECKING:
     from qtool.quantize.mix import MixFile
@@ -196,7 +197,7 @@ class QuantizePlan:
 # --- planning ---------------------------------------------------------------------------------------------------
 
 
-_TYPE_LABEL = re.compile(r"(?i)(?<![A-Za-z0-9])(F32|F16|BF16|Q[2-8]_[01]|Q[2-6]_K(?:_[SML])?|IQ[1-4]_(?:XXS|XS|S|M|NL))"
+_TYPE_LABEL = re.compile(r"(?i)(?<![A-Za-z0-9])(F32|F16|BF16|T?Q[1-8]_[01]|Q[2-6]_K(?:_[SML])?|IQ[1-4]_(?:XXS|XS|S|M|NL))"
                          r"(?![A-Za-z0-9])")
 
 
@@ -218,6 +219,21 @@ def _truncate_utf8(text: str, limit: int) -> str:
     return text.encode()[:limit].decode("utf-8", errors="ignore")
 
 
+def _output_file_type(source: GGUFFile, file_type: FileType) -> int:
+    """general.file_type of the output: the file type's number; for COPY the input's (llama-quantize writes the
+    loader's ftype: the key's value, or the guess from the tensor types with the GUESSED flag when it is absent)."""
+    if file_type != FileType.COPY:
+        return int(file_type)
+    kv = source.kv.get("general.file_type")
+    if kv is not None:
+        if kv.type != GGUFValueType.UINT32:
+            raise QtoolError(f"{source.path}: general.file_type is stored as {kv.type.name}, not UINT32; "
+                             "llama.cpp cannot read it either")
+        return int(kv.value)
+    by_name = {t.name: t.qtype for t in source.tensors}
+    return guessed_file_type([by_name[n] for n in llama_tensor_order(list(by_name))])
+
+
 def _output_kvs(source: GGUFFile, file_type: FileType, imatrix_kvs: list[KV]) -> list[KV]:
     """llama-quantize's metadata: the input's keys in order, then version and file type, then the imatrix keys.
 
@@ -225,7 +241,7 @@ def _output_kvs(source: GGUFFile, file_type: FileType, imatrix_kvs: list[KV]) ->
     """
     kvs = [kv for k, kv in source.kv.items() if k not in _SPLIT_KEYS + _SET_KEYS]
     kvs.append(KV("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32))
-    kvs.append(KV("general.file_type", int(file_type), GGUFValueType.UINT32))
+    kvs.append(KV("general.file_type", _output_file_type(source, file_type), GGUFValueType.UINT32))
     for kv in imatrix_kvs:
         kvs = [x for x in kvs if x.key != kv.key] + [kv]
     return kvs

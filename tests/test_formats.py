@@ -83,10 +83,11 @@ def test_imatrix_must_have_one_finite_value_per_column():
         formats.quantize(x, T.Q4_K, w)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.F16, T.BF16, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.F16, T.BF16, T.F32, T.TQ1_0, T.TQ2_0, T.Q1_0], ids=lambda t: t.name)
 def test_types_that_ignore_the_imatrix_ignore_it(qtype):
-    x = gaussian(3, 64, 2)
-    w = np.random.default_rng(3).uniform(0, 5, 64).astype(np.float32)
+    assert not FORMATS[qtype].uses_imatrix
+    x = gaussian(3, 256, 2)
+    w = np.random.default_rng(3).uniform(0, 5, 256).astype(np.float32)
     np.testing.assert_array_equal(formats.quantize(x, qtype, w), formats.quantize(x, qtype))
 
 
@@ -95,7 +96,9 @@ def test_types_that_ignore_the_imatrix_ignore_it(qtype):
     (T.BF16, 3.4e38, "row 1, column 5: a value overflows BF16"),
     (T.Q4_0, 1e6, "row 1, block 0: a block scale overflows fp16"),   # d = 1e6/8 > 65504
     (T.Q4_K, 1e9, "row 1, block 0: a block scale overflows fp16"),   # d = (1e9/15)/63
-], ids=["F16", "BF16", "Q4_0", "Q4_K"])
+    (T.TQ1_0, 7e4, "row 1, block 0: a block scale overflows fp16"),  # d = max|x|
+    (T.Q1_0, 1e7, "row 1, block 0: a block scale overflows fp16"),   # d = mean|x| > 1e7/128
+], ids=["F16", "BF16", "Q4_0", "Q4_K", "TQ1_0", "Q1_0"])
 def test_scales_beyond_fp16_are_refused_like_llama_quantize_does(qtype, value, where):
     x = gaussian(2, 256, 4)
     x[1, 5] = value
@@ -123,9 +126,9 @@ def test_dequantize_checks_the_byte_count():
 
 
 def test_dequantize_reads_types_qtool_does_not_write():
-    # Evaluation reads GGUFs made elsewhere; gguf-py decodes e.g. TQ2_0 even though qtool never writes it.
-    raw = gguf.quants.quantize(gaussian(2, 256, 6), T.TQ2_0)
-    np.testing.assert_array_equal(formats.dequantize(raw, "tq2_0", 256), gguf.quants.dequantize(raw, T.TQ2_0))
+    # Evaluation reads GGUFs made elsewhere; gguf-py decodes e.g. MXFP4 even though qtool never writes it.
+    raw = gguf.quants.quantize(gaussian(2, 256, 6), T.MXFP4)
+    np.testing.assert_array_equal(formats.dequantize(raw, "mxfp4", 256), gguf.quants.dequantize(raw, T.MXFP4))
 
 
 # ------------------------------------------------------------------------------------------- correctness
@@ -152,8 +155,10 @@ def test_matches_gguf_py_numpy_quantizers(qtype):
 # max |error| / block absmax on Gaussian data, from the format: Q8_0 d/2 = amax/254; Q4_0 clamps the far
 # side at +7d = 7/8 amax; Q5_0 at 15/16; Q4_1/Q5_1 half a step of (max-min)/15 or /31 <= 2amax/30 or 2amax/62;
 # plus a little for the fp16 rounding of the stored scales.
+# The ternary types: d/2 (d = amax) plus the fp16 rounding of d; Q1_0 (±mean|x|): at most amax, by construction.
 MAX_ERROR_PER_BLOCK_ABSMAX = {T.F16: 2 ** -11, T.BF16: 2 ** -8, T.Q8_0: 0.0045, T.Q4_0: 0.127, T.Q5_0: 0.0635,
-                              T.Q4_1: 0.0685, T.Q5_1: 0.0332}
+                              T.Q4_1: 0.0685, T.Q5_1: 0.0332, T.TQ1_0: 0.5 + 2 ** -11, T.TQ2_0: 0.5 + 2 ** -11,
+                              T.Q1_0: 1.0 + 2 ** -11}
 # RMSE on N(0, 1) data; the searched types have no closed form: measured values (64x1024, seed 0) + ~10 %:
 # Q2_K 0.296, Q3_K 0.151, Q4_K 0.0714, Q5_K 0.0363, Q6_K 0.0178, IQ4_NL 0.0765, IQ4_XS 0.0770.
 RMSE_BOUND = {T.Q2_K: 0.33, T.Q3_K: 0.17, T.Q4_K: 0.079, T.Q5_K: 0.040, T.Q6_K: 0.0196, T.IQ4_NL: 0.085,

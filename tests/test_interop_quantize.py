@@ -156,6 +156,64 @@ def test_requantize_identical_to_llama_quantize(llama_quantize, small_f16, tmp_p
     assert_same_file(ours, theirs)
 
 
+# --- the 1- and 2-bit file types on rows that are not whole blocks; COPY of any input ---------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_f16(model_dir) -> Path:
+    """FFN width 736: a multiple of 32, not of 128 or 256 (ffn_down falls back, or has no fallback)."""
+    return write_llama_gguf(model_dir / "odd-F16.gguf", n_layer=4, hidden=256, ffn=736, n_head=8, n_head_kv=2,
+                            vocab=384, seed=8)
+
+
+@pytest.mark.parametrize("ftype", [FileType.TQ1_0, FileType.TQ2_0], ids=lambda f: f.name)
+def test_ternary_fallbacks_identical_to_llama_quantize(llama_quantize, odd_f16, tmp_path, ftype):
+    theirs, ours = tmp_path / "llama.gguf", tmp_path / "qtool.gguf"
+    run_llama_quantize(llama_quantize, odd_f16, theirs, ftype)
+    report = quantize_model(odd_f16, ours, QuantizeOptions(ftype, threads=THREADS))
+    assert_same_file(ours, theirs)
+    assert {c.name for c in report.fallbacks} == {f"blk.{i}.ffn_down.weight" for i in range(4)}
+    assert {c.target_type.name for c in report.fallbacks} == {"Q4_0"}
+    embd = next(t.choice for t in report.tensors if t.choice.name == "token_embd.weight")
+    assert embd.target_type.name == "Q4_K"          # llama-quant's token_embd rule for TQ1_0/TQ2_0/Q2_0
+
+
+def test_q1_0_without_a_fallback_is_refused_by_both(llama_quantize, odd_f16, tmp_path):
+    proc = run_llama_quantize(llama_quantize, odd_f16, tmp_path / "llama.gguf", FileType.Q1_0, check=False)
+    assert proc.returncode != 0 and "no tensor type fallback is defined for type q1_0" in proc.stderr
+    with pytest.raises(QtoolError, match="no fallback type is defined for Q1_0: row length 736"):
+        quantize_model(odd_f16, tmp_path / "qtool.gguf", QuantizeOptions(FileType.Q1_0))
+
+
+def _without_file_type(src: Path, dst: Path) -> Path:
+    from qtool.gguf_io import PlannedTensor, write_gguf
+
+    gf = read_gguf(src)
+    kvs = [kv for key, kv in gf.kv.items() if key != "general.file_type"]
+    tensors = [PlannedTensor(t.name, t.shape, t.qtype, lambda t=t: np.asarray(gf.raw(t)).reshape(-1))
+               for t in gf.tensors]
+    write_gguf(dst, None, kvs, tensors)
+    return dst
+
+
+@pytest.mark.parametrize("source", ["F16", "F16 without file type", "Q4_K_M", "Q4_K_M without file type"])
+def test_copy_identical_to_llama_quantize(llama_quantize, small_f16, tmp_path, source):
+    """COPY: every tensor as it is (a quantized input too, without --allow-requantize); general.file_type is the
+    input's, or llama.cpp's guess from the tensor types with the GUESSED flag (1024) when the input has none."""
+    src = small_f16
+    if source.startswith("Q4_K_M"):
+        src = tmp_path / "q4km.gguf"
+        run_llama_quantize(llama_quantize, small_f16, src, FileType.Q4_K_M)
+    if source.endswith("without file type"):
+        src = _without_file_type(src, tmp_path / "no-file-type.gguf")
+    theirs, ours = tmp_path / "llama.gguf", tmp_path / "qtool.gguf"
+    run_llama_quantize(llama_quantize, src, theirs, FileType.COPY)
+    quantize_model(src, ours, QuantizeOptions(FileType.COPY, threads=THREADS))
+    assert_same_file(ours, theirs)
+    expected = {"F16": 1, "Q4_K_M": 15}[source.split()[0]] | (1024 if "without" in source else 0)
+    assert read_gguf(ours).value("general.file_type") == expected
+
+
 # --- SmolLM2-135M: 576-wide rows, tied embeddings ---------------------------------------------------------------
 
 
@@ -177,11 +235,17 @@ def test_smollm2_identical_to_llama_quantize(llama_quantize, smollm2_f16, model_
     theirs, ours = tmp_path / "llama.gguf", tmp_path / "qtool.gguf"
     if ftype == FileType.Q2_K_S and im is None:
         pytest.skip("Q2_K_S without an imatrix is refused by both (checked on the small model)")
+    if ftype == FileType.Q1_0:      # 576 is not a multiple of 128, and Q1_0 has no fallback type: both refuse
+        proc = run_llama_quantize(llama_quantize, smollm2_f16, theirs, ftype, im, check=False)
+        assert proc.returncode != 0 and "no tensor type fallback is defined for type q1_0" in proc.stderr
+        with pytest.raises(QtoolError, match="no fallback type is defined for Q1_0"):
+            quantize_model(smollm2_f16, ours, QuantizeOptions(ftype, imatrix=str(im) if im else None))
+        return
     run_llama_quantize(llama_quantize, smollm2_f16, theirs, ftype, im)
     report = quantize_model(smollm2_f16, ours, QuantizeOptions(ftype, imatrix=str(im) if im else None,
                                                                threads=THREADS))
     assert_same_file(ours, theirs)
-    if ftype.default_type.name.endswith("_K") or ftype in (FileType.IQ4_XS,):
+    if ftype.default_type.name.endswith("_K") or ftype in (FileType.IQ4_XS, FileType.TQ1_0, FileType.TQ2_0):
         assert report.fallbacks, "576-wide rows must fall back from 256-blocks"
 
 

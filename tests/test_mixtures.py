@@ -62,6 +62,12 @@ TABLE = {
     FileType.F16: ("F16", "F16", lambda i: "F16", "F16", "F16", "F16", lambda i: "F16", "F16"),
     FileType.BF16: ("BF16", "BF16", lambda i: "BF16", "BF16", "BF16", "BF16", lambda i: "BF16", "BF16"),
     FileType.F32: ("F32", "F32", lambda i: "F32", "F32", "F32", "F32", lambda i: "F32", "F32"),
+    # the ternary file types give an untied token_embd Q4_K; Q1_0 keeps its default there
+    FileType.TQ1_0: ("Q4_K", "Q6_K", lambda i: "TQ1_0", "TQ1_0", "TQ1_0", "TQ1_0", lambda i: "TQ1_0", "TQ1_0"),
+    FileType.TQ2_0: ("Q4_K", "Q6_K", lambda i: "TQ2_0", "TQ2_0", "TQ2_0", "TQ2_0", lambda i: "TQ2_0", "TQ2_0"),
+    FileType.Q1_0: ("Q1_0", "Q6_K", lambda i: "Q1_0", "Q1_0", "Q1_0", "Q1_0", lambda i: "Q1_0", "Q1_0"),
+    # COPY: every tensor keeps its type (the model's weights are F16)
+    FileType.COPY: ("F16", "F16", lambda i: "F16", "F16", "F16", "F16", lambda i: "F16", "F16"),
 }
 
 
@@ -305,3 +311,39 @@ def test_model_info_from_metadata():
     assert ModelInfo.from_metadata(kv).gqa == 0
     with pytest.raises(QtoolError, match="block_count"):
         ModelInfo.from_metadata({"general.architecture": "llama"})
+
+
+# --- the 1- and 2-bit file types, COPY -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype, row, expected", [(T.TQ1_0, 5504, T.Q4_0), (T.TQ2_0, 576, T.Q4_0),
+                                                  (T.TQ2_0, 100, T.F16)])
+def test_ternary_types_fall_back_to_q4_0(qtype, row, expected):
+    got, why = shape_fallback(qtype, row)
+    assert got == expected and f"row length {row} is not a multiple of 256" in why
+
+
+def test_q1_0_has_no_fallback_as_in_llama_quantize():
+    assert shape_fallback(T.Q1_0, 640) == (T.Q1_0, None)
+    with pytest.raises(QtoolError, match="no fallback type is defined for Q1_0: row length 576"):
+        shape_fallback(T.Q1_0, 576)
+
+
+def test_copy_is_parsed_by_name_only_and_keeps_every_tensor():
+    assert parse_file_type("copy") is FileType.COPY
+    assert parse_file_type("0") is FileType.F32            # llama-quantize: the first entry with ftype 0
+    assert FileType.COPY.llama_ftype is None and not FileType.COPY.is_quantized
+    tensors = model_tensors()
+    choices = choose_tensor_types(tensors, FileType.COPY, GQA4,
+                                  MixtureOptions(output_tensor_type=T.Q8_0, token_embedding_type=T.Q4_K,
+                                                 tensor_types=[TensorTypeOverride.parse("attn_v=q8_0")]))
+    assert all(not c.quantizable and c.target_type == c.source_type for c in choices)
+
+
+def test_guessed_file_type_is_the_first_type_to_reach_the_top_count():
+    from qtool.quantize.mixtures import guessed_file_type
+
+    assert guessed_file_type([T.F32, T.F16, T.F16, T.F32]) == 1 | 1024       # F16 reached 2 first
+    assert guessed_file_type([T.Q4_K, T.Q6_K, T.Q6_K, T.Q4_K]) == 18 | 1024  # Q6_K -> MOSTLY_Q6_K
+    assert guessed_file_type([T.Q3_K]) == 12 | 1024                          # Q3_K -> Q3_K_M
+    assert guessed_file_type([T.I32]) == 0 | 1024                            # unknown -> ALL_F32

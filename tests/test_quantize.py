@@ -429,9 +429,23 @@ def test_cli_list_prints_every_type():
     res = CliRunner().invoke(main, ["quantize", "--list"])
     assert res.exit_code == 0, res.output
     for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-                 "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "F16", "BF16", "F32"):
+                 "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "F16", "BF16", "F32", "TQ1_0",
+                 "TQ2_0", "Q1_0", "COPY"):
         assert name in res.output
     assert "4.8944" in res.output and "+0.1754 ppl @ Llama-3-8B" in res.output
+    assert "1.69 bpw ternarization" in res.output and "1.125 bpw quantization" in res.output
+
+
+def test_cli_dry_run_of_the_ternary_and_copy_types(tmp_path):
+    path = write_llama_gguf(tmp_path / "odd-F16.gguf", hidden=256, ffn=736, n_head=4, n_head_kv=4, sparse=True)
+    res = CliRunner().invoke(main, ["quantize", str(path), "--type", "TQ2_0", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "fell back" in res.output and "736" in res.output and "Q4_0" in res.output and "TQ2_0" in res.output
+    res = CliRunner().invoke(main, ["quantize", str(path), "--type", "copy", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "COPY" in res.output and "fell back" not in res.output
+    res = CliRunner().invoke(main, ["quantize", str(path), "--type", "Q1_0", "--dry-run"])
+    assert res.exit_code == 2 and "no fallback type is defined for Q1_0: row length 736" in res.output
 
 
 def test_cli_dry_run_shows_fallbacks(tmp_path):

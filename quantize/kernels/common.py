@@ -24,10 +24,12 @@ ROUNDING_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round-to-neare
 # state them (tests/test_kernels.py checks they agree). Numba freezes module globals into the compiled kernels, so
 # they live here, where a change drops every cached kernel (see kernels/__init__.py).
 QK = 32                 # legacy and IQ4_NL blocks
-QK_K = 256              # k-quant and IQ4_XS super-blocks
+QK_K = 256              # k-quant, IQ4_XS and TQ1_0/TQ2_0 super-blocks
 Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES = 18, 20, 22, 24, 34
 Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = 84, 110, 144, 176, 210
 IQ4_NL_BYTES, IQ4_XS_BYTES = 18, 136
+QK1_0 = 128             # Q1_0 blocks
+TQ1_0_BYTES, TQ2_0_BYTES, Q1_0_BYTES = 54, 66, 18
 
 # kvalues_iq4nl of ggml-common.h, as float32 because the C compares and subtracts them as floats.
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)

@@ -5,8 +5,10 @@ type; these serve the types quantized models are mostly made of, where its singl
 of every evaluation pass that does not keep a float32 copy.
 
 Every kernel has the signature ``kernel(raw, out)``. Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-IQ4_NL, IQ4_XS. Each value is computed with gguf-py's float32 operations in its order: a sub-block scale is
-``d * float(scale)`` rounded to float32 first, then multiplied by the code (and the min subtracted), never fused.
+IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, Q1_0 (gguf-py has no decoder for Q1_0: tests/test_kernels_lowbit.py checks that one
+against a numpy port of ggml's `dequantize_row_q1_0`). Each value is computed with gguf-py's float32 operations in
+its order: a sub-block scale is ``d * float(scale)`` rounded to float32 first, then multiplied by the code (and the
+min subtracted), never fused.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, QK, QK_K, Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES,
-                     Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES,
-                     fp16_bits_to_fp32)
+from .common import (F32, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, QK, QK1_0, QK_K, Q1_0_BYTES,
+                     Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES,
+                     Q6_K_BYTES, Q8_0_BYTES, TQ1_0_BYTES, TQ2_0_BYTES, fp16_bits_to_fp32)
 
 
 @njit(cache=True, inline="always")
@@ -264,3 +266,56 @@ def decode_iq4_xs(raw, out):
                     b = np.int64(blk[8 + 16 * s + j])
                     y[32 * s + j] = dl * IQ4NL_VALUES[b & 0xF]
                     y[32 * s + 16 + j] = dl * IQ4NL_VALUES[b >> 4]
+
+
+@njit(cache=True, inline="always")
+def _trit_of(byte, power):
+    """The trit `power` places from the top of a TQ1_0 byte: the byte times 3^power wraps to 8 bits (the fraction's
+    remaining digits), times 3, high byte: -1, 0 or 1."""
+    return ((((np.int64(byte) * power) & 0xFF) * 3) >> 8) - 1
+
+
+@njit(parallel=True, cache=True)
+def decode_tq1_0(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, TQ1_0_BYTES * ib:TQ1_0_BYTES * (ib + 1)]
+            d = _half(blk, 52)
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            power = 1
+            for t in range(5):
+                for m in range(32):
+                    y[32 * t + m] = F32(_trit_of(blk[m], power)) * d
+                for m in range(16):
+                    y[160 + 16 * t + m] = F32(_trit_of(blk[32 + m], power)) * d
+                if t < 4:
+                    for m in range(4):
+                        y[240 + 4 * t + m] = F32(_trit_of(blk[48 + m], power)) * d
+                power *= 3
+
+
+@njit(parallel=True, cache=True)
+def decode_tq2_0(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK_K):
+            blk = raw[r, TQ2_0_BYTES * ib:TQ2_0_BYTES * (ib + 1)]
+            d = _half(blk, 64)
+            y = out[r, QK_K * ib:QK_K * (ib + 1)]
+            for half in range(2):
+                for k in range(4):
+                    for m in range(32):
+                        y[128 * half + 32 * k + m] = F32(((np.int64(blk[32 * half + m]) >> (2 * k)) & 3) - 1) * d
+
+
+@njit(parallel=True, cache=True)
+def decode_q1_0(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK1_0):
+            blk = raw[r, Q1_0_BYTES * ib:Q1_0_BYTES * (ib + 1)]
+            d = _half(blk, 0)
+            y = out[r, QK1_0 * ib:QK1_0 * (ib + 1)]
+            for j in range(QK1_0):
+                y[j] = d if (np.int64(blk[2 + j // 8]) >> (j % 8)) & 1 else -d
