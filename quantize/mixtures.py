@@ -43,9 +43,19 @@ class FileType(enum.IntEnum):
     Q5_K_S = 16
     Q5_K_M = 17
     Q6_K = 18
+    IQ2_XXS = 19
+    IQ2_XS = 20
     Q2_K_S = 21
+    IQ3_XS = 22
+    IQ3_XXS = 23
+    IQ1_S = 24
     IQ4_NL = 25
+    IQ3_S = 26
+    IQ3_M = 27
+    IQ2_S = 28
+    IQ2_M = 29
     IQ4_XS = 30
+    IQ1_M = 31
     BF16 = 32
     TQ1_0 = 36
     TQ2_0 = 37
@@ -89,6 +99,9 @@ _DEFAULT_TYPE = {
     FileType.Q5_K_S: T.Q5_K, FileType.Q5_K_M: T.Q5_K,
     FileType.Q6_K: T.Q6_K, FileType.IQ4_NL: T.IQ4_NL, FileType.IQ4_XS: T.IQ4_XS,
     FileType.TQ1_0: T.TQ1_0, FileType.TQ2_0: T.TQ2_0, FileType.Q1_0: T.Q1_0,
+    FileType.IQ2_XXS: T.IQ2_XXS, FileType.IQ2_XS: T.IQ2_XS, FileType.IQ2_S: T.IQ2_XS, FileType.IQ2_M: T.IQ2_S,
+    FileType.IQ3_XXS: T.IQ3_XXS, FileType.IQ3_XS: T.IQ3_S, FileType.IQ3_S: T.IQ3_S, FileType.IQ3_M: T.IQ3_S,
+    FileType.IQ1_S: T.IQ1_S, FileType.IQ1_M: T.IQ1_M,
     FileType.COPY: T.F32,       # ALL_F32's slot; no tensor takes it (every tensor keeps its type)
 }
 
@@ -101,6 +114,10 @@ _DISPLAY_NAME = {
     FileType.Q5_K_S: "Q5_K - Small", FileType.Q5_K_M: "Q5_K - Medium", FileType.Q6_K: "Q6_K",
     FileType.IQ4_NL: "IQ4_NL - 4.5 bpw", FileType.IQ4_XS: "IQ4_XS - 4.25 bpw",
     FileType.TQ1_0: "TQ1_0 - 1.69 bpw ternary", FileType.TQ2_0: "TQ2_0 - 2.06 bpw ternary", FileType.Q1_0: "Q1_0",
+    FileType.IQ2_XXS: "IQ2_XXS - 2.0625 bpw", FileType.IQ2_XS: "IQ2_XS - 2.3125 bpw", FileType.IQ2_S: "IQ2_S - 2.5 bpw",
+    FileType.IQ2_M: "IQ2_M - 2.7 bpw", FileType.IQ3_XS: "IQ3_XS - 3.3 bpw", FileType.IQ3_XXS: "IQ3_XXS - 3.0625 bpw",
+    FileType.IQ1_S: "IQ1_S - 1.5625 bpw", FileType.IQ1_M: "IQ1_M - 1.75 bpw", FileType.IQ3_S: "IQ3_S - 3.4375 bpw",
+    FileType.IQ3_M: "IQ3_S mix - 3.66 bpw",
     FileType.COPY: "tensors copied unchanged",
 }
 
@@ -111,10 +128,20 @@ _DESCRIPTION = {
     FileType.Q4_1: " 4.78G, +0.4511 ppl @ Llama-3-8B",
     FileType.Q5_0: " 5.21G, +0.1316 ppl @ Llama-3-8B",
     FileType.Q5_1: " 5.65G, +0.1062 ppl @ Llama-3-8B",
+    FileType.IQ2_XXS: " 2.06 bpw quantization",
+    FileType.IQ2_XS: " 2.31 bpw quantization",
+    FileType.IQ2_S: " 2.5  bpw quantization",
+    FileType.IQ2_M: " 2.7  bpw quantization",
+    FileType.IQ1_S: " 1.56 bpw quantization",
+    FileType.IQ1_M: " 1.75 bpw quantization",
     FileType.TQ1_0: " 1.69 bpw ternarization",
     FileType.TQ2_0: " 2.06 bpw ternarization",
     FileType.Q2_K: " 2.96G, +3.5199 ppl @ Llama-3-8B",
     FileType.Q2_K_S: " 2.96G, +3.1836 ppl @ Llama-3-8B",
+    FileType.IQ3_XXS: " 3.06 bpw quantization",
+    FileType.IQ3_S: " 3.44 bpw quantization",
+    FileType.IQ3_M: " 3.66 bpw quantization mix",
+    FileType.IQ3_XS: " 3.3 bpw quantization",
     FileType.Q3_K_S: " 3.41G, +1.6321 ppl @ Llama-3-8B",
     FileType.Q3_K_M: " 3.74G, +0.6569 ppl @ Llama-3-8B",
     FileType.Q3_K_L: " 4.03G, +0.5562 ppl @ Llama-3-8B",
@@ -164,10 +191,24 @@ WRITABLE_TYPES = tuple(FORMATS)
 
 def list_file_types() -> list[tuple[str, FileType]]:
     """Every accepted file type name with its FileType, in llama-quantize's QUANT_OPTIONS order (aliases included)."""
-    order = ["Q1_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "Q3_K", "Q3_K_S", "Q3_K_M",
-             "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16",
-             "BF16", "F32", "COPY"]
-    return [(name, _ALIASES.get(name) or FileType[name]) for name in order]
+    order = ["Q1_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "TQ1_0",
+             "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K", "IQ3_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+             "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16",
+             "F32", "COPY"]
+    return [(name, _ALIASES.get(name) or FileType[name]) for name in order if is_writable(_ALIASES.get(name) or FileType[name])]
+
+
+def is_writable(ftype: FileType) -> bool:
+    """Whether qtool has every block format the file type's rules can choose (the i-quant grids arrive type by type:
+    a file type with one missing is planned by --dry-run but not written)."""
+    if ftype == FileType.COPY:
+        return True
+    return all(t in FORMATS for t in (ftype.default_type, *_ALSO_CHOSEN.get(ftype, ())))
+
+
+# Block types a file type's rules choose besides its default, the K-quants and the fallbacks (all of which exist).
+_ALSO_CHOSEN = {FileType.IQ2_S: (T.IQ3_S,), FileType.IQ2_M: (T.IQ3_S,), FileType.IQ3_XXS: (T.IQ3_S, T.IQ2_S),
+                FileType.IQ3_XS: (T.IQ3_XXS,), FileType.IQ1_S: (T.IQ2_XXS,), FileType.IQ1_M: (T.IQ2_XXS,)}
 
 
 def parse_file_type(text: str) -> FileType:
@@ -453,15 +494,20 @@ class _Rules:
                                                 f"{block_size(new_type)} ({new_type.name}): the output rule "
                                                 f"takes Q8_0")
                 return T.Q8_0, f"output{tied}"
+            if ft in _IQ_LOW or ft == F.IQ3_XXS:
+                return T.Q5_K, f"output{tied} of an {ft.name} file → Q5_K"
             if new_type != T.Q8_0:
                 return T.Q6_K, f"output{tied} → Q6_K"
             return new_type, f"output{tied}"
         if category == Category.TOKEN_EMBD:
             if o.token_embedding_type is not None:
                 return o.token_embedding_type, "--token-embedding-type"
-            if ft in (F.TQ1_0, F.TQ2_0):
-                return T.Q4_K, f"token_embd of a {ft.name} file → Q4_K"
+            bumped = _TOKEN_EMBD_OF.get(ft)
+            if bumped is not None:
+                return bumped, f"token_embd of a {ft.name} file → {bumped.name}"
             return new_type, "file type default"
+        if ft in _IQ_LOW:
+            return self._choose_iq_low(name, category, new_type)
         if category in _ATTN_V_LIKE:
             i, n = self.i_attention_wv, self.n_attention_wv
             reason = "file type default"
@@ -469,6 +515,13 @@ class _Rules:
                 new_type, reason = (T.Q4_K, "attn_v, GQA ≥ 4") if m.gqa >= 4 else (T.Q3_K, "attn_v")
             elif ft == F.Q2_K_S and m.gqa >= 4:
                 new_type, reason = T.Q4_K, "attn_v, GQA ≥ 4"
+            elif ft == F.IQ3_XXS:
+                new_type, reason = ((T.Q4_K, "attn_v, GQA ≥ 4") if m.gqa >= 4 else
+                                    (T.IQ3_S, "attn_v, no imatrix") if not o.has_imatrix else (T.IQ3_XXS, "attn_v"))
+            elif ft in (F.IQ3_XS, F.IQ3_S) and m.gqa >= 4:
+                new_type, reason = T.Q4_K, "attn_v, GQA ≥ 4"
+            elif ft == F.IQ3_M:
+                new_type, reason = T.Q4_K, "attn_v"
             elif ft == F.Q3_K_M:
                 new_type, reason = (T.Q5_K, f"attn_v, first two ({i})") if i < 2 else (T.Q4_K, "attn_v")
             elif ft == F.Q3_K_L:
@@ -485,9 +538,13 @@ class _Rules:
                 new_type, reason = T.Q8_0, "attn_v of an 8-expert model"
             self.i_attention_wv += 1
             return new_type, reason
-        if category == Category.ATTENTION_K:
-            if m.n_expert == 8:
-                return T.Q8_0, "attn_k of an 8-expert model"
+        if category == Category.ATTENTION_K and m.n_expert == 8:
+            return T.Q8_0, "attn_k of an 8-expert model"
+        if category in (Category.ATTENTION_K, Category.ATTENTION_Q):
+            if ft == F.IQ3_XS:
+                return T.IQ3_XXS, f"{category.value} of an IQ3_XS file"
+            if ft == F.IQ3_XXS:
+                return T.IQ2_S, f"{category.value} of an IQ3_XXS file"
             return new_type, "file type default"
         if category == Category.FFN_DOWN:
             i, n = self._layer(self.i_ffn_down, name)
@@ -496,12 +553,17 @@ class _Rules:
                 return T.Q3_K, "ffn_down"
             if ft == F.Q2_K_S:
                 return (T.Q4_K, f"ffn_down, first eighth ({i}/{n})") if i < n // 8 else (new_type, "file type default")
+            if ft == F.IQ3_XXS and not o.has_imatrix:
+                return (T.Q4_K, f"ffn_down, first eighth ({i}/{n}), no imatrix") if i < n // 8 \
+                    else (T.Q3_K, "ffn_down, no imatrix")
             if ft == F.Q3_K_M:
                 if i < n // 16:
                     return T.Q5_K, f"ffn_down, first sixteenth ({i}/{n})"
                 if not m.is_falcon or use_more_bits(i, n):
                     return T.Q4_K, "ffn_down"
                 return T.Q3_K, "ffn_down (Falcon)"
+            if ft == F.IQ3_M and (i < n // 8 or (m.n_expert == 8 and use_more_bits(i, n))):
+                return T.Q4_K, f"ffn_down, first eighth or more bits ({i}/{n})"
             if ft == F.Q3_K_L:
                 return (T.Q4_K, "ffn_down (Falcon)") if m.is_falcon else (T.Q5_K, "ffn_down")
             if ft == F.Q4_K_M:
@@ -526,27 +588,68 @@ class _Rules:
         if category == Category.ATTENTION_OUTPUT:
             if not m.is_falcon:
                 if m.n_expert == 8:
-                    if ft in (F.Q2_K, F.Q3_K_S, F.Q3_K_M, F.IQ4_NL, F.Q4_K_S, F.Q4_K_M, F.IQ4_XS):
+                    if ft in (F.Q2_K, F.IQ3_XS, F.IQ3_XXS, F.Q3_K_S, F.Q3_K_M, F.IQ4_NL, F.Q4_K_S, F.Q4_K_M, F.IQ3_S,
+                              F.IQ3_M, F.IQ4_XS):
                         return T.Q5_K, "attn_output of an 8-expert model"
                 else:
-                    bumped = {F.Q2_K: T.Q3_K, F.Q3_K_M: T.Q4_K, F.Q3_K_L: T.Q5_K}.get(ft)
+                    bumped = {F.Q2_K: T.Q3_K, F.IQ3_XXS: T.IQ3_S, F.Q3_K_M: T.Q4_K, F.Q3_K_L: T.Q5_K,
+                              F.IQ3_M: T.Q4_K}.get(ft)
                     if bumped is not None:
                         return bumped, "attn_output"
             elif ft == F.Q3_K_L:
                 return T.Q4_K, "attn_output (Falcon)"
             return new_type, "file type default"
-        if category == Category.FFN_GATE:
-            self._layer(self.i_ffn_gate, name)
-            self.i_ffn_gate += 1
-        elif category == Category.FFN_UP:
-            self._layer(self.i_ffn_up, name)
-            self.i_ffn_up += 1
+        if category in (Category.FFN_GATE, Category.FFN_UP):
+            if category == Category.FFN_GATE:
+                i, n = self._layer(self.i_ffn_gate, name)
+                self.i_ffn_gate += 1
+            else:
+                i, n = self._layer(self.i_ffn_up, name)
+                self.i_ffn_up += 1
+            if ft == F.IQ3_XS and n // 8 <= i < 7 * n // 8:
+                return T.IQ3_XXS, f"{category.value}, middle layers ({i}/{n})"
         # (the separate attn_qkv branch of llama-quant.cpp is unreachable: attn_qkv is attn_v-like above)
         return new_type, "file type default"
 
+    def _choose_iq_low(self, name: str, category: Category, new_type: T) -> tuple[T, str]:
+        """The 1- and 2-bit i-quant file types' own branch: attn_v, ffn_down's first eighth and attn_output get
+        more bits; nothing else changes (and the ffn_gate/ffn_up counters do not move)."""
+        F, m, ft = FileType, self.model, self.ftype
+        more = T.IQ3_S if ft in (F.IQ2_S, F.IQ2_M) else T.Q2_K
+        if category in _ATTN_V_LIKE:
+            self.i_attention_wv += 1
+            if m.gqa >= 4 or m.n_expert >= 4:
+                return T.Q4_K, "attn_v, GQA ≥ 4 or ≥ 4 experts"
+            return more, "attn_v"
+        if category == Category.ATTENTION_K and m.n_expert == 8:
+            return T.Q4_K, "attn_k of an 8-expert model"
+        if category == Category.FFN_DOWN:
+            i = self.i_ffn_down            # the counter, not the layer, even with experts (as llama-quant.cpp)
+            self.i_ffn_down += 1
+            if i < self.n_layer // 8:
+                return more, f"ffn_down, first eighth ({i}/{self.n_layer})"
+            return new_type, "file type default"
+        if category == Category.ATTENTION_OUTPUT:
+            if m.n_expert == 8:
+                return T.Q5_K, "attn_output of an 8-expert model"
+            if ft in (F.IQ1_S, F.IQ1_M):
+                return T.IQ2_XXS, "attn_output"
+            if ft in (F.IQ2_S, F.IQ2_M):
+                return T.IQ3_S, "attn_output"
+        return new_type, "file type default"
+
+
+# the file types of llama-quant.cpp's branch for 1- and 2-bit i-quants
+_IQ_LOW = (FileType.IQ2_XXS, FileType.IQ2_XS, FileType.IQ1_S, FileType.IQ2_S, FileType.IQ2_M, FileType.IQ1_M)
+# token_embd of these file types (not tied to the output) takes another type
+_TOKEN_EMBD_OF = {**dict.fromkeys((FileType.IQ2_XXS, FileType.IQ2_XS, FileType.IQ1_S, FileType.IQ1_M), T.Q2_K),
+                  **dict.fromkeys((FileType.IQ2_S, FileType.IQ2_M, FileType.IQ3_XXS), T.IQ3_S),
+                  **dict.fromkeys((FileType.TQ1_0, FileType.TQ2_0), T.Q4_K)}
+
 
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
+             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
+             **dict.fromkeys((T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S), T.IQ4_NL)}
 
 
 def shape_fallback(qtype: T, row_length: int) -> tuple[T, str | None]:
@@ -568,11 +671,15 @@ def shape_fallback(qtype: T, row_length: int) -> tuple[T, str | None]:
     return fallback, reason
 
 
+_NEED_IMATRIX = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
+
+
 def tensor_requires_imatrix(name: str, qtype: T, ftype: FileType) -> bool:
-    """llama-quantize refuses to write these without an importance matrix (of the in-scope types: Q2_K_S's Q2_K)."""
+    """llama-quantize refuses to write these without an importance matrix: the very-low-bit i-quants, and the Q2_K
+    tensors of a Q2_K_S file."""
     if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
         return False
-    return qtype == T.Q2_K and ftype == FileType.Q2_K_S
+    return qtype in _NEED_IMATRIX or (qtype == T.Q2_K and ftype == FileType.Q2_K_S)
 
 
 def choose_tensor_types(tensors: Sequence[tuple[str, Sequence[int], T]], ftype: FileType, model: ModelInfo,

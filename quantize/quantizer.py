@@ -320,6 +320,13 @@ def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_r
         _check_imatrix_matches(weights, choices, options.imatrix)
 
     notes = issues.lines()
+    unwritable = sorted({c.target_type.name for c in choices if c.quantizable and c.target_type not in formats.FORMATS})
+    if unwritable:
+        message = (f"{options.file_type.name} needs {', '.join(unwritable)} tensors, a block format qtool cannot "
+                   f"write yet")
+        if not dry_run:
+            raise QtoolError(message)
+        notes.append("warning: the real run will fail: " + message)
     imatrix_use: dict[str, str] = {}
     for c in choices:
         changes = c.target_type != c.source_type
@@ -349,7 +356,8 @@ def plan_quantization(input_path: str | Path, options: QuantizeOptions, *, dry_r
         if c.requires_imatrix and imatrix_use[c.name] != "used":
             what = "an importance matrix (--imatrix)" if not weights else "an imatrix entry"
             message = (f"{options.file_type.name} needs {what} for tensor {c.name} ({c.target_type.name}); "
-                       f"without one the result is garbage, so llama-quantize refuses too")
+                       f"without one the result is garbage, so llama-quantize refuses too (make one with "
+                       f"`qtool imatrix`)")
             if not dry_run:
                 raise QtoolError(message)
             if not any(n.startswith("warning: ") and what in n for n in notes):

@@ -21,7 +21,7 @@ import pytest
 from qtool.errors import QtoolError
 from qtool.gguf_io import read_gguf
 from qtool.quantize.imatrix_file import write_imatrix_dat, write_imatrix_gguf
-from qtool.quantize.mixtures import FileType, MixtureOptions, ModelInfo, choose_tensor_types
+from qtool.quantize.mixtures import FileType, MixtureOptions, ModelInfo, choose_tensor_types, is_writable
 from qtool.quantize.quantizer import QuantizeOptions, quantize_model
 from tests.interop import need_tool, smollm2_files
 from tests.test_quantize import random_imatrix_entries, write_llama_gguf
@@ -104,13 +104,19 @@ def small_imatrices(model_dir, small_f16) -> dict[str, Path]:
     }
 
 
+# file types with a tensor type llama-quantize refuses to write without an importance matrix
+NEED_IMATRIX = {FileType.Q2_K_S, FileType.IQ2_XXS, FileType.IQ2_XS, FileType.IQ2_S, FileType.IQ2_M, FileType.IQ1_S,
+                FileType.IQ1_M, FileType.IQ3_XXS}
+WRITABLE = [f for f in FileType if is_writable(f)]
+
+
 @pytest.mark.parametrize("imatrix", [None, "gguf", "dat"])
-@pytest.mark.parametrize("ftype", list(FileType), ids=lambda f: f.name)
+@pytest.mark.parametrize("ftype", WRITABLE, ids=lambda f: f.name)
 def test_small_model_identical_to_llama_quantize(llama_quantize, small_f16, small_imatrices, tmp_path, ftype,
                                                  imatrix):
     im = small_imatrices[imatrix] if imatrix else None
     theirs, ours = tmp_path / "llama.gguf", tmp_path / "qtool.gguf"
-    if ftype == FileType.Q2_K_S and im is None:
+    if ftype in NEED_IMATRIX and im is None:
         proc = run_llama_quantize(llama_quantize, small_f16, theirs, ftype, check=False)
         assert proc.returncode != 0 and "requires an imatrix" in proc.stderr
         with pytest.raises(QtoolError, match="needs an importance matrix"):
@@ -224,7 +230,7 @@ def smollm2_f16(model_dir) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("imatrix", [None, "gguf"])
-@pytest.mark.parametrize("ftype", list(FileType), ids=lambda f: f.name)
+@pytest.mark.parametrize("ftype", WRITABLE, ids=lambda f: f.name)
 def test_smollm2_identical_to_llama_quantize(llama_quantize, smollm2_f16, model_dir, tmp_path, ftype, imatrix):
     im = None
     if imatrix:
@@ -233,8 +239,8 @@ def test_smollm2_identical_to_llama_quantize(llama_quantize, smollm2_f16, model_
             write_imatrix_gguf(im, random_imatrix_entries(smollm2_f16, seed=9), datasets=["calib.txt"],
                                chunk_count=3, chunk_size=512, force=True)
     theirs, ours = tmp_path / "llama.gguf", tmp_path / "qtool.gguf"
-    if ftype == FileType.Q2_K_S and im is None:
-        pytest.skip("Q2_K_S without an imatrix is refused by both (checked on the small model)")
+    if ftype in NEED_IMATRIX and im is None:
+        pytest.skip(f"{ftype.name} without an imatrix is refused by both (checked on the small model)")
     if ftype == FileType.Q1_0:      # 576 is not a multiple of 128, and Q1_0 has no fallback type: both refuse
         proc = run_llama_quantize(llama_quantize, smollm2_f16, theirs, ftype, im, check=False)
         assert proc.returncode != 0 and "no tensor type fallback is defined for type q1_0" in proc.stderr

@@ -66,9 +66,33 @@ TABLE = {
     FileType.TQ1_0: ("Q4_K", "Q6_K", lambda i: "TQ1_0", "TQ1_0", "TQ1_0", "TQ1_0", lambda i: "TQ1_0", "TQ1_0"),
     FileType.TQ2_0: ("Q4_K", "Q6_K", lambda i: "TQ2_0", "TQ2_0", "TQ2_0", "TQ2_0", lambda i: "TQ2_0", "TQ2_0"),
     FileType.Q1_0: ("Q1_0", "Q6_K", lambda i: "Q1_0", "Q1_0", "Q1_0", "Q1_0", lambda i: "Q1_0", "Q1_0"),
+    # the i-quants (llama-quant.cpp's rules, read independently of quantize/mixtures.py)
+    FileType.IQ2_XXS: ("Q2_K", "Q5_K", lambda i: "Q4_K", "IQ2_XXS", "IQ2_XXS", "IQ2_XXS",
+                       lambda i: "Q2_K" if i < 4 else "IQ2_XXS", "IQ2_XXS"),
+    FileType.IQ2_XS: ("Q2_K", "Q5_K", lambda i: "Q4_K", "IQ2_XS", "IQ2_XS", "IQ2_XS",
+                      lambda i: "Q2_K" if i < 4 else "IQ2_XS", "IQ2_XS"),
+    FileType.IQ2_S: ("IQ3_S", "Q5_K", lambda i: "Q4_K", "IQ2_XS", "IQ2_XS", "IQ3_S",
+                     lambda i: "IQ3_S" if i < 4 else "IQ2_XS", "IQ2_XS"),
+    FileType.IQ2_M: ("IQ3_S", "Q5_K", lambda i: "Q4_K", "IQ2_S", "IQ2_S", "IQ3_S",
+                     lambda i: "IQ3_S" if i < 4 else "IQ2_S", "IQ2_S"),
+    FileType.IQ1_S: ("Q2_K", "Q5_K", lambda i: "Q4_K", "IQ1_S", "IQ1_S", "IQ2_XXS",
+                     lambda i: "Q2_K" if i < 4 else "IQ1_S", "IQ1_S"),
+    FileType.IQ1_M: ("Q2_K", "Q5_K", lambda i: "Q4_K", "IQ1_M", "IQ1_M", "IQ2_XXS",
+                     lambda i: "Q2_K" if i < 4 else "IQ1_M", "IQ1_M"),
+    FileType.IQ3_XXS: ("IQ3_S", "Q5_K", lambda i: "Q4_K", "IQ2_S", "IQ2_S", "IQ3_S",
+                       lambda i: "Q4_K" if i < 4 else "Q3_K", "IQ3_XXS"),
+    FileType.IQ3_XS: ("IQ3_S", "Q6_K", lambda i: "Q4_K", "IQ3_XXS", "IQ3_XXS", "IQ3_S", lambda i: "IQ3_S",
+                      lambda i: "IQ3_XXS" if 4 <= i < 28 else "IQ3_S"),
+    FileType.IQ3_S: ("IQ3_S", "Q6_K", lambda i: "Q4_K", "IQ3_S", "IQ3_S", "IQ3_S", lambda i: "IQ3_S", "IQ3_S"),
+    FileType.IQ3_M: ("IQ3_S", "Q6_K", lambda i: "Q4_K", "IQ3_S", "IQ3_S", "Q4_K",
+                     lambda i: "Q4_K" if i < 4 else "IQ3_S", "IQ3_S"),
     # COPY: every tensor keeps its type (the model's weights are F16)
     FileType.COPY: ("F16", "F16", lambda i: "F16", "F16", "F16", "F16", lambda i: "F16", "F16"),
 }
+
+
+def per_layer(entry, i):
+    return entry(i) if callable(entry) else entry
 
 
 def expected_table(ftype, table=TABLE):
@@ -78,8 +102,8 @@ def expected_table(ftype, table=TABLE):
         p = f"blk.{i}."
         want.update({p + "attn_norm.weight": "F32", p + "ffn_norm.weight": "F32", p + "attn_v.weight": attn_v(i),
                      p + "attn_k.weight": attn_k, p + "attn_q.weight": attn_q, p + "attn_output.weight": attn_output,
-                     p + "ffn_down.weight": ffn_down(i), p + "ffn_gate.weight": ffn_other,
-                     p + "ffn_up.weight": ffn_other})
+                     p + "ffn_down.weight": ffn_down(i), p + "ffn_gate.weight": per_layer(ffn_other, i),
+                     p + "ffn_up.weight": per_layer(ffn_other, i)})
     return {k: T[v] for k, v in want.items()}
 
 
@@ -285,7 +309,8 @@ def test_parse_file_type_like_llama_quantize():
     assert parse_file_type("q4_k_m") is FileType.Q4_K_M
     assert parse_file_type("Q4_K") is FileType.Q4_K_M and parse_file_type("q3_k") is FileType.Q3_K_M
     assert parse_file_type("15") is FileType.Q4_K_M and parse_file_type("0") is FileType.F32
-    for bad in ("IQ2_XXS", "Q4_K_X", "", "99"):
+    assert parse_file_type("iq2_m") is FileType.IQ2_M and parse_file_type("29") is FileType.IQ2_M
+    for bad in ("MXFP4_MOE", "Q4_K_X", "", "99"):
         with pytest.raises(QtoolError, match="file type"):
             parse_file_type(bad)
 

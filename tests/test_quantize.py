@@ -337,6 +337,18 @@ def test_q2_k_s_needs_an_imatrix(small_model, tmp_path):
     assert any("warning: the real run will fail" in n for n in report.notes)
 
 
+def test_a_file_type_without_its_block_format_is_planned_but_not_written(small_model, tmp_path):
+    """IQ1_S's grid search is not in qtool yet: --dry-run shows llama-quantize's plan, a real run is one clear error
+    (checked before any imatrix requirement), and no file appears."""
+    out = tmp_path / "o.gguf"
+    with pytest.raises(QtoolError, match=r"IQ1_S needs .*IQ1_S.* tensors, a block format qtool cannot write yet"):
+        quantize_model(small_model, out, QuantizeOptions(FileType.IQ1_S))
+    assert not out.exists() and not list(tmp_path.iterdir())
+    report = quantize_model(small_model, None, QuantizeOptions(FileType.IQ1_S), dry_run=True)
+    assert any("cannot write yet" in n for n in report.notes)
+    assert any("make one with `qtool imatrix`" in n for n in report.notes)
+
+
 def test_q2_k_s_needs_an_entry_for_every_q2_k_tensor(small_model, tmp_path):
     entries = random_imatrix_entries(small_model)
     del entries["blk.1.attn_q.weight"]
@@ -417,8 +429,11 @@ def test_cli_default_output_name_and_errors(small_model, tmp_path):
     (tmp_path / "out").mkdir()
     res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "out"), "--type", "q4_1"])
     assert res.exit_code == 0 and (tmp_path / "out" / "model-Q4_1.gguf").exists()
-    res = CliRunner().invoke(main, ["quantize", str(src), "--type", "IQ2_XXS"])
-    assert res.exit_code == 2 and "unsupported file type 'IQ2_XXS'" in res.output
+    res = CliRunner().invoke(main, ["quantize", str(src), "--type", "MXFP4_MOE"])
+    assert res.exit_code == 2 and "unsupported file type 'MXFP4_MOE'" in res.output
+    res = CliRunner().invoke(main, ["quantize", str(src), "--type", "IQ1_M"])
+    assert res.exit_code != 0 and "a block format qtool cannot write yet" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "model-IQ1_M.gguf").exists()
     res = CliRunner().invoke(main, ["quantize", str(src), "--type", "q4_k", "--tensor-type", "attn_v"])
     assert res.exit_code == 2 and "PATTERN=TYPE" in res.output
     res = CliRunner().invoke(main, ["quantize", str(src)])
