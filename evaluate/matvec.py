@@ -38,8 +38,6 @@ kernels do: below that, waking the workers costs more than they save.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import types as pytypes
 from functools import cache
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Callable
 
 import numpy as np
 import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
+from qtool.numba_start import drop_stale_kernels
 from gguf import GGMLQuantizationType
 from numba import carray, get_num_threads, njit, prange, types
 from numba.core import cgutils
@@ -83,31 +82,10 @@ BLOCK_BYTES, M_OFFSET, QH_OFFSET = 0, -1, -1    # _legacy: block bytes; where th
 _values = _convert = None                       # _legacy: the type's decoded values; _halves: its widening
 
 
-def _drop_caches_compiled_against_other_helpers() -> None:
-    """numba invalidates a cached kernel only when the kernel's own file changes, yet these kernels inline helpers
-    of quantize/kernels/common.py and decode.py: after an edit of those alone, the cached kernels would run the old
-    helpers. A stamp of their content next to this module's cache drops its kernels when it no longer matches (as
-    quantize/kernels/__init__.py does for common.py)."""
-    cache_dir = Path(__file__).parent / "__pycache__"
-    digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (_common, _decode))).hexdigest()
-    stamp = cache_dir / "matvec.helpers.sha256"
-    try:
-        if stamp.read_text() == digest:
-            return
-    except OSError:
-        pass
-    try:
-        cache_dir.mkdir(exist_ok=True)
-        for compiled in cache_dir.glob("matvec.*.nb[ic]"):
-            compiled.unlink(missing_ok=True)
-        tmp = cache_dir / f".matvec.helpers.sha256.{os.getpid()}"
-        tmp.write_text(digest)
-        os.replace(tmp, stamp)
-    except OSError:  # a read-only install: numba then caches elsewhere (or not at all)
-        pass
-
-
-_drop_caches_compiled_against_other_helpers()
+# these kernels inline helpers of quantize/kernels/common.py and decode.py: an edit of those alone drops the cached
+# kernels of this module
+drop_stale_kernels(Path(__file__).parent / "__pycache__", [Path(_common.__file__), Path(_decode.__file__)],
+                   "matvec.helpers.sha256", lambda name: name.startswith("matvec."))
 
 
 # --- building blocks --------------------------------------------------------------------------------------------

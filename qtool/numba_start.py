@@ -13,8 +13,12 @@ it does nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import sys
+from pathlib import Path
+from typing import Callable, Sequence
 
 
 def _scipy_is_installed() -> None:
@@ -38,3 +42,28 @@ def _import_arraymath_without_scipy() -> None:
 
 
 _import_arraymath_without_scipy()
+
+
+def drop_stale_kernels(cache_dir: Path, sources: Sequence[Path], stamp: str, stale: Callable[[str], bool]) -> None:
+    """numba invalidates a cached kernel only when the kernel's own file changes, yet kernels inline helpers from
+    other files: after an edit or update that touches only those, the cached kernels would run the old helpers.
+    A stamp of the helpers' content (`sources`) next to the cache drops every cached entry whose file name
+    `stale` selects when the stamp no longer matches. A read-only install keeps its cache as it is (numba then
+    caches elsewhere, or not at all)."""
+    digest = hashlib.sha256(b"".join(Path(s).read_bytes() for s in sources)).hexdigest()
+    stamp_path = cache_dir / stamp
+    try:
+        if stamp_path.read_text() == digest:
+            return
+    except OSError:
+        pass
+    try:
+        cache_dir.mkdir(exist_ok=True)
+        for compiled in cache_dir.glob("*.nb[ic]"):
+            if stale(compiled.name):
+                compiled.unlink(missing_ok=True)
+        tmp = cache_dir / f".{stamp}.{os.getpid()}"
+        tmp.write_text(digest)
+        os.replace(tmp, stamp_path)
+    except OSError:
+        pass

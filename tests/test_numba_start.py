@@ -31,3 +31,31 @@ def test_kernels_start_without_scipy_and_dot_still_works():
     scipy_installed = importlib.util.find_spec("scipy") is not None
     assert got["have_blas"] == scipy_installed       # numba's own answer, without the import
     assert got["dot"] == got["want"]
+
+
+def test_drop_stale_kernels_drops_only_what_the_helpers_changed(tmp_path):
+    """A cached kernel compiled against other helpers' source is dropped when that source changes, and only then;
+    entries the predicate does not select stay."""
+    from qtool.numba_start import drop_stale_kernels
+    helper = tmp_path / "common.py"
+    helper.write_text("X = 1\n")
+    cache = tmp_path / "__pycache__"
+    names = ("kern.f-1.py311.nbi", "kern.f-1.py311.1.nbc", "common.g-2.py311.nbi")
+
+    def fill():
+        cache.mkdir(exist_ok=True)
+        for n in names:
+            (cache / n).write_bytes(b"x")
+
+    def run():
+        drop_stale_kernels(cache, [helper], "common.py.sha256", lambda name: not name.startswith("common."))
+
+    fill()
+    run()                                   # no stamp yet: unknown helpers, drop
+    assert sorted(p.name for p in cache.glob("*.nb[ic]")) == ["common.g-2.py311.nbi"]
+    fill()
+    run()                                   # same helpers: keep
+    assert len(list(cache.glob("*.nb[ic]"))) == 3
+    helper.write_text("X = 2\n")
+    run()                                   # changed helpers: drop again
+    assert sorted(p.name for p in cache.glob("*.nb[ic]")) == ["common.g-2.py311.nbi"]
