@@ -19,6 +19,10 @@ Steps (`--steps`), each qtool and llama.cpp as child processes with the same thr
 - generate: a 512-token prompt then 32 tokens, Q4_K_M: `llama-bench -p 512 -n 32 -r 1` vs
   `qtool generate --greedy` (its prompt-eval and eval rates); the whole-process columns are qtool's only.
 - kld: `qtool ppl F16 Q8_0 Q4_K_M --chunks 2` in lockstep (qtool only: peak RSS, target <= 16 GB).
+- moe: a mixture-of-experts model with Qwen3-30B-A3B's shapes (hidden 2048, 32 heads / 4 KV heads of 128, 128
+  experts of width 768, top-8) but --moe-layers of its 48 layers (default 4: 2.5 G parameters, 5 GB F16; each layer
+  is the same work), the same vocabulary: F16 -> Q4_K_M by both tools (byte comparison), then `ppl` (2 chunks)
+  side by side on the Q4_K_M.
 
 Per run: whole-process wall time, peak RSS (the child's high-water mark, file-backed pages of the memory-mapped
 model included; see _measure.py), CPU % (user+sys over wall), and the ratios qtool / llama.cpp. qtool runs under
@@ -52,7 +56,10 @@ from tests.conftest import SHARED  # noqa: E402
 WIKI_RAW = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 CALIBRATION = SHARED / "data" / "calibration" / "groups_merged.txt"
 VOCAB = SHARED / "data" / "vocab" / "ggml-vocab-llama-spm.gguf"
-STEPS = ("quantize", "ppl", "imatrix", "generate", "kld")
+STEPS = ("quantize", "ppl", "imatrix", "generate", "kld", "moe")
+# Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B)
+MOE_SHAPE = dict(n_embd=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_expert_used=8, n_ff_exp=768,
+                 n_ff=6144)
 GB = 1e9
 
 
@@ -61,6 +68,19 @@ def log(msg: str = "") -> None:
 
 
 # --- the model -----------------------------------------------------------------------------------------------------
+
+def matrix(seed: int, *shape: int):
+    """A loader of random weights (normal, std 0.02) from a fixed seed: one tensor in memory at a time."""
+    def load() -> np.ndarray:
+        w = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        w *= np.float32(0.02)
+        return w
+    return load
+
+
+def ones(n: int):
+    return lambda: np.ones(n, np.float32)
+
 
 def write_model(path: Path, n_layer: int) -> None:
     """The 7B-shaped F16 GGUF, streamed tensor by tensor (random weights from a fixed seed)."""
@@ -74,17 +94,6 @@ def write_model(path: Path, n_layer: int) -> None:
     kvs = [kv if kv.key != "general.name" else KV(kv.key, f"synthetic-llama2-7b-{n_layer}L", V.STRING) for kv in kvs]
     h = {k: vocab.value(k) for k in ("llama.embedding_length", "llama.feed_forward_length", "llama.vocab_size")}
     n_embd, n_ff, n_vocab = h["llama.embedding_length"], h["llama.feed_forward_length"], h["llama.vocab_size"]
-
-    def matrix(seed: int, rows: int, cols: int):
-        def load() -> np.ndarray:
-            rng = np.random.default_rng(seed)
-            w = rng.standard_normal((rows, cols), dtype=np.float32)
-            w *= np.float32(0.02)
-            return w
-        return load
-
-    def ones(n: int):
-        return lambda: np.ones(n, np.float32)
 
     tensors = [PlannedTensor("token_embd.weight", (n_vocab, n_embd), T.F16, matrix(1, n_vocab, n_embd))]
     for il in range(n_layer):
@@ -103,6 +112,50 @@ def write_model(path: Path, n_layer: int) -> None:
     tensors += [PlannedTensor("output_norm.weight", (n_embd,), T.F32, ones(n_embd)),
                 PlannedTensor("output.weight", (n_vocab, n_embd), T.F16, matrix(2, n_vocab, n_embd))]
     write_gguf(path, "llama", kvs, tensors)
+
+
+def write_moe_model(path: Path, n_layer: int) -> None:
+    """The Qwen3-30B-A3B-shaped F16 GGUF (qwen3moe), streamed tensor by tensor: experts stacked per layer."""
+    from gguf import GGMLQuantizationType as T, GGUFValueType as V
+
+    from qtool.gguf_io import KV, PlannedTensor, read_gguf, write_gguf
+
+    vocab = read_gguf(VOCAB)
+    m = MOE_SHAPE
+    n_embd, hd, n_vocab = m["n_embd"], m["head_dim"], vocab.value("llama.vocab_size")
+    a = "qwen3moe"
+    kvs = [KV(k, v.value, v.type, v.sub_type) for k, v in vocab.kv.items() if k.startswith("tokenizer.")]
+    kvs = [KV("general.name", f"synthetic-qwen3-30b-a3b-{n_layer}L", V.STRING)] + kvs + [
+        KV(f"{a}.block_count", n_layer, V.UINT32), KV(f"{a}.context_length", 4096, V.UINT32),
+        KV(f"{a}.embedding_length", n_embd, V.UINT32), KV(f"{a}.feed_forward_length", m["n_ff"], V.UINT32),
+        KV(f"{a}.attention.head_count", m["n_head"], V.UINT32),
+        KV(f"{a}.attention.head_count_kv", m["n_head_kv"], V.UINT32),
+        KV(f"{a}.rope.freq_base", 1e6, V.FLOAT32), KV(f"{a}.attention.layer_norm_rms_epsilon", 1e-6, V.FLOAT32),
+        KV(f"{a}.expert_count", m["n_expert"], V.UINT32), KV(f"{a}.expert_used_count", m["n_expert_used"], V.UINT32),
+        KV(f"{a}.attention.key_length", hd, V.UINT32), KV(f"{a}.attention.value_length", hd, V.UINT32),
+        KV(f"{a}.expert_feed_forward_length", m["n_ff_exp"], V.UINT32), KV("general.file_type", 1, V.UINT32)]
+
+    q, kv, e, f = m["n_head"] * hd, m["n_head_kv"] * hd, m["n_expert"], m["n_ff_exp"]
+    tensors = [PlannedTensor("token_embd.weight", (n_vocab, n_embd), T.F16, matrix(1, n_vocab, n_embd))]
+    for il in range(n_layer):
+        p, s = f"blk.{il}.", 100 + 10 * il
+        tensors += [
+            PlannedTensor(p + "attn_norm.weight", (n_embd,), T.F32, ones(n_embd)),
+            PlannedTensor(p + "attn_q.weight", (q, n_embd), T.F16, matrix(s, q, n_embd)),
+            PlannedTensor(p + "attn_k.weight", (kv, n_embd), T.F16, matrix(s + 1, kv, n_embd)),
+            PlannedTensor(p + "attn_v.weight", (kv, n_embd), T.F16, matrix(s + 2, kv, n_embd)),
+            PlannedTensor(p + "attn_output.weight", (n_embd, q), T.F16, matrix(s + 3, n_embd, q)),
+            PlannedTensor(p + "attn_q_norm.weight", (hd,), T.F32, ones(hd)),
+            PlannedTensor(p + "attn_k_norm.weight", (hd,), T.F32, ones(hd)),
+            PlannedTensor(p + "ffn_norm.weight", (n_embd,), T.F32, ones(n_embd)),
+            PlannedTensor(p + "ffn_gate_inp.weight", (e, n_embd), T.F32, matrix(s + 4, e, n_embd)),
+            PlannedTensor(p + "ffn_gate_exps.weight", (e, f, n_embd), T.F16, matrix(s + 5, e, f, n_embd)),
+            PlannedTensor(p + "ffn_up_exps.weight", (e, f, n_embd), T.F16, matrix(s + 6, e, f, n_embd)),
+            PlannedTensor(p + "ffn_down_exps.weight", (e, n_embd, f), T.F16, matrix(s + 7, e, n_embd, f)),
+        ]
+    tensors += [PlannedTensor("output_norm.weight", (n_embd,), T.F32, ones(n_embd)),
+                PlannedTensor("output.weight", (n_vocab, n_embd), T.F16, matrix(2, n_vocab, n_embd))]
+    write_gguf(path, a, kvs, tensors)
 
 
 def digest(path: Path) -> str:
@@ -192,6 +245,34 @@ def prompt_of(n_tokens: int, model: Path) -> str:
     return tok.decode(ids[:n_tokens - 1])
 
 
+def run_moe(wd: Path, n_layer: int, threads: int, chunks: int, q_env: dict, l_env: dict) -> list[Result]:
+    tag = f"qwen3moe-30b-a3b-{n_layer}L"
+    f16, q4 = wd / f"{tag}-F16.gguf", wd / f"{tag}-Q4_K_M.gguf"
+    if not f16.exists():
+        t0 = time.perf_counter()
+        write_moe_model(f16, n_layer)
+        log(f"wrote {f16} ({f16.stat().st_size / GB:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+    t = str(threads)
+    out_l = wd / f"llama-{tag}-Q4_K_M.gguf"
+    q4.unlink(missing_ok=True)
+    out = [run("moe quantize", "F16", "llama", threads,
+               [str(tool_path("llama-quantize")), str(f16), str(out_l), "Q4_K_M", t], l_env),
+           run("moe quantize", "F16", "qtool", threads,
+               qtool_cmd("quantize", str(f16), str(q4), "--type", "Q4_K_M", "--threads", t), q_env)]
+    same = out_l.exists() and q4.exists() and digest(out_l) == digest(q4)
+    out[-1].extra["identical"] = same
+    log(f"  outputs byte-identical: {same}")
+    out_l.unlink(missing_ok=True)
+    js = wd / f"ppl-{tag}.json"
+    out.append(run("moe ppl", "Q4_K_M", "llama", threads,
+                   [str(tool_path("llama-perplexity")), "-m", str(q4), "-f", str(WIKI_RAW), "-c", "512",
+                    "--chunks", str(chunks), "-t", t], l_env, _ppl_llama))
+    out.append(run("moe ppl", "Q4_K_M", "qtool", threads,
+                   qtool_cmd("ppl", str(q4), "--dataset", str(WIKI_RAW), "--ctx", "512", "--chunks", str(chunks),
+                             "--threads", t, "--json", str(js)), q_env, _ppl_qtool(js)))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qtool-scale"))
@@ -200,6 +281,7 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)}")
     ap.add_argument("--ppl-models", default="Q4_K_M,Q8_0,F16")
     ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--moe-layers", type=int, default=4, help="layers of the 30B-A3B shape for the moe step (of 48)")
     args = ap.parse_args()
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if set(steps) - set(STEPS):
@@ -220,12 +302,14 @@ def main() -> int:
     log(f"{cores} cores; load average {os.getloadavg()[0]:.2f}; numpy BLAS in qtool's environment: "
         f"{probe.stdout.strip() or probe.stderr.strip()[-300:]}")
 
-    if not files["F16"].exists():
+    if steps == ["moe"]:
+        pass
+    elif not files["F16"].exists():
         t0 = time.perf_counter()
         write_model(files["F16"], args.layers)
         log(f"wrote {files['F16']} ({files['F16'].stat().st_size / GB:.2f} GB) in {time.perf_counter() - t0:.0f} s")
     env_all = qtool_env(cores)
-    if not files["Q8_0"].exists():
+    if steps != ["moe"] and not files["Q8_0"].exists():
         subprocess.run(qtool_cmd("quantize", str(files["F16"]), str(files["Q8_0"]), "--type", "Q8_0"),
                        env=env_all, check=True, capture_output=True, timeout=3600)
     results: list[Result] = []
@@ -233,7 +317,7 @@ def main() -> int:
         q_env, l_env = qtool_env(threads), clean_env()
         t = str(threads)
         log(f"\n--- {threads} thread(s) ---")
-        if "quantize" in steps or not files["Q4_K_M"].exists():
+        if "quantize" in steps or (not files["Q4_K_M"].exists() and steps != ["moe"]):
             out_l, out_q = wd / "llama-Q4_K_M.gguf", files["Q4_K_M"]
             for p in (out_l, out_q):
                 p.unlink(missing_ok=True)
@@ -275,6 +359,8 @@ def main() -> int:
             results.append(run("generate", "Q4_K_M", "llama", threads,
                                [str(tool_path("llama-bench")), "-m", str(files["Q4_K_M"]), "-p", str(n_prompt),
                                 "-n", "32", "-r", "1", "-t", t, "-o", "json"], l_env, _bench_llama))
+        if "moe" in steps:
+            results += run_moe(wd, args.moe_layers, threads, args.chunks, q_env, l_env)
         if "kld" in steps:
             js = wd / "kld.json"
             results.append(run("kld", "3 models", "qtool", threads,

@@ -14,8 +14,9 @@ from qtool.gguf_io import (KV, PlannedTensor, Progress, preview_kvs, shard_paths
                            write_gguf)
 
 from .checkpoint import Checkpoint
-from .models import (ModelSpec, OutTensor, arch_kvs, expected_hf_tensors, gguf_name, llama3_rope_factors,
-                     model_spec, normhead, permute_rows, read_config, _SKIPPED_SUFFIXES)
+from .models import (EXPERT_GGUF, EXPERT_PROJS, F32_WEIGHTS, ModelSpec, OutTensor, arch_kvs, expected_hf_tensors,
+                     expert_hf_name, gguf_name, llama3_rope_factors, model_spec, normhead, parse_expert_name,
+                     permute_rows, read_config, _SKIPPED_SUFFIXES)
 from .tokenizer import export_vocab
 
 OUTTYPES: dict[str, LlamaFileType] = {
@@ -83,7 +84,7 @@ def plan_conversion(model_dir: Path, outtype: str = "auto", *, pre: str | None =
         if metadata.name is None:
             metadata.name = model_dir.name
         if metadata.size_label is None and total_params > 0:
-            metadata.size_label = gguf.size_label(total_params, total_params, 0, 0)
+            metadata.size_label = gguf.size_label(*_parameter_counts(tensors))
 
         kvs, arch_notes = arch_kvs(spec, ftype)
         notes += arch_notes
@@ -119,9 +120,26 @@ def _resolve_outtype(outtype: str, ckpt: Checkpoint | None, tensors: list[OutTen
     return LlamaFileType.MOSTLY_F16
 
 
+def _parameter_counts(tensors: list[OutTensor]) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, expert count) as gguf's GGUFWriter.get_total_parameter_count counts them."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = int(np.prod(t.shape))
+        if "_exps." in t.name and len(t.shape) >= 3:
+            n = t.shape[-2 if ".bias" in t.name else -3]
+            expert += size // n
+            expert_sum += n
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0
+
+
 def _with_type(t: OutTensor, ftype: LlamaFileType, notes: list[str]) -> OutTensor:
-    # Norms, biases and every 1-D tensor stay F32 (llama.cpp's runtime expects that).
-    if len(t.shape) <= 1 or t.name.endswith("_norm.weight") or not t.name.endswith(".weight"):
+    # Norms, biases, every 1-D tensor and the MoE routers stay F32 (llama.cpp's runtime expects that).
+    if (len(t.shape) <= 1 or t.name.endswith("_norm.weight") or not t.name.endswith(".weight")
+            or t.name.endswith(F32_WEIGHTS)):
         qtype = GGMLQuantizationType.F32
     else:
         qtype = _WEIGHT_QTYPE[ftype]
@@ -155,7 +173,15 @@ def _plan_tensors(spec: ModelSpec, ckpt: Checkpoint, notes: list[str]) -> list[O
         out.append(OutTensor("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, lambda f=factors: f, ""))
 
     cache = _LastTensor(ckpt)
+    experts_seen: dict[int, int] = {}
     for hf in present:
+        if (expert := parse_expert_name(hf)) is not None:
+            # llama.cpp emits a layer's three stacks where the last of its expert tensors comes in the checkpoint
+            layer = expert[0]
+            experts_seen[layer] = experts_seen.get(layer, 0) + 1
+            if experts_seen[layer] == len(EXPERT_PROJS) * spec.n_expert:
+                out += _stacked_experts(spec, layer, ckpt, cache)
+            continue
         if hf.endswith("self_attn.W_pack.weight"):
             out += _split_w_pack(spec, hf, cache)
             continue
@@ -219,6 +245,30 @@ def _split_w_pack(spec: ModelSpec, hf: str, cache: _LastTensor) -> list[OutTenso
     return [OutTensor(f"blk.{layer}.attn_q.weight", shape, GGMLQuantizationType.F32, part(0, True), hf),
             OutTensor(f"blk.{layer}.attn_k.weight", shape, GGMLQuantizationType.F32, part(1, True), hf),
             OutTensor(f"blk.{layer}.attn_v.weight", shape, GGMLQuantizationType.F32, part(2, False), hf)]
+
+
+def _stacked_experts(spec: ModelSpec, layer: int, ckpt: Checkpoint, cache: _LastTensor) -> list[OutTensor]:
+    """One layer's routed experts as three (n_expert, rows, cols) tensors, each stacked only when it is written.
+
+    At most one stack is in memory at a time (plus one expert), so a checkpoint of any size converts in the memory
+    of its largest layer stack. Float16 experts stack as float16; anything else (bf16, f32) as float32, as
+    llama.cpp's converter widens them before torch.stack.
+    """
+    out = []
+    for proj in EXPERT_PROJS:
+        names = [expert_hf_name(layer, x, proj) for x in range(spec.n_expert)]
+        dtype = np.float16 if all(ckpt.dtype(n) == "F16" for n in names) else np.float32
+
+        def load(names: list[str] = names, dtype: type = dtype) -> np.ndarray:
+            first = cache.get(names[0])
+            stack = np.empty((len(names), *first.shape), dtype=dtype)
+            for x, name in enumerate(names):
+                stack[x] = cache.get(name)
+            return stack
+
+        shape = (spec.n_expert, *ckpt.shape(names[0]))
+        out.append(OutTensor(f"blk.{layer}.{EXPERT_GGUF[proj]}", shape, GGMLQuantizationType.F32, load, names[0]))
+    return out
 
 
 def _prepare_general(plan: ConversionPlan) -> Callable[[gguf.GGUFWriter], None]:

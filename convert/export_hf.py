@@ -37,12 +37,15 @@ from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ROPE_DEPTH, Arch, arch_fo
 from qtool.errors import QtoolError
 from qtool.floats import f32_to_bf16_bits
 from qtool.gguf_io import Progress
-from qtool.model_file import GGUFModel, TensorRef
+from qtool.model_file import GGUFModel, TensorRef, decode_rows
 
-from .models import (BAICHUAN2_VOCAB_SIZE, expected_hf_tensors, hf_name_for_gguf, llama3_rope_factors,
-                     model_spec, unpermute_rows)
+from .models import (BAICHUAN2_VOCAB_SIZE, expected_hf_tensors, expert_hf_name, hf_name_for_gguf,
+                     llama3_rope_factors, model_spec, unpermute_rows)
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9     # transformers' save_pretrained default, "5GB"
+
+# config.json model_type where it is not the GGUF architecture name
+_HF_MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,9 @@ def _hf_config(kv: dict[str, Any], arch: Arch, hp: dict[str, Any], tensors: dict
         return dict(sorted(c.items()))
 
     c["architectures"] = [arch.hf_names[0]]
-    c["model_type"] = a
+    c["model_type"] = _HF_MODEL_TYPE.get(a, a)
+    if arch.moe:
+        c.update(_moe_config(kv, arch, hp, tensors, notes))
     c["attention_dropout"] = 0.0
     c["num_key_value_heads"] = hp["n_head_kv"]
     c["max_position_embeddings"] = int(n_ctx) if n_ctx is not None else (2048 if a == "llama" else 32768)
@@ -197,12 +202,46 @@ def _hf_config(kv: dict[str, Any], arch: Arch, hp: dict[str, Any], tensors: dict
         c["max_window_layers"] = hp["n_layer"]
         c["sliding_window"] = None
         c["use_sliding_window"] = False
-        if a == "qwen3":
+        if a in ("qwen3", "qwen3moe"):
             c["attention_bias"] = "blk.0.attn_q.bias" in tensors
             c["head_dim"] = hp["head_dim"]
         elif hp["key_length"] is not None:
             c["head_dim"] = hp["head_dim"]
     return dict(sorted(c.items()))
+
+
+def _moe_config(kv: dict[str, Any], arch: Arch, hp: dict[str, Any], tensors: dict[str, Any],
+                notes: list[str]) -> dict[str, Any]:
+    """The MoE fields of a Qwen2-MoE / Qwen3-MoE config.json. Widths missing from the GGUF are read off the
+    expert tensors (llama.cpp would guess n_ff / n_expert_used instead)."""
+    a = arch.gguf_name
+
+    def need(key: str) -> int:
+        if kv.get(f"{a}.{key}") is None:
+            raise QtoolError(f"GGUF has no {a}.{key}, which a HF {arch.hf_names[0]} needs")
+        return int(kv[f"{a}.{key}"])
+
+    def width(key: str, tensor: str) -> int:
+        if kv.get(f"{a}.{key}") is not None:
+            return int(kv[f"{a}.{key}"])
+        if tensor not in tensors:
+            raise QtoolError(f"GGUF has neither {a}.{key} nor {tensor}")
+        notes.append(f"{a}.{key} missing: taken from {tensor}'s shape")
+        return int(tensors[tensor].shape[-2])
+
+    c: dict[str, Any] = {
+        "num_experts": need("expert_count"),
+        "num_experts_per_tok": need("expert_used_count"),
+        "moe_intermediate_size": width("expert_feed_forward_length", "blk.0.ffn_gate_exps.weight"),
+        "norm_topk_prob": arch.moe_norm_topk,     # what llama.cpp does for this architecture, whatever was asked
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+    }
+    if arch.shared_expert:
+        c["shared_expert_intermediate_size"] = width("expert_shared_feed_forward_length", "blk.0.ffn_gate_shexp.weight")
+    return c
 
 
 def _rope_scaling(kv: dict[str, Any], a: str, notes: list[str]) -> dict[str, Any] | None:
@@ -323,6 +362,16 @@ def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any], model:
                 by_hf[hf] = HFTensor(hf, (3 * hp["n_embd"], hp["n_embd"]), _w_pack_loader(model, i, hp["n_head"]),
                                      f"blk.{i}.attn_{{q,k,v}}.weight")
             continue
+        stack = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight", name)
+        if arch.moe and stack and len(t.shape) == 3:
+            # one (n_expert, rows, cols) stack -> n_expert HF tensors, each decoded from its own slice of the stack
+            for x in range(t.shape[0]):
+                hf = expert_hf_name(int(stack.group(1)), x, f"{stack.group(2)}_proj")
+                if hf not in expected:
+                    raise QtoolError(f"GGUF tensor {name!r} holds expert {x}, which has no place in a HF "
+                                     f"{spec.hf_arch} with {config['num_experts']} experts")
+                by_hf[hf] = HFTensor(hf, tuple(t.shape[1:]), _expert_loader(model, name, x), f"{name}[{x}]")
+            continue
         hf = hf_name_for_gguf(name)
         if hf is None or hf not in expected:
             raise QtoolError(f"GGUF tensor {name!r} has no place in a HF {spec.hf_arch}")
@@ -350,6 +399,13 @@ def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any], model:
                              f"config needs {list(shape)} for {hf}")
         out.append(t)
     return out
+
+
+def _expert_loader(model: GGUFModel, name: str, expert: int) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        t = model.tensor(name)
+        return decode_rows(t.raw()[expert], t.qtype, t.shape[1:])
+    return load
 
 
 def _unpermuted(load: Callable[[], np.ndarray], n_head: int) -> Callable[[], np.ndarray]:

@@ -1,7 +1,7 @@
 """Per-architecture conversion: config -> hparams and GGUF keys, HF tensor names -> GGUF tensors.
 
-Everything here mirrors what llama.cpp's ``convert_hf_to_gguf.py`` writes for Llama, Qwen2, Qwen3 and
-Baichuan (see docs/reference/conversion-and-evaluation.md §A), except where that script is wrong:
+Everything here mirrors what llama.cpp's ``convert_hf_to_gguf.py`` writes for Llama, Qwen2, Qwen3, Qwen2-MoE,
+Qwen3-MoE and Baichuan (see docs/reference/conversion-and-evaluation.md §A), except where that script is wrong:
 Baichuan converts at all here, and Baichuan2's NormHead is applied.
 """
 from __future__ import annotations
@@ -36,7 +36,22 @@ _AUTOCONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
               "rope_theta": 10000.0, "head_dim": 128},
+    # The MoE configs keep their own num_key_value_heads default (it is not num_attention_heads), and Qwen3-MoE's
+    # to_dict() spells num_experts as num_local_experts.
+    "qwen2moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                 "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 32768,
+                 "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
+                 "num_experts": 60, "norm_topk_prob": False},
+    "qwen3moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+                 "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "moe_intermediate_size": 768, "num_experts_per_tok": 8, "num_local_experts": 128,
+                 "norm_topk_prob": False},
 }
+
+# llama.cpp's ExpertGatingFuncType values, by the names configs use.
+_GATING_FUNC = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
 
 _SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
@@ -67,6 +82,10 @@ class ModelSpec:
     head_dim: int
     n_vocab: int
     is_baichuan2: bool = False
+    n_expert: int = 0              # routed experts per layer (MoE architectures only)
+    n_expert_used: int = 0         # experts each token is routed to
+    n_ff_exp: int = 0              # one routed expert's FFN width
+    n_ff_shexp: int = 0            # the shared expert's FFN width (0: none)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -119,11 +138,37 @@ def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: 
         raise QtoolError(f"config.json: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
 
     spec = ModelSpec(arch, hf_arch, hp, n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab)
+    if arch.moe:
+        _moe_spec(spec, need)
     if arch.gguf_name == "baichuan":
         spec.is_baichuan2 = _looks_like_baichuan2(n_vocab, model_dir) if normhead is None else normhead
     elif normhead:
         raise QtoolError("--normhead applies only to Baichuan2 checkpoints")
     return spec
+
+
+def _moe_spec(spec: ModelSpec, need: Callable[..., int]) -> None:
+    hp = spec.hparams
+    spec.n_expert = need("num_local_experts", "num_experts")
+    spec.n_expert_used = need("num_experts_per_tok")
+    spec.n_ff_exp = need("moe_intermediate_size")
+    if spec.arch.shared_expert:
+        spec.n_ff_shexp = need("shared_expert_intermediate_size")
+    if spec.n_expert_used > spec.n_expert:
+        raise QtoolError(f"config.json: num_experts_per_tok {spec.n_expert_used} is more than num_experts "
+                         f"{spec.n_expert}")
+    # transformers makes a layer dense (one plain MLP) when it is in mlp_only_layers or off the sparse step;
+    # llama.cpp's Qwen MoE architectures have no dense layers at all, so such a file would not load there.
+    step, only = hp.get("decoder_sparse_step", 1), hp.get("mlp_only_layers") or []
+    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+        raise QtoolError(f"config.json: decoder_sparse_step must be a positive integer, got {step!r}")
+    if not isinstance(only, list):
+        raise QtoolError(f"config.json: mlp_only_layers must be a list of layer numbers, got {only!r}")
+    dense = [i for i in range(spec.n_layer) if i in only or (i + 1) % step]
+    if dense:
+        raise QtoolError(f"config.json: layer{'s' if len(dense) > 1 else ''} {', '.join(map(str, dense[:8]))}"
+                         f"{' ...' if len(dense) > 8 else ''} would be dense (mlp_only_layers / decoder_sparse_step), "
+                         f"which llama.cpp's {spec.arch.gguf_name} cannot load: every layer must be MoE")
 
 
 def _looks_like_baichuan2(n_vocab: int, model_dir: Path | None) -> bool:
@@ -145,6 +190,8 @@ def _looks_like_baichuan2(n_vocab: int, model_dir: Path | None) -> bool:
 def _expand_like_autoconfig(gguf_arch: str, hp: dict[str, Any]) -> dict[str, Any]:
     """Fill in what transformers 5.x AutoConfig(...).to_dict() adds to these configs."""
     out = dict(hp)
+    if gguf_arch == "qwen3moe" and out.get("num_experts") is not None:
+        out["num_local_experts"] = out.pop("num_experts")
     for k, v in _AUTOCONFIG_DEFAULTS[gguf_arch].items():
         if out.get(k) is None and not (k == "rope_theta" and _rope_params(out).get("rope_theta") is not None):
             out[k] = v
@@ -228,10 +275,33 @@ def arch_kvs(spec: ModelSpec, ftype: LlamaFileType) -> tuple[list[KV], list[str]
         kvs.append(KV(f"{a}.attention.layer_norm_rms_epsilon", float(eps), f32))
     elif spec.arch.gguf_name == "baichuan":
         raise QtoolError("config.json: missing rms_norm_eps (llama.cpp requires it)")
+    if (n_expert := _first(hp, "num_local_experts", "num_experts", "n_routed_experts")) is not None:
+        kvs.append(KV(f"{a}.expert_count", int(n_expert), u32))
+    if (n_used := _first(hp, "num_experts_per_tok", "num_experts_per_token", "top_k_experts")) is not None:
+        kvs.append(KV(f"{a}.expert_used_count", int(n_used), u32))
+    if hp.get("n_group") is not None:
+        kvs.append(KV(f"{a}.expert_group_count", int(hp["n_group"]), u32))
+    if hp.get("topk_group") is not None:
+        kvs.append(KV(f"{a}.expert_group_used_count", int(hp["topk_group"]), u32))
+    if (score := _first(hp, "score_function", "scoring_func", "score_func", "moe_router_activation",
+                        "moe_router_activation_func", "expert_selection_fn")) is not None:
+        if score not in _GATING_FUNC:
+            raise QtoolError(f"config.json: unsupported expert scoring function {score!r}")
+        kvs.append(KV(f"{a}.expert_gating_func", _GATING_FUNC[score], u32))
     if hp.get("head_dim") is not None:
         kvs += [KV(f"{a}.attention.key_length", int(hp["head_dim"]), u32),
                 KV(f"{a}.attention.value_length", int(hp["head_dim"]), u32)]
     kvs.append(KV("general.file_type", int(ftype), u32))
+
+    if spec.arch.moe:
+        if hp.get("moe_intermediate_size") is not None:
+            kvs.append(KV(f"{a}.expert_feed_forward_length", int(hp["moe_intermediate_size"]), u32))
+        if hp.get("shared_expert_intermediate_size") is not None:
+            kvs.append(KV(f"{a}.expert_shared_feed_forward_length", int(hp["shared_expert_intermediate_size"]), u32))
+        if bool(hp.get("norm_topk_prob")) != spec.arch.moe_norm_topk:
+            notes.append(f"warning: config.json norm_topk_prob is {bool(hp.get('norm_topk_prob'))}, but llama.cpp's "
+                         f"{a} {'always' if spec.arch.moe_norm_topk else 'never'} renormalises the top-k expert "
+                         "weights; this file will run that way")
 
     if a == "llama":
         kvs.append(KV("llama.vocab_size", spec.n_vocab, u32))
@@ -271,9 +341,21 @@ def expected_hf_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.k_proj.weight"] = (kv_rows, e)
             shapes[p + "self_attn.v_proj.weight"] = (kv_rows, e)
         shapes[p + "self_attn.o_proj.weight"] = (e, q_rows)
-        shapes[p + "mlp.gate_proj.weight"] = (ff, e)
-        shapes[p + "mlp.up_proj.weight"] = (ff, e)
-        shapes[p + "mlp.down_proj.weight"] = (e, ff)
+        if spec.arch.moe:
+            shapes[p + "mlp.gate.weight"] = (spec.n_expert, e)
+            for x in range(spec.n_expert):
+                for proj in EXPERT_PROJS:
+                    shapes[expert_hf_name(i, x, proj)] = (e, spec.n_ff_exp) if proj == "down_proj" else (spec.n_ff_exp, e)
+            if spec.arch.shared_expert:
+                sh = spec.n_ff_shexp
+                shapes[p + "mlp.shared_expert.gate_proj.weight"] = (sh, e)
+                shapes[p + "mlp.shared_expert.up_proj.weight"] = (sh, e)
+                shapes[p + "mlp.shared_expert.down_proj.weight"] = (e, sh)
+                shapes[p + "mlp.shared_expert_gate.weight"] = (1, e)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (ff, e)
+            shapes[p + "mlp.up_proj.weight"] = (ff, e)
+            shapes[p + "mlp.down_proj.weight"] = (e, ff)
         if spec.arch.qkv_bias or (spec.arch.gguf_name == "llama" and hp.get("attention_bias")):
             shapes[p + "self_attn.q_proj.bias"] = (q_rows,)
             shapes[p + "self_attn.k_proj.bias"] = (kv_rows,)
@@ -301,7 +383,32 @@ _LAYER_MAP = {
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.gate_proj.bias": "ffn_gate.bias",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.up_proj.bias": "ffn_up.bias",
     "mlp.down_proj.weight": "ffn_down.weight", "mlp.down_proj.bias": "ffn_down.bias",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
 }
+# Routed experts: model.layers.{i}.mlp.experts.{x}.{proj}.weight, each (n_ff_exp, n_embd) or, for down_proj,
+# (n_embd, n_ff_exp), are stacked over x into one (n_expert, rows, cols) tensor per layer and projection; llama.cpp
+# emits the three stacks in this order.
+EXPERT_PROJS = ("down_proj", "gate_proj", "up_proj")
+EXPERT_GGUF = {"down_proj": "ffn_down_exps.weight", "gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight"}
+# Tensors that stay F32 whatever the output type (llama.cpp's converter and llama-quantize agree on these).
+F32_WEIGHTS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+
+
+def expert_hf_name(layer: int, expert: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def parse_expert_name(hf_name: str) -> tuple[int, int, str] | None:
+    """(layer, expert, projection) of a routed expert's HF weight, or None for any other tensor."""
+    parts = hf_name.split(".")
+    if (len(parts) == 8 and parts[:2] == ["model", "layers"] and parts[3:5] == ["mlp", "experts"]
+            and parts[2].isdecimal() and parts[5].isdecimal() and parts[6] in EXPERT_PROJS and parts[7] == "weight"):
+        return int(parts[2]), int(parts[5]), parts[6]
+    return None
 _GLOBAL_MAP = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",

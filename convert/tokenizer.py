@@ -216,14 +216,15 @@ def export_vocab(
                        plus the CodeLlama (vocab 32016) and small-Granite/SmolLM (vocab 49152)
                        adjustments;
              "bpe"   - Qwen2/Qwen3: SentencePiece if tokenizer.model exists, else BPE;
-             "spm"   - Baichuan: SentencePiece only.
+             "spm"   - Baichuan: SentencePiece only;
+             "gpt2"  - Qwen2-MoE/Qwen3-MoE (TextModel.set_vocab): BPE only, a tokenizer.model is ignored.
     pre:     tokenizer.ggml.pre to write for a BPE vocab instead of the detected one.
 
     Returns (KV pairs in llama.cpp's write order, log lines). Raises QtoolError for anything the
     user has to act on (missing/unreadable files, unrecognised pre-tokenizer, ...).
     """
-    if kind not in ("llama", "bpe", "spm"):
-        raise ValueError(f"kind must be 'llama', 'bpe' or 'spm', got {kind!r}")
+    if kind not in ("llama", "bpe", "spm", "gpt2"):
+        raise ValueError(f"kind must be 'llama', 'bpe', 'spm' or 'gpt2', got {kind!r}")
     if pre is not None and pre not in RUNTIME_PRE_NAMES:
         raise QtoolError(f"--pre {pre!r} is not a pre-tokenizer llama.cpp knows "
                          f"(e.g. llama-bpe, qwen2, smollm, gpt-2, smaug-bpe, default)")
@@ -236,6 +237,8 @@ def export_vocab(
             raise QtoolError(f"{ctx.dir}: no tokenizer.model (this architecture needs a "
                              f"SentencePiece tokenizer)")
         _spm_vocab(ctx, pre)
+    elif kind == "gpt2":
+        _bpe_vocab(ctx, pre)
     elif kind == "bpe":
         if has_spm:
             _spm_vocab(ctx, pre)

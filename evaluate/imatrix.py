@@ -55,7 +55,10 @@ class ImatrixCollector:
     def collects(self, weight_name: str) -> bool:
         return weight_name.startswith("blk.") or (self.process_output and weight_name == "output.weight")
 
-    def __call__(self, weight_name: str, x: np.ndarray) -> None:
+    def __call__(self, weight_name: str, x: np.ndarray, expert: int | None = None, n_expert: int = 0) -> None:
+        if expert is not None:
+            self._add_expert(weight_name, x, expert, n_expert)
+            return
         if x.shape[0] < MIN_ROWS or not self.collects(weight_name):
             return
         with np.errstate(over="ignore"):      # an overflow is reported below, as llama-imatrix does
@@ -78,6 +81,27 @@ class ImatrixCollector:
         if not np.isfinite(sums).all():
             raise QtoolError(f"non-finite sums of squared activations at the input of {weight_name}: the model "
                              f"overflows on this text (llama-imatrix aborts too)")
+
+    def _add_expert(self, weight_name: str, x: np.ndarray, expert: int, n_expert: int) -> None:
+        """The rows routed to one expert of a 3-D weight (llama-imatrix's MUL_MAT_ID branch: any number of rows,
+        one sum and one count per expert)."""
+        sums = self.sums.get(weight_name)
+        if sums is None:
+            sums = self.sums[weight_name] = np.zeros((n_expert, x.shape[1]), np.float32)
+            self.counts[weight_name] = np.zeros(n_expert, np.int64)
+        elif sums.shape != (n_expert, x.shape[1]):
+            if sums.shape == (1, x.shape[1]) and len(self.counts[weight_name]) == 1:   # an older file: one count
+                sums = self.sums[weight_name] = np.repeat(sums, n_expert, axis=0)        # and sum for all experts
+                self.counts[weight_name] = np.repeat(self.counts[weight_name], n_expert)
+            else:
+                raise QtoolError(f"imatrix entry {weight_name} has shape {sums.shape} but the model's experts take "
+                                 f"{(n_expert, x.shape[1])}: the --in-file imatrix belongs to another model")
+        with np.errstate(over="ignore"):
+            sums[expert] += np.einsum("ij,ij->j", x, x, dtype=np.float32)
+        self.counts[weight_name][expert] += x.shape[0]
+        if not np.isfinite(sums[expert]).all():
+            raise QtoolError(f"non-finite sums of squared activations at the input of {weight_name} (expert "
+                             f"{expert}): the model overflows on this text (llama-imatrix aborts too)")
 
     def add_file(self, im: Imatrix, chunk_size: int, source: str | Path = "") -> None:
         """Merge an earlier imatrix the way llama-imatrix's `load_imatrix` does.

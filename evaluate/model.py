@@ -7,6 +7,11 @@ tied output); the pass itself is the llama graph of llama.cpp (src/models/{llama
     for each layer:  x += attention(rms_norm(x)) ;  x += ffn(rms_norm(x))
     logits = rms_norm(x) @ output.T
 
+For the mixture-of-experts architectures (Qwen2-MoE, Qwen3-MoE: src/models/qwen{2,3}moe.cpp, build_moe_ffn) the
+ffn is routed: a softmax over the router's logits picks each token's top-k experts, only those run, and their
+outputs are summed with the routing weights (renormalized for Qwen3-MoE), plus Qwen2-MoE's sigmoid-gated shared
+expert.
+
 Weights are read in the GGUF layout (q/k rows permuted for llama/baichuan, whose NORM rope rotates
 adjacent pairs), so no tensor is rewritten on load. Weights stay in their stored form (evaluate/weights.py: each
 product decodes tiles of rows, or reads the blocks directly for one token); their values are used as float32; by default
@@ -40,7 +45,10 @@ from qtool.floats import round_to_bf16
 from qtool.evaluate.weights import GGUFWeights
 from qtool.quantize import formats
 
-MatmulHook = Callable[[str, np.ndarray], None]
+MatmulHook = Callable[..., None]      # (weight_name, x) or, for one expert of a 3-D tensor, (..., expert=e, n_expert=n)
+
+# ggml clamps the sum of the top-k weights before dividing by it: the smallest normal float16.
+MOE_WEIGHT_SUM_MIN = np.float32(6.103515625e-5)
 
 # ggml's YaRN defaults; the GGUF yarn_beta_* keys are not read by these architectures (docs/reference/conversion-and-evaluation.md §A.6).
 YARN_BETA_FAST = 32.0
@@ -87,6 +95,11 @@ class ModelConfig:
     alibi_max_bias: float = 0.0
     qk_norm: bool = False
     tied_output: bool = False
+    n_expert: int = 0               # > 0: the FFN is a mixture of experts
+    n_expert_used: int = 0          # experts per token (top-k)
+    n_ff_exp: int = 0               # each expert's FFN width
+    n_ff_shexp: int = 0             # > 0: a shared expert of this width, gated by a sigmoid
+    expert_norm: bool = False       # renormalize the top-k routing weights
 
     @property
     def n_group(self) -> int:
@@ -125,13 +138,25 @@ class ModelConfig:
         tied = not w.has("output.weight")
         if tied and arch.output_required:
             raise QtoolError(f"{w.path}: tensor 'output.weight' is missing ({name} has no tied output)")
+        moe = {}
+        if arch.moe:
+            n_expert = h.need("n_expert")
+            used = int(w.value(f"{name}.expert_used_count", 0) or 0)
+            if not 0 < used <= n_expert:
+                raise QtoolError(f"{w.path}: {name}.expert_used_count is {used}, expected 1..{n_expert} experts")
+            n_ff_exp = int(w.value(f"{name}.expert_feed_forward_length", 0) or 0) or h.need("n_ff") // used
+            shared = 0
+            if arch.shared_expert:
+                shared = int(w.value(f"{name}.expert_shared_feed_forward_length", 0) or 0) or h.need("n_ff")
+            moe = dict(n_expert=n_expert, n_expert_used=used, n_ff_exp=n_ff_exp, n_ff_shexp=shared,
+                       expert_norm=arch.moe_norm_topk)
         return cls(arch=name, n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                    n_head_kv=n_head_kv, head_dim=head_dim, n_ff=h.need("n_ff"),
                    rms_eps=h.need("rms_eps"), context_length=context_length,
                    position=position, rope_style=rope_style,
                    n_rot=h.n_rot if h.n_rot is not None else head_dim,
                    rope_base=h.rope_base if h.rope_base is not None else 10000.0, rope_freq_scale=freq_scale,
-                   yarn_orig_ctx=yarn_orig, alibi_max_bias=alibi, qk_norm=arch.qk_norm, tied_output=tied)
+                   yarn_orig_ctx=yarn_orig, alibi_max_bias=alibi, qk_norm=arch.qk_norm, tied_output=tied, **moe)
 
 
 # --- building blocks --------------------------------------------------------------------------------------------
@@ -450,12 +475,27 @@ class Model:
             p = f"blk.{il}."
             expected.update({p + "attn_norm.weight": (c.n_embd,), p + "attn_q.weight": (q, c.n_embd),
                              p + "attn_k.weight": (kv, c.n_embd), p + "attn_v.weight": (kv, c.n_embd),
-                             p + "attn_output.weight": (c.n_embd, q), p + "ffn_norm.weight": (c.n_embd,),
-                             p + "ffn_gate.weight": (c.n_ff, c.n_embd), p + "ffn_up.weight": (c.n_ff, c.n_embd),
-                             p + "ffn_down.weight": (c.n_embd, c.n_ff)})
+                             p + "attn_output.weight": (c.n_embd, q), p + "ffn_norm.weight": (c.n_embd,)})
+            if c.n_expert:
+                e, f = c.n_expert, c.n_ff_exp
+                expected.update({p + "ffn_gate_inp.weight": (e, c.n_embd), p + "ffn_gate_exps.weight": (e, f, c.n_embd),
+                                 p + "ffn_up_exps.weight": (e, f, c.n_embd),
+                                 p + "ffn_down_exps.weight": (e, c.n_embd, f)})
+                if c.n_ff_shexp:
+                    f = c.n_ff_shexp
+                    expected.update({p + "ffn_gate_shexp.weight": (f, c.n_embd),
+                                     p + "ffn_up_shexp.weight": (f, c.n_embd), p + "ffn_down_shexp.weight": (c.n_embd, f)})
+            else:
+                expected.update({p + "ffn_gate.weight": (c.n_ff, c.n_embd), p + "ffn_up.weight": (c.n_ff, c.n_embd),
+                                 p + "ffn_down.weight": (c.n_embd, c.n_ff)})
             if c.qk_norm:
                 expected[p + "attn_q_norm.weight"] = (c.head_dim,)
                 expected[p + "attn_k_norm.weight"] = (c.head_dim,)
+        if c.n_ff_shexp:      # one row: (1, n_embd) as converted, (n_embd,) once llama-quantize drops the 1
+            for il in range(c.n_layer):
+                name = f"blk.{il}.ffn_gate_inp_shexp.weight"
+                if not w.has(name) or w.shape(name) not in ((1, c.n_embd), (c.n_embd,)):
+                    raise QtoolError(f"{w.path}: tensor {name!r} is missing or not {c.n_embd} wide")
         for name, shape in expected.items():
             if not w.has(name):
                 if name.startswith("blk.") and "attn_q." in name and w.has(name.replace("attn_q.", "attn_qkv.")):
@@ -480,6 +520,59 @@ class Model:
         if w.has(name + ".bias"):
             out += w.get(name + ".bias")
         return out
+
+    def _ffn(self, gate_name: str, up_name: str, down_name: str, h: _Input) -> np.ndarray:
+        """silu(h W_gate^T) * (h W_up^T) @ W_down^T, in work buffers."""
+        gate = self._linear(gate_name, h, "gate")
+        up = self._linear(up_name, h, "up")
+        _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
+        return self._linear(down_name, _Input(gate, self._ws), "down")
+
+    def _moe(self, p: str, h: _Input) -> np.ndarray:
+        """llama.cpp's build_moe_ffn with softmax gating: each token's top-k experts (by routing probability, ties
+        to the lower index) each run their FFN on it; their outputs, times the (renormalized) probabilities, are
+        summed in rank order. Only routed experts are computed. Plus the shared expert, gated by a sigmoid."""
+        c, w = self.config, self.weights
+        rows, k = h.x.shape[0], c.n_expert_used
+        probs = self._linear(p + "ffn_gate_inp", h, "router")
+        probs = np.exp(probs - probs.max(axis=1, keepdims=True))     # ggml_soft_max: float32 terms, a double sum,
+        probs *= (1.0 / probs.sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)   # times 1/sum
+        chosen = np.argsort(-probs, axis=1, kind="stable")[:, :k]                 # (rows, k), best first
+        weights = np.take_along_axis(probs, chosen, axis=1)
+        if c.expert_norm:
+            weights /= np.maximum(weights.sum(axis=1, keepdims=True), MOE_WEIGHT_SUM_MIN)
+        outputs = self._ws("expert_out", (rows, k, c.n_embd))
+        names = [p + f"ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
+        kinds = [self._activation_kind(n) for n in names]
+        hook = self.on_matmul_input
+        for e in np.unique(chosen):
+            token, rank = np.nonzero(chosen == e)
+            xe = h.x[token]
+            if hook is not None:
+                hook(names[0], xe, expert=int(e), n_expert=c.n_expert)
+                hook(names[1], xe, expert=int(e), n_expert=c.n_expert)
+            xr = h.rounded(kinds[0])[token]
+            gate = w.matmul(names[0], xr, np.empty((len(token), c.n_ff_exp), np.float32), expert=int(e))
+            if kinds[1] != kinds[0]:
+                xr = h.rounded(kinds[1])[token]
+            up = w.matmul(names[1], xr, np.empty_like(gate), expert=int(e))
+            _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
+            if hook is not None:
+                hook(names[2], gate, expert=int(e), n_expert=c.n_expert)
+            down_in = gate if kinds[2] is None else round_activations(gate, kinds[2], np.empty_like(gate))
+            down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), expert=int(e))
+            outputs[token, rank] = down * weights[token, rank][:, None]
+        total = outputs[:, 0].copy()
+        for r in range(1, k):
+            total += outputs[:, r]
+        if c.n_ff_shexp:
+            name = p + "ffn_gate_inp_shexp.weight"
+            if hook is not None:
+                hook(name, h.x)
+            gate_logit = h.rounded(self._activation_kind(name)) @ w.get(name).reshape(-1)      # (rows,)
+            shared = self._ffn(p + "ffn_gate_shexp", p + "ffn_up_shexp", p + "ffn_down_shexp", h)
+            total += shared * (np.float32(1.0) / (np.float32(1.0) + np.exp(-gate_logit)))[:, None]
+        return total
 
     def _rope_tables(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         key = (start, n)
@@ -568,10 +661,10 @@ class Model:
             x += self._linear(p + "attn_output", _Input(attn_out.reshape(rows, nq), ws), "o")
 
             h = _Input(rms_norm(x, w.get(p + "ffn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd))), ws)
-            gate = self._linear(p + "ffn_gate", h, "gate")
-            up = self._linear(p + "ffn_up", h, "up")
-            _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
-            x += self._linear(p + "ffn_down", _Input(gate, ws), "down")
+            if c.n_expert:
+                x += self._moe(p, h)
+            else:
+                x += self._ffn(p + "ffn_gate", p + "ffn_up", p + "ffn_down", h)
 
         if cache is not None:
             cache.length = start + T

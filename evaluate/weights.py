@@ -107,7 +107,8 @@ class GGUFWeights:
         return arr if arr is not None else self.model.decode(name)
 
     def stored(self, name: str) -> np.ndarray:
-        """The stored rows of a 2-D tensor: uint8 [rows, row bytes], memory-mapped."""
+        """The stored rows of a 2-D tensor: uint8 [rows, row bytes], memory-mapped (of a 3-D tensor of stacked
+        experts: one row of bytes per expert)."""
         raw = self._raw.get(name)
         if raw is None:
             t = self.model.tensor(name)
@@ -126,16 +127,20 @@ class GGUFWeights:
             return held[ids]
         return np.array(self.model.decode(name, ids), dtype=np.float32)
 
-    def matmul(self, name: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = x @ W.T for float32 x (rows, n_in) and the 2-D tensor W (n_out, n_in); out is (rows, n_out)."""
+    def matmul(self, name: str, x: np.ndarray, out: np.ndarray, expert: int | None = None) -> np.ndarray:
+        """out = x @ W.T for float32 x (rows, n_in) and the 2-D tensor W (n_out, n_in); out is (rows, n_out).
+
+        `expert`: W is that expert's matrix of a 3-D tensor of stacked experts (n_expert, n_out, n_in)."""
         if x.shape[0] == 0:
             return out
         w = self.dense(name)
         if w is not None:
-            return np.matmul(x, w.T, out=out)
+            return np.matmul(x, (w if expert is None else w[expert]).T, out=out)
         t = self.model.tensor(name)
         raw = self.stored(name)
-        n_out, n_in = t.shape
+        n_out, n_in = t.shape[-2:]
+        if expert is not None:
+            raw = raw[expert].reshape(n_out, -1)
         if x.shape[0] <= MATVEC_MAX_ROWS:
             from qtool.evaluate import matvec
             kernel = matvec.kernel_for(t.qtype)

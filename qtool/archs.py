@@ -20,7 +20,16 @@ class Arch:
     qkv_bias: bool                 # q/k/v projections carry biases
     qk_norm: bool                  # per-head RMSNorm on q and k before rope
     output_required: bool          # output.weight must exist (no tied fallback in llama.cpp's loader)
-    vocab_kind: str                # "llama" (SPM first, then BPE), "bpe", "spm"
+    vocab_kind: str                # "llama" (SPM first, then BPE), "bpe", "spm", "gpt2" (BPE only)
+    # Mixture of experts (llama.cpp's build_moe_ffn): every layer's FFN is n_expert routed experts stacked into
+    # ffn_{gate,up,down}_exps, picked per token by the router ffn_gate_inp (softmax, top n_expert_used).
+    moe: bool = False
+    # A shared expert (ffn_{gate,up,down}_shexp) added to every token's routed output, scaled by
+    # sigmoid(ffn_gate_inp_shexp . x).
+    shared_expert: bool = False
+    # The top-k routing weights are renormalised to sum to 1. llama.cpp fixes this per architecture and ignores
+    # config.json's norm_topk_prob.
+    moe_norm_topk: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -30,6 +39,12 @@ ARCHS: dict[str, Arch] = {
                   permute_qk=False, qkv_bias=True, qk_norm=False, output_required=False, vocab_kind="bpe"),
     "qwen3": Arch("qwen3", ("Qwen3ForCausalLM",), "neox",
                   permute_qk=False, qkv_bias=False, qk_norm=True, output_required=False, vocab_kind="bpe"),
+    "qwen2moe": Arch("qwen2moe", ("Qwen2MoeForCausalLM",), "neox",
+                     permute_qk=False, qkv_bias=True, qk_norm=False, output_required=True, vocab_kind="gpt2",
+                     moe=True, shared_expert=True, moe_norm_topk=False),
+    "qwen3moe": Arch("qwen3moe", ("Qwen3MoeForCausalLM",), "neox",
+                     permute_qk=False, qkv_bias=False, qk_norm=True, output_required=False, vocab_kind="gpt2",
+                     moe=True, shared_expert=False, moe_norm_topk=True),
     "baichuan": Arch("baichuan", ("BaichuanForCausalLM", "BaiChuanForCausalLM"), "baichuan",
                      permute_qk=True, qkv_bias=False, qk_norm=False, output_required=True, vocab_kind="spm"),
 }

@@ -27,7 +27,8 @@ from tests.fixtures.checkpoints import read_checkpoint_tensors
 from tests.fixtures.tokenizers import read_test_vectors
 from tests.interop import need_module, need_tool, unavailable
 
-VARIANTS = ["llama-spm", "llama-bpe", "qwen2", "qwen3", "baichuan-7b", "baichuan-13b", "baichuan2"]
+VARIANTS = ["llama-spm", "llama-bpe", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "baichuan-7b", "baichuan-13b",
+            "baichuan2"]
 WIKI = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 
 
@@ -98,7 +99,7 @@ def test_f32_round_trip_is_identical(variant, trip, tmp_path):
         assert np.array_equal(a.raw(t), b.raw(u)), name
 
 
-@pytest.mark.parametrize("variant", ["llama-spm", "baichuan-7b"])
+@pytest.mark.parametrize("variant", ["llama-spm", "baichuan-7b", "qwen2moe"])
 def test_f16_round_trip_rounds_only_the_f32_vectors(variant, trip, tmp_path):
     """F16 GGUF -> --dtype f16 -> convert f16: the F16 matrices come back bit for bit; the F32 norms were
     stored as float16 (HF checkpoints have one dtype), so they come back rounded to float16."""
@@ -163,8 +164,11 @@ def test_config_has_the_family_fields(variant, trip):
     if not variant.startswith("baichuan"):
         same += ["num_key_value_heads", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
                  "architectures"]
-    if variant in ("llama-bpe", "qwen3"):
+    if variant in ("llama-bpe", "qwen3", "qwen3moe"):
         same += ["head_dim"]
+    if variant in ("qwen2moe", "qwen3moe"):
+        same += ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                 "decoder_sparse_step", "shared_expert_intermediate_size"]
     if variant == "llama-bpe":
         same += ["rope_scaling"]      # llama3 parameters, recovered from rope_freqs
     orig["torch_dtype"] = "float32"   # the fixture's label; the GGUF (F32) is what decides
@@ -177,6 +181,24 @@ def test_config_has_the_family_fields(variant, trip):
                 # a Baichuan2 with Baichuan-1's vocab size cannot be told apart in a GGUF
                 "baichuan2": "baichuan-inc/Baichuan-7B"}[variant]
         assert got["auto_map"]["AutoModelForCausalLM"].startswith(repo + "--modeling_baichuan.")
+
+
+@pytest.mark.parametrize("variant", ["qwen2moe", "qwen3moe"])
+def test_moe_export_loads_in_transformers_like_the_original(variant, trip):
+    """transformers loads the exported MoE checkpoint with every weight in place, and its logits are the
+    original checkpoint's, bit for bit (the same float32 weights, per-expert as the real repos ship them)."""
+    transformers = need_module("transformers")
+    torch = need_module("torch")
+    ckpt, _, hf = trip(variant)
+    ids = torch.tensor([[151643, 9707, 11, 1879, 0, 358, 1079, 264, 1273]])
+    logits = []
+    for d in (ckpt, hf):
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                                         output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        with torch.no_grad():
+            logits.append(model.eval()(ids).logits.numpy())
+    assert np.array_equal(logits[0], logits[1])
 
 
 def test_generation_config_carries_sampling_and_stop_ids(trip):
@@ -446,7 +468,7 @@ def test_a_failure_leaves_no_output(trip, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["ggml-vocab-gpt-2.gguf"], "unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, baichuan"),
+    (["ggml-vocab-gpt-2.gguf"], "unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, qwen2moe, qwen3moe, baichuan"),
     (["ggml-vocab-qwen2.gguf"], "no tensors (a vocab-only file?)"),
     (["missing.gguf"], "missing.gguf: no such file"),
 ])

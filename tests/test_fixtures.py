@@ -49,9 +49,23 @@ def _expected(cfg: dict, has_inv_freq: bool) -> dict[str, tuple[int, ...]]:
         exp["lm_head.weight"] = (V, H)
     for i in range(L):
         p = f"model.layers.{i}."
-        exp.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                    p + "mlp.gate_proj.weight": (ff, H), p + "mlp.up_proj.weight": (ff, H),
-                    p + "mlp.down_proj.weight": (H, ff)})
+        exp.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)})
+        if mt in ("qwen2_moe", "qwen3_moe"):
+            n_exp, ff_exp = cfg["num_experts"], cfg["moe_intermediate_size"]
+            exp[p + "mlp.gate.weight"] = (n_exp, H)
+            for x in range(n_exp):
+                exp.update({p + f"mlp.experts.{x}.gate_proj.weight": (ff_exp, H),
+                            p + f"mlp.experts.{x}.up_proj.weight": (ff_exp, H),
+                            p + f"mlp.experts.{x}.down_proj.weight": (H, ff_exp)})
+            if mt == "qwen2_moe":
+                sh = cfg["shared_expert_intermediate_size"]
+                exp.update({p + "mlp.shared_expert.gate_proj.weight": (sh, H),
+                            p + "mlp.shared_expert.up_proj.weight": (sh, H),
+                            p + "mlp.shared_expert.down_proj.weight": (H, sh),
+                            p + "mlp.shared_expert_gate.weight": (1, H)})
+        else:
+            exp.update({p + "mlp.gate_proj.weight": (ff, H), p + "mlp.up_proj.weight": (ff, H),
+                        p + "mlp.down_proj.weight": (H, ff)})
         if mt == "baichuan":
             exp[p + "self_attn.W_pack.weight"] = (3 * H, H)
             exp[p + "self_attn.o_proj.weight"] = (H, H)
@@ -60,10 +74,10 @@ def _expected(cfg: dict, has_inv_freq: bool) -> dict[str, tuple[int, ...]]:
                         p + "self_attn.k_proj.weight": (nkv * hd, H),
                         p + "self_attn.v_proj.weight": (nkv * hd, H),
                         p + "self_attn.o_proj.weight": (H, nh * hd)})
-        if mt == "qwen2":
+        if mt in ("qwen2", "qwen2_moe"):
             exp.update({p + "self_attn.q_proj.bias": (nh * hd,), p + "self_attn.k_proj.bias": (nkv * hd,),
                         p + "self_attn.v_proj.bias": (nkv * hd,)})
-        if mt == "qwen3":
+        if mt in ("qwen3", "qwen3_moe"):
             exp.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         if has_inv_freq:
             exp[p + "self_attn.rotary_emb.inv_freq"] = (hd // 2,)
@@ -89,7 +103,7 @@ def test_default_checkpoint_shapes_and_config(variant, checkpoint_factory):  # n
         assert key in cfg, key
     assert cfg["torch_dtype"] == "float32"
     n_tok = tokenizer_vocab(d)
-    if cfg["model_type"] in ("qwen2", "qwen3"):
+    if cfg["model_type"] in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         assert cfg["vocab_size"] == 151936 and n_tok <= 151936
     else:
         assert cfg["vocab_size"] == n_tok
@@ -101,6 +115,13 @@ def test_default_checkpoint_shapes_and_config(variant, checkpoint_factory):  # n
         assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["tie_word_embeddings"] is True
     if variant == "qwen3":
         assert cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]
+    if variant in ("qwen2moe", "qwen3moe"):
+        assert 4 <= cfg["num_experts"] <= 8 and cfg["num_experts_per_tok"] == 2
+        assert cfg["tie_word_embeddings"] is False
+        experts = [tensors[f"model.layers.0.mlp.experts.{x}.up_proj.weight"] for x in range(cfg["num_experts"])]
+        assert len({e.tobytes() for e in experts}) == len(experts)       # every expert distinct
+        # a clear-cut top-k: the router's logits spread well beyond float rounding
+        assert tensors["model.layers.0.mlp.gate.weight"].std() > 0.1
     if variant == "baichuan-7b":
         assert cfg["num_hidden_layers"] == 32 and (d / "pytorch_model.bin").exists()
     if variant == "baichuan-13b":
@@ -118,6 +139,8 @@ def test_default_checkpoint_shapes_and_config(variant, checkpoint_factory):  # n
     ("qwen2", ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                "model.safetensors.index.json"]),
     ("qwen3", ["model.safetensors"]),
+    ("qwen2moe", [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)] + ["model.safetensors.index.json"]),
+    ("qwen3moe", [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)] + ["model.safetensors.index.json"]),
     ("baichuan-7b", ["pytorch_model.bin"]),
     ("baichuan-13b", ["model.safetensors"]),
     ("baichuan2", ["pytorch_model.bin"]),

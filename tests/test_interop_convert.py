@@ -34,7 +34,11 @@ def fields(path):
 # Every --outtype, each on at least two families; `auto` on a float32 and on a bfloat16 checkpoint.
 CASES = ([(v, t, "float32") for v in ("llama-spm", "llama-bpe", "qwen2", "qwen3") for t in ("f32", "f16")]
          + [(v, t, "float32") for v in ("llama-spm", "qwen2") for t in ("bf16", "q8_0")]
-         + [("llama-spm", "auto", "float32"), ("qwen3", "auto", "bfloat16"), ("qwen3", "bf16", "bfloat16")])
+         + [("llama-spm", "auto", "float32"), ("qwen3", "auto", "bfloat16"), ("qwen3", "bf16", "bfloat16")]
+         # MoE: per-layer expert stacks (one layer split across two shards), F32 routers, Q8_0's F16 fallback on
+         # qwen2moe's 48-wide ffn_down_exps rows, and the NxM size label in general.*.
+         + [(v, t, "float32") for v in ("qwen2moe", "qwen3moe") for t in ("f16", "q8_0")]
+         + [("qwen3moe", "auto", "bfloat16"), ("qwen2moe", "bf16", "bfloat16"), ("qwen3moe", "f32", "float16")])
 
 
 @pytest.mark.parametrize("variant, outtype, dtype", CASES)
