@@ -59,7 +59,7 @@ def _encode_f32(x: np.ndarray, imatrix: np.ndarray, out: np.ndarray) -> None:
 @dataclass(frozen=True)
 class Format:
     """One GGML storage type. ``needs_imatrix`` mirrors ggml_quantize_requires_imatrix, which is true only for
-    IQ2_XXS/IQ2_XS/IQ1_S — none of the types here. (Q2_K_S's need for an imatrix is a file-type rule of
+    IQ2_XXS/IQ2_XS/IQ1_S (of the types here IQ2_XXS and IQ2_XS). (Q2_K_S's need for an imatrix is a file-type rule of
     llama-quantize, decided per tensor in the mixture, not a property of the Q2_K block format.)"""
 
     qtype: T
@@ -129,7 +129,8 @@ class Format:
     def _imatrix_for(self, imatrix: np.ndarray | None, n: int) -> np.ndarray:
         if imatrix is None:
             if self.needs_imatrix:
-                raise QtoolError(f"{self.name} requires an importance matrix")
+                raise QtoolError(f"{self.name} requires an importance matrix (llama.cpp refuses it without one "
+                                 "too); make one with `qtool imatrix` and pass it")
             return NO_IMATRIX
         if not self.uses_imatrix:
             return NO_IMATRIX
@@ -172,11 +173,11 @@ def _refuse_non_finite(rows: np.ndarray, what: str) -> None:
 
 
 def _entry(qtype: T, half_offsets: tuple[int, ...], load_kernel, uses_imatrix: bool = True,
-           decoder: str | None = None) -> Format:
+           decoder: str | None = None, decoder_module: str = "decode", needs_imatrix: bool = False) -> Format:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    return Format(qtype, qtype.name, block_size, type_size, uses_imatrix=uses_imatrix,
+    return Format(qtype, qtype.name, block_size, type_size, needs_imatrix=needs_imatrix, uses_imatrix=uses_imatrix,
                   half_offsets=half_offsets, load_kernel=load_kernel,
-                  load_decoder=_numba_kernel("decode", decoder) if decoder else None)
+                  load_decoder=_numba_kernel(decoder_module, decoder) if decoder else None)
 
 
 FORMATS: dict[T, Format] = {f.qtype: f for f in (
@@ -199,6 +200,16 @@ FORMATS: dict[T, Format] = {f.qtype: f for f in (
     _entry(T.TQ1_0, (52,), _numba_kernel("lowbit", "quantize_tq1_0"), uses_imatrix=False, decoder="decode_tq1_0"),
     _entry(T.TQ2_0, (64,), _numba_kernel("lowbit", "quantize_tq2_0"), uses_imatrix=False, decoder="decode_tq2_0"),
     _entry(T.Q1_0, (0,), _numba_kernel("lowbit", "quantize_q1_0"), uses_imatrix=False, decoder="decode_q1_0"),
+    # IQ3: the grid-search encoders and their decoders share one module (quantize/kernels/iq3.py)
+    _entry(T.IQ3_XXS, (0,), _numba_kernel("iq3", "quantize_iq3_xxs"), decoder="decode_iq3_xxs", decoder_module="iq3"),
+    _entry(T.IQ3_S, (0,), _numba_kernel("iq3", "quantize_iq3_s"), decoder="decode_iq3_s", decoder_module="iq3"),
+    # IQ2: lattice-grid encoders and their decoders in quantize/kernels/iq2.py; ggml refuses IQ2_XXS/IQ2_XS without
+    # an importance matrix, IQ2_S has a fallback weighting
+    _entry(T.IQ2_XXS, (0,), _numba_kernel("iq2", "quantize_iq2_xxs"), decoder="decode_iq2_xxs", decoder_module="iq2",
+           needs_imatrix=True),
+    _entry(T.IQ2_XS, (0,), _numba_kernel("iq2", "quantize_iq2_xs"), decoder="decode_iq2_xs", decoder_module="iq2",
+           needs_imatrix=True),
+    _entry(T.IQ2_S, (0,), _numba_kernel("iq2", "quantize_iq2_s"), decoder="decode_iq2_s", decoder_module="iq2"),
 )}
 
 

@@ -106,7 +106,7 @@ def small_imatrices(model_dir, small_f16) -> dict[str, Path]:
 
 # file types with a tensor type llama-quantize refuses to write without an importance matrix
 NEED_IMATRIX = {FileType.Q2_K_S, FileType.IQ2_XXS, FileType.IQ2_XS, FileType.IQ2_S, FileType.IQ2_M, FileType.IQ1_S,
-                FileType.IQ1_M, FileType.IQ3_XXS}
+                FileType.IQ1_M, FileType.IQ3_XXS, FileType.IQ3_XS}
 WRITABLE = [f for f in FileType if is_writable(f)]
 
 

@@ -724,7 +724,7 @@ def test_kernel_block_geometry_is_the_format_tables():
 
 
 DECODED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "TQ1_0",
-           "TQ2_0"]
+           "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
 # Decoded by our kernels but not by gguf-py (tests/test_kernels_lowbit.py checks them against a numpy port of ggml).
 DECODED_WITHOUT_GGUF_PY = ["Q1_0"]
 # fp16 scale patterns at the edges: ±0, the smallest and largest subnormals, the smallest normal, ±1, ±65504.
@@ -755,7 +755,7 @@ def test_parallel_decoders_equal_gguf_py(name):
     x = (rng.standard_normal((8, 512)) * rng.uniform(1e-4, 50, (8, 1))).astype(np.float32)
     x[3] = 0.0
     x[5, 17] = 3e4
-    quantized = np.ascontiguousarray(fmt.quantize(x))
+    quantized = np.ascontiguousarray(fmt.quantize(x, np.ones(512, np.float32) if fmt.needs_imatrix else None))
     random_bytes = rng.integers(0, 256, (16, fmt.row_bytes(512)), dtype=np.uint8)
     for raw in (quantized, random_bytes):
         with np.errstate(invalid="ignore", over="ignore"):       # inf scales times zero codes

@@ -317,8 +317,8 @@ def test_parse_file_type_like_llama_quantize():
 
 def test_parse_tensor_type():
     assert parse_tensor_type("q4_k") == T.Q4_K and parse_tensor_type("BF16") == T.BF16
-    with pytest.raises(QtoolError, match="cannot write tensor type IQ2_XXS"):
-        parse_tensor_type("iq2_xxs")
+    with pytest.raises(QtoolError, match="cannot write tensor type IQ1_S"):
+        parse_tensor_type("iq1_s")
     with pytest.raises(QtoolError, match="unknown tensor type 'q9'"):
         parse_tensor_type("q9")
     with pytest.raises(QtoolError, match="not a valid regular expression"):

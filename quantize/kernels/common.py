@@ -30,6 +30,8 @@ Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = 84, 110, 144, 176, 
 IQ4_NL_BYTES, IQ4_XS_BYTES = 18, 136
 QK1_0 = 128             # Q1_0 blocks
 TQ1_0_BYTES, TQ2_0_BYTES, Q1_0_BYTES = 54, 66, 18
+IQ3_XXS_BYTES, IQ3_S_BYTES = 98, 110
+IQ2_XXS_BYTES, IQ2_XS_BYTES, IQ2_S_BYTES = 66, 74, 82
 
 # kvalues_iq4nl of ggml-common.h, as float32 because the C compares and subtracts them as floats.
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
