@@ -17,6 +17,12 @@ Models: SmolLM2-135M-Instruct as F16 (``tests/fixtures/smollm2.py``), and a synt
 Llama-3.2-1B's shapes (16 layers, hidden 2048, FFN 8192, GQA 4, 128256-token vocab, tied; 1.24 B parameters,
 2.5 GB) written once into ``--workdir``.
 
+Types that llama-quantize refuses without an importance matrix (IQ2_XXS, IQ2_XS, IQ2_S, IQ1_*, IQ3_XXS and the
+file types built on them, Q2_K_S) get one for both tools: random sums of fixed seed (the gamma-distributed values of
+tests/test_quantize.py's random_imatrix_entries), written once per model; `--imatrix` gives it to every type.
+
+    python benchmarks/quantize_speed.py --models 1b --types IQ2_XXS,IQ2_M,IQ3_M,TQ2_0 --repeats 1
+
 Target: qtool's wall time ≤ 1.5 × llama-quantize's. Exit code 0 when every run succeeded, the outputs are
 identical and the target is met; 1 otherwise. Units: s, MB = 10^6 bytes.
 """
@@ -37,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qtool  # noqa: E402
 
 TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "IQ4_XS"]
+NEED_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
 TARGET = 1.5
 
 
@@ -102,7 +109,8 @@ def numba_times(threads: int) -> tuple[float, float]:
     snippet = ("import time, numpy as np; t=time.perf_counter();"
                "from qtool.quantize import formats;"
                "x=np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32);"
-               "[formats.quantize(x, t_, w) for t_ in formats.FORMATS for w in (None, np.ones(256, np.float32))];"
+               "[formats.quantize(x, t_, w) for t_, f in formats.FORMATS.items()"
+               " for w in (np.ones(256, np.float32),) + (() if f.needs_imatrix else (None,))];"
                "print(time.perf_counter()-t)")
     with tempfile.TemporaryDirectory() as empty:
         cold = float(subprocess.run([sys.executable, "-c", snippet], env=qtool_env(threads, empty), check=True,
@@ -136,6 +144,17 @@ def synthetic_1b(workdir: Path) -> Path:
     return path
 
 
+def imatrix_for(model: Path) -> Path:
+    """A fixed-seed random importance matrix for `model`, next to it (written once)."""
+    from qtool.quantize.imatrix_file import write_imatrix_gguf
+    from tests.test_quantize import random_imatrix_entries
+    path = model.with_name(model.stem + "-imatrix.gguf")
+    if not path.exists():
+        write_imatrix_gguf(path, random_imatrix_entries(model, seed=3), datasets=["random"], chunk_count=10,
+                           chunk_size=512)
+    return path
+
+
 def smollm2(workdir: Path) -> Path:
     from tests.fixtures.smollm2 import smollm2_gguf
     return Path(smollm2_gguf(workdir, kind="F16"))
@@ -148,6 +167,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qtool-bench-quantize")
+    ap.add_argument("--imatrix", action="store_true", help="an importance matrix for every type, not only those "
+                                                           "that need one")
     args = ap.parse_args()
 
     from tests.build_llamacpp import tool_path
@@ -170,12 +191,17 @@ def main() -> int:
     # set-up and the kernel loads (~0.8 s here) on every run; llama-quantize a few milliseconds.
     tiny = tiny_model(args.workdir)
     floors: dict[str, dict[str, float]] = {}
+    def commands(path: Path, out: Path, qtype: str) -> dict[str, list[str]]:
+        im = imatrix_for(path) if args.imatrix or qtype in NEED_IMATRIX else None
+        return {"llama": [str(llama), *(["--imatrix", str(im)] if im else []), str(path), str(out), qtype,
+                          str(args.threads)],
+                "qtool": [sys.executable, "-m", "qtool.cli", "quantize", str(path), str(out), "--type", qtype,
+                          "--threads", str(args.threads), "--force", *(["--imatrix", str(im)] if im else [])]}
+
     for qtype in args.types.split(","):
         floors[qtype] = {}
         out = args.workdir / "out-tiny.gguf"
-        for tool, cmd in (("llama", [str(llama), str(tiny), str(out), qtype, str(args.threads)]),
-                          ("qtool", [sys.executable, "-m", "qtool.cli", "quantize", str(tiny), str(out), "--type",
-                                     qtype, "--threads", str(args.threads), "--force"])):
+        for tool, cmd in commands(tiny, out, qtype).items():
             walls = []
             for _ in range(max(3, args.repeats)):
                 out.unlink(missing_ok=True)
@@ -189,9 +215,7 @@ def main() -> int:
         for qtype in args.types.split(","):
             best = {}
             outs = {"llama": args.workdir / f"out-llama-{qtype}.gguf", "qtool": args.workdir / f"out-qtool-{qtype}.gguf"}
-            cmds = {"llama": [str(llama), str(path), str(outs["llama"]), qtype, str(args.threads)],
-                    "qtool": [sys.executable, "-m", "qtool.cli", "quantize", str(path), str(outs["qtool"]),
-                              "--type", qtype, "--threads", str(args.threads), "--force"]}
+            cmds = {tool: commands(path, outs[tool], qtype)[tool] for tool in outs}
             for r in range(args.repeats):
                 order = ["llama", "qtool"] if r % 2 == 0 else ["qtool", "llama"]
                 for tool in order:

@@ -59,7 +59,7 @@ def _encode_f32(x: np.ndarray, imatrix: np.ndarray, out: np.ndarray) -> None:
 @dataclass(frozen=True)
 class Format:
     """One GGML storage type. ``needs_imatrix`` mirrors ggml_quantize_requires_imatrix, which is true only for
-    IQ2_XXS/IQ2_XS/IQ1_S (of the types here IQ2_XXS and IQ2_XS). (Q2_K_S's need for an imatrix is a file-type rule of
+    IQ2_XXS/IQ2_XS/IQ1_S. (Q2_K_S's need for an imatrix is a file-type rule of
     llama-quantize, decided per tensor in the mixture, not a property of the Q2_K block format.)"""
 
     qtype: T
@@ -71,6 +71,8 @@ class Format:
     uses_imatrix: bool = True
     # Byte offsets of the fp16 scale fields inside a block; ggml_validate_row_data rejects inf/NaN there.
     half_offsets: tuple[int, ...] = ()
+    # Byte offsets of E8M0 scale bytes (MXFP4); ggml_validate_row_data rejects 0xFF (NaN) there.
+    e8m0_offsets: tuple[int, ...] = ()
     # Returns the row kernel (loading it on first use); the default serves decode-only entries.
     load_kernel: Callable[[str], RowKernel] = field(default=_cannot_write, repr=False, compare=False)
     # The parallel decoder (quantize/kernels/decode.py, `kernel(raw, out)`), where there is one; else gguf-py's.
@@ -153,9 +155,15 @@ class Format:
                 raise QtoolError(f"{self.name}: row {row}, column {col}: a value overflows {self.name}{limit}; "
                                  "llama-quantize rejects this too")
             return
+        blocks = out.reshape(out.shape[0], -1, self.type_size)
+        for offset in self.e8m0_offsets:
+            bad = np.flatnonzero((blocks[:, :, offset] == 0xFF).reshape(-1))
+            if bad.size:
+                row, block = divmod(int(bad[0]), blocks.shape[1])
+                raise QtoolError(f"{self.name}: row {row}, block {block}: the block scale is out of the E8M0 range "
+                                 "(largest value in [2**-126, 2**-125)); llama-quantize rejects this too")
         if not self.half_offsets:
             return
-        blocks = out.reshape(out.shape[0], -1, self.type_size)
         row, block = first_bad_block_scale(blocks, np.array(self.half_offsets, dtype=np.int64))
         if row >= 0:
             raise QtoolError(f"{self.name}: row {row}, block {block}: a block scale overflows fp16 (values too "
@@ -173,10 +181,11 @@ def _refuse_non_finite(rows: np.ndarray, what: str) -> None:
 
 
 def _entry(qtype: T, half_offsets: tuple[int, ...], load_kernel, uses_imatrix: bool = True,
-           decoder: str | None = None, decoder_module: str = "decode", needs_imatrix: bool = False) -> Format:
+           decoder: str | None = None, decoder_module: str = "decode", needs_imatrix: bool = False,
+           e8m0_offsets: tuple[int, ...] = ()) -> Format:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     return Format(qtype, qtype.name, block_size, type_size, needs_imatrix=needs_imatrix, uses_imatrix=uses_imatrix,
-                  half_offsets=half_offsets, load_kernel=load_kernel,
+                  half_offsets=half_offsets, e8m0_offsets=e8m0_offsets, load_kernel=load_kernel,
                   load_decoder=_numba_kernel(decoder_module, decoder) if decoder else None)
 
 
@@ -210,6 +219,14 @@ FORMATS: dict[T, Format] = {f.qtype: f for f in (
     _entry(T.IQ2_XS, (0,), _numba_kernel("iq2", "quantize_iq2_xs"), decoder="decode_iq2_xs", decoder_module="iq2",
            needs_imatrix=True),
     _entry(T.IQ2_S, (0,), _numba_kernel("iq2", "quantize_iq2_s"), decoder="decode_iq2_s", decoder_module="iq2"),
+    # MXFP4: an E8M0 scale byte (validated as e8m0_offsets) and e2m1 codes; ggml ignores the importance matrix
+    _entry(T.MXFP4, (), _numba_kernel("mxfp4", "quantize_mxfp4"), uses_imatrix=False, decoder="decode_mxfp4",
+           decoder_module="mxfp4", e8m0_offsets=(0,)),
+    # IQ1: ternary-grid encoders and decoders in quantize/kernels/iq1.py; ggml refuses IQ1_S without an importance
+    # matrix; IQ1_M's d is split over four nibbles (no fixed fp16 offset): its kernel validates it
+    _entry(T.IQ1_S, (0,), _numba_kernel("iq1", "quantize_iq1_s"), decoder="decode_iq1_s", decoder_module="iq1",
+           needs_imatrix=True),
+    _entry(T.IQ1_M, (), _numba_kernel("iq1", "quantize_iq1_m"), decoder="decode_iq1_m", decoder_module="iq1"),
 )}
 
 

@@ -59,6 +59,7 @@ class FileType(enum.IntEnum):
     BF16 = 32
     TQ1_0 = 36
     TQ2_0 = 37
+    MXFP4_MOE = 38
     Q1_0 = 40
     # llama-quantize's COPY copies every tensor unchanged; it sits in ALL_F32's slot (ftype 0) of its table and writes
     # the input's general.file_type. Not a llama_ftype: its value here only keeps it apart from F32.
@@ -98,7 +99,7 @@ _DEFAULT_TYPE = {
     FileType.Q4_K_S: T.Q4_K, FileType.Q4_K_M: T.Q4_K,
     FileType.Q5_K_S: T.Q5_K, FileType.Q5_K_M: T.Q5_K,
     FileType.Q6_K: T.Q6_K, FileType.IQ4_NL: T.IQ4_NL, FileType.IQ4_XS: T.IQ4_XS,
-    FileType.TQ1_0: T.TQ1_0, FileType.TQ2_0: T.TQ2_0, FileType.Q1_0: T.Q1_0,
+    FileType.TQ1_0: T.TQ1_0, FileType.TQ2_0: T.TQ2_0, FileType.Q1_0: T.Q1_0, FileType.MXFP4_MOE: T.MXFP4,
     FileType.IQ2_XXS: T.IQ2_XXS, FileType.IQ2_XS: T.IQ2_XS, FileType.IQ2_S: T.IQ2_XS, FileType.IQ2_M: T.IQ2_S,
     FileType.IQ3_XXS: T.IQ3_XXS, FileType.IQ3_XS: T.IQ3_S, FileType.IQ3_S: T.IQ3_S, FileType.IQ3_M: T.IQ3_S,
     FileType.IQ1_S: T.IQ1_S, FileType.IQ1_M: T.IQ1_M,
@@ -117,7 +118,7 @@ _DISPLAY_NAME = {
     FileType.IQ2_XXS: "IQ2_XXS - 2.0625 bpw", FileType.IQ2_XS: "IQ2_XS - 2.3125 bpw", FileType.IQ2_S: "IQ2_S - 2.5 bpw",
     FileType.IQ2_M: "IQ2_M - 2.7 bpw", FileType.IQ3_XS: "IQ3_XS - 3.3 bpw", FileType.IQ3_XXS: "IQ3_XXS - 3.0625 bpw",
     FileType.IQ1_S: "IQ1_S - 1.5625 bpw", FileType.IQ1_M: "IQ1_M - 1.75 bpw", FileType.IQ3_S: "IQ3_S - 3.4375 bpw",
-    FileType.IQ3_M: "IQ3_S mix - 3.66 bpw",
+    FileType.IQ3_M: "IQ3_S mix - 3.66 bpw", FileType.MXFP4_MOE: "MXFP4 MoE",
     FileType.COPY: "tensors copied unchanged",
 }
 
@@ -126,6 +127,7 @@ _DESCRIPTION = {
     FileType.Q1_0: " 1.125 bpw quantization",
     FileType.Q4_0: " 4.34G, +0.4685 ppl @ Llama-3-8B",
     FileType.Q4_1: " 4.78G, +0.4511 ppl @ Llama-3-8B",
+    FileType.MXFP4_MOE: " MXFP4 MoE",
     FileType.Q5_0: " 5.21G, +0.1316 ppl @ Llama-3-8B",
     FileType.Q5_1: " 5.65G, +0.1062 ppl @ Llama-3-8B",
     FileType.IQ2_XXS: " 2.06 bpw quantization",
@@ -191,10 +193,10 @@ WRITABLE_TYPES = tuple(FORMATS)
 
 def list_file_types() -> list[tuple[str, FileType]]:
     """Every accepted file type name with its FileType, in llama-quantize's QUANT_OPTIONS order (aliases included)."""
-    order = ["Q1_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "TQ1_0",
-             "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K", "IQ3_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-             "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16",
-             "F32", "COPY"]
+    order = ["Q1_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S",
+             "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K", "IQ3_XS", "Q3_K_S",
+             "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K",
+             "Q8_0", "F16", "BF16", "F32", "COPY"]
     return [(name, _ALIASES.get(name) or FileType[name]) for name in order if is_writable(_ALIASES.get(name) or FileType[name])]
 
 
@@ -478,13 +480,16 @@ class _Rules:
             return i, self.n_layer
         return counter, self.n_layer
 
-    def choose(self, name: str, row_length: int, category: Category, new_type: T) -> tuple[T, str]:
+    def choose(self, name: str, shape: tuple[int, ...], category: Category, new_type: T) -> tuple[T, str]:
         F, m, o = FileType, self.model, self.options
         ft = self.ftype
+        row_length = shape[-1]
         if category == Category.OUTPUT or (self.has_tied_embeddings and category == Category.TOKEN_EMBD):
             tied = " (tied to token_embd)" if category == Category.TOKEN_EMBD else ""
             if o.output_tensor_type is not None:
                 return o.output_tensor_type, f"--output-tensor-type{tied}"
+            if ft == F.MXFP4_MOE:
+                return T.Q8_0, f"output{tied} of an MXFP4_MOE file"
             if m.is_falcon:
                 return T.Q8_0, "output of a Falcon model"
             if row_length % block_size(new_type) != 0:
@@ -499,6 +504,13 @@ class _Rules:
             if new_type != T.Q8_0:
                 return T.Q6_K, f"output{tied} → Q6_K"
             return new_type, f"output{tied}"
+        if ft == F.MXFP4_MOE:
+            # ne[2] > 1: a stack of experts (bailingmoe3's 3-D MLA projections are not experts)
+            stacked = len(shape) >= 3 and shape[-3] > 1
+            if stacked and (m.arch != "bailingmoe3" or category in (Category.FFN_UP, Category.FFN_GATE,
+                                                                      Category.FFN_DOWN)):
+                return T.MXFP4, "expert tensor of an MXFP4_MOE file"
+            return T.Q8_0, "not an expert tensor: MXFP4_MOE → Q8_0"
         if category == Category.TOKEN_EMBD:
             if o.token_embedding_type is not None:
                 return o.token_embedding_type, "--token-embedding-type"
@@ -731,7 +743,7 @@ def tensor_type_for(name: str, shape: tuple[int, ...], source: T, ftype: FileTyp
         new_type, reason = override.qtype, f"--tensor-type {override.pattern}={override.qtype.name.lower()}"
     elif not options.pure:
         rules.output_fallback = None
-        new_type, reason = rules.choose(name, row_length, category, default)
+        new_type, reason = rules.choose(name, shape, category, default)
         if rules.output_fallback is not None:
             wanted, why = rules.output_fallback
             final, more = shape_fallback(new_type, row_length)

@@ -257,7 +257,8 @@ def test_tied_qwen2moe_is_refused(checkpoint_factory, tmp_path):
 
 @pytest.mark.interop
 @pytest.mark.slow
-@pytest.mark.parametrize("variant, ftype", [("qwen3moe", "Q4_K_M"), ("qwen3moe", "Q2_K"), ("qwen2moe", "Q3_K_M")])
+@pytest.mark.parametrize("variant, ftype", [("qwen3moe", "Q4_K_M"), ("qwen3moe", "Q2_K"), ("qwen2moe", "Q3_K_M"),
+                                            ("qwen3moe", "MXFP4_MOE"), ("qwen2moe", "MXFP4_MOE")])
 def test_moe_gguf_quantizes_like_llama_quantize(variant, ftype, converted, tmp_path):
     """qtool quantize and llama-quantize agree byte for byte on an MoE file: the per-tensor rules that count
     experts (n_expert >= 8 raises attn_v/attn_k) and the 3-D expert stacks. The fixtures' 64-wide rows make the
@@ -276,6 +277,10 @@ def test_moe_gguf_quantizes_like_llama_quantize(variant, ftype, converted, tmp_p
     code, _, stderr = run("quantize", g.path, ours, "--type", ftype)
     assert code == 0, stderr
     assert_same_file(ours, theirs)
+    if ftype == "MXFP4_MOE":        # the expert stacks took MXFP4 where their rows fit its 32-blocks (else F16)
+        tensors = [t for t in read_gguf(ours).tensors if "_exps." in t.name]
+        assert tensors and all(t.qtype == (T.MXFP4 if t.shape[-1] % 32 == 0 else T.F16) for t in tensors)
+        assert any(t.qtype == T.MXFP4 for t in tensors)
 
 
 def test_fixture_splits_a_layer_across_shards(checkpoint_factory):

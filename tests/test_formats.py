@@ -44,7 +44,7 @@ def test_format_for_accepts_enum_id_and_any_case_name():
     assert format_for(T.Q4_K) is format_for(12) is format_for("q4_k") is format_for("Q4_K") is FORMATS[T.Q4_K]
 
 
-@pytest.mark.parametrize("name, message", [("Q7_K", "unknown GGML type"), ("IQ1_S", "does not write IQ1_S"),
+@pytest.mark.parametrize("name, message", [("Q7_K", "unknown GGML type"), ("Q8_1", "does not write Q8_1"),
                                            ("Q8_K", "does not write Q8_K"), (999, "unknown GGML type")])
 def test_format_for_refuses_types_we_do_not_write(name, message):
     with pytest.raises(QtoolError, match=message):
@@ -89,7 +89,8 @@ def test_imatrix_must_have_one_finite_value_per_column():
         formats.quantize(x, T.Q4_K, w)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.F16, T.BF16, T.F32, T.TQ1_0, T.TQ2_0, T.Q1_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.F16, T.BF16, T.F32, T.TQ1_0, T.TQ2_0, T.Q1_0, T.MXFP4],
+                         ids=lambda t: t.name)
 def test_types_that_ignore_the_imatrix_ignore_it(qtype):
     assert not FORMATS[qtype].uses_imatrix
     x = gaussian(3, 256, 2)
@@ -133,9 +134,9 @@ def test_dequantize_checks_the_byte_count():
 
 
 def test_dequantize_reads_types_qtool_does_not_write():
-    # Evaluation reads GGUFs made elsewhere; gguf-py decodes e.g. MXFP4 even though qtool never writes it.
-    raw = gguf.quants.quantize(gaussian(2, 256, 6), T.MXFP4)
-    np.testing.assert_array_equal(formats.dequantize(raw, "mxfp4", 256), gguf.quants.dequantize(raw, T.MXFP4))
+    # Evaluation reads GGUFs made elsewhere; gguf-py decodes e.g. NVFP4 even though qtool never writes it.
+    raw = np.random.default_rng(6).integers(0, 256, (2, 4 * 36), dtype=np.uint8)
+    np.testing.assert_array_equal(formats.dequantize(raw, "nvfp4", 256), gguf.quants.dequantize(raw, T.NVFP4))
 
 
 # ------------------------------------------------------------------------------------------- correctness
@@ -163,14 +164,18 @@ def test_matches_gguf_py_numpy_quantizers(qtype):
 # side at +7d = 7/8 amax; Q5_0 at 15/16; Q4_1/Q5_1 half a step of (max-min)/15 or /31 <= 2amax/30 or 2amax/62;
 # plus a little for the fp16 rounding of the stored scales.
 # The ternary types: d/2 (d = amax) plus the fp16 rounding of d; Q1_0 (±mean|x|): at most amax, by construction.
-MAX_ERROR_PER_BLOCK_ABSMAX = {T.F16: 2 ** -11, T.BF16: 2 ** -8, T.Q8_0: 0.0045, T.Q4_0: 0.127, T.Q5_0: 0.0635,
+# MXFP4: amax in [2**E, 2**(E+1)) gets the grid 2**(E-2) * {0, .5, 1, 1.5, 2, 3, 4, 6}, whose top step is 2**(E-1)
+# wide and whose top point 1.5 * 2**E clips the rest: at most amax/4.
+MAX_ERROR_PER_BLOCK_ABSMAX = {T.MXFP4: 0.25, T.F16: 2 ** -11, T.BF16: 2 ** -8, T.Q8_0: 0.0045, T.Q4_0: 0.127, T.Q5_0: 0.0635,
                               T.Q4_1: 0.0685, T.Q5_1: 0.0332, T.TQ1_0: 0.5 + 2 ** -11, T.TQ2_0: 0.5 + 2 ** -11,
                               T.Q1_0: 1.0 + 2 ** -11}
 # RMSE on N(0, 1) data; the searched types have no closed form: measured values (64x1024, seed 0) + ~10 %:
 # Q2_K 0.296, Q3_K 0.151, Q4_K 0.0714, Q5_K 0.0363, Q6_K 0.0178, IQ4_NL 0.0765, IQ4_XS 0.0770, IQ3_XXS 0.213,
-# IQ3_S 0.166, IQ2_XXS 0.344 and IQ2_XS 0.301 (uniform imatrix), IQ2_S 0.266.
+# IQ3_S 0.166, IQ2_XXS 0.344 and IQ2_XS 0.301 (uniform imatrix), IQ2_S 0.266, IQ1_S 0.487 (uniform imatrix), IQ1_M
+# 0.583 (no imatrix: weights x², which favour the large values).
 RMSE_BOUND = {T.Q2_K: 0.33, T.Q3_K: 0.17, T.Q4_K: 0.079, T.Q5_K: 0.040, T.Q6_K: 0.0196, T.IQ4_NL: 0.085,
-              T.IQ4_XS: 0.085, T.IQ3_XXS: 0.235, T.IQ3_S: 0.183, T.IQ2_XXS: 0.38, T.IQ2_XS: 0.33, T.IQ2_S: 0.29}
+              T.IQ4_XS: 0.085, T.IQ3_XXS: 0.235, T.IQ3_S: 0.183, T.IQ2_XXS: 0.38, T.IQ2_XS: 0.33, T.IQ2_S: 0.29,
+              T.IQ1_S: 0.54, T.IQ1_M: 0.64}
 
 
 @pytest.mark.parametrize("qtype", [t for t in ALL if t != T.F32], ids=lambda t: t.name)

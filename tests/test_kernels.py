@@ -724,7 +724,8 @@ def test_kernel_block_geometry_is_the_format_tables():
 
 
 DECODED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "TQ1_0",
-           "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
+           "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
+           "MXFP4"]
 # Decoded by our kernels but not by gguf-py (tests/test_kernels_lowbit.py checks them against a numpy port of ggml).
 DECODED_WITHOUT_GGUF_PY = ["Q1_0"]
 # fp16 scale patterns at the edges: ±0, the smallest and largest subnormals, the smallest normal, ±1, ±65504.
@@ -771,14 +772,24 @@ def random_finite_blocks(rng, fmt, rows: int, n: int) -> np.ndarray:
     EDGE_HALVES (subnormal, tiny, negative, ±65504) in the others, so that every decoded value is finite."""
     raw = rng.integers(0, 256, (rows, fmt.row_bytes(n)), dtype=np.uint8)
     blocks = raw.reshape(rows, -1, fmt.type_size)
-    for offset in fmt.half_offsets:
+    # IQ1_M's one fp16 d has no offset of its own: its four nibbles top the four scale words (bytes 49, 51, 53, 55)
+    packed_half = fmt.name == "IQ1_M"
+    for offset in (0,) if packed_half else fmt.half_offsets:
         halves = rng.integers(0, 2 ** 16, blocks.shape[:2], dtype=np.uint32).astype(np.uint16)
         halves[(halves & 0x7C00) == 0x7C00] ^= 0x4000                     # inf/NaN exponent -> a finite one
         edge = rng.random(blocks.shape[:2]) < 0.5
         halves[edge] = rng.choice(EDGE_HALVES, int(edge.sum()))
         halves.reshape(-1)[:len(EDGE_HALVES)] = EDGE_HALVES                 # each edge at least once
+        if packed_half:
+            for s in range(4):
+                blocks[:, :, 49 + 2 * s] = (blocks[:, :, 49 + 2 * s] & 0x0F) | (((halves >> (4 * s)) & 0xF) << 4)
+            continue
         blocks[:, :, offset] = halves & 0xFF
         blocks[:, :, offset + 1] = halves >> 8
+    for offset in fmt.e8m0_offsets:                    # MXFP4: up to 252, where 12 * 2**124 is still finite
+        exponents = rng.integers(0, 253, blocks.shape[:2], dtype=np.uint8)
+        exponents.reshape(-1)[:4] = [0, 1, 2, 252]
+        blocks[:, :, offset] = exponents
     return raw
 
 

@@ -8,7 +8,8 @@ from gguf import GGMLQuantizationType as T
 
 from qtool.errors import QtoolError
 from qtool.quantize.mixtures import (FileType, MixtureOptions, ModelInfo, TensorTypeOverride, choose_tensor_types,
-                                     llama31_8b_tensors, llama_tensor_order, mixture_bits_per_weight,
+                                     list_file_types, llama31_8b_tensors, llama_tensor_order,
+                                     mixture_bits_per_weight,
                                      parse_file_type, parse_tensor_type, shape_fallback, use_more_bits)
 from tests.test_quantize import llama_tensors
 
@@ -86,6 +87,8 @@ TABLE = {
     FileType.IQ3_S: ("IQ3_S", "Q6_K", lambda i: "Q4_K", "IQ3_S", "IQ3_S", "IQ3_S", lambda i: "IQ3_S", "IQ3_S"),
     FileType.IQ3_M: ("IQ3_S", "Q6_K", lambda i: "Q4_K", "IQ3_S", "IQ3_S", "Q4_K",
                      lambda i: "Q4_K" if i < 4 else "IQ3_S", "IQ3_S"),
+    # MXFP4_MOE: only 3-D expert stacks take MXFP4; this dense model has none, so every 2-D tensor is Q8_0
+    FileType.MXFP4_MOE: ("Q8_0", "Q8_0", lambda i: "Q8_0", "Q8_0", "Q8_0", "Q8_0", lambda i: "Q8_0", "Q8_0"),
     # COPY: every tensor keeps its type (the model's weights are F16)
     FileType.COPY: ("F16", "F16", lambda i: "F16", "F16", "F16", "F16", lambda i: "F16", "F16"),
 }
@@ -294,6 +297,42 @@ def test_70b_and_experts():
     assert got["blk.5.attn_output.weight"] == T.Q5_K
 
 
+def test_mxfp4_moe_gives_expert_stacks_mxfp4_and_everything_else_q8_0():
+    hidden, ffn, n_expert = 512, 256, 8
+    moe = ModelInfo("qwen3moe", 2, 8, 4, n_expert=n_expert)
+    tensors = [("token_embd.weight", (1000, hidden), T.F16), ("output_norm.weight", (hidden,), T.F32)]
+    for i in range(2):
+        p = f"blk.{i}."
+        tensors += [(p + "attn_q.weight", (hidden, hidden), T.F16), (p + "attn_v.weight", (256, hidden), T.F16),
+                    (p + "ffn_gate_inp.weight", (n_expert, hidden), T.F32),
+                    (p + "ffn_gate_exps.weight", (n_expert, ffn, hidden), T.F16),
+                    (p + "ffn_up_exps.weight", (n_expert, ffn, hidden), T.F16),
+                    (p + "ffn_down_exps.weight", (n_expert, hidden, ffn), T.F16),
+                    (p + "ffn_down_shexp.weight", (hidden, ffn), T.F16),
+                    (p + "ffn_one_exps.weight", (1, ffn, hidden), T.F16),      # ne[2] == 1: not a stack
+                    (p + "attn_odd.weight", (2, 4, 48), T.F16)]                # 3-D, rows of 48: MXFP4 → F16
+    got = types_by_name(FileType.MXFP4_MOE, moe, tensors)
+    for i in range(2):
+        p = f"blk.{i}."
+        for part in ("gate", "up", "down"):
+            assert got[p + f"ffn_{part}_exps.weight"] == T.MXFP4
+        assert got[p + "ffn_one_exps.weight"] == got[p + "ffn_down_shexp.weight"] == T.Q8_0
+        assert got[p + "attn_q.weight"] == got[p + "attn_v.weight"] == T.Q8_0
+        assert got[p + "ffn_gate_inp.weight"] == T.F32
+        assert got[p + "attn_odd.weight"] == T.F16
+    assert got["token_embd.weight"] == T.Q8_0                                 # tied: the output rule
+    untied = types_by_name(FileType.MXFP4_MOE, moe, tensors + [("output.weight", (1000, hidden), T.F16)])
+    assert untied["output.weight"] == T.Q8_0 and untied["token_embd.weight"] == T.Q8_0
+    falcon = types_by_name(FileType.MXFP4_MOE, ModelInfo("falcon", 2, 8, 4), tensors)
+    assert falcon["blk.0.ffn_up_exps.weight"] == T.MXFP4 and falcon["token_embd.weight"] == T.Q8_0
+    # bailingmoe3: only the ffn expert stacks, not its 3-D attention projections
+    bailing = types_by_name(FileType.MXFP4_MOE, ModelInfo("bailingmoe3", 2, 8, 4, n_expert=n_expert),
+                            tensors + [("blk.0.attn_k_b.weight", (8, 64, 128), T.F16)])
+    assert bailing["blk.0.ffn_up_exps.weight"] == T.MXFP4 and bailing["blk.0.attn_k_b.weight"] == T.Q8_0
+    assert FileType.MXFP4_MOE.display_name == "MXFP4 MoE" and FileType.MXFP4_MOE.description == "MXFP4 MoE"
+    assert [name for name, _ in list_file_types()][2:4] == ["Q4_1", "MXFP4_MOE"]
+
+
 def test_falcon_rules():
     falcon = ModelInfo("falcon", N, 32, 8)
     got = types_by_name(FileType.Q4_K_M, falcon)
@@ -310,15 +349,16 @@ def test_parse_file_type_like_llama_quantize():
     assert parse_file_type("Q4_K") is FileType.Q4_K_M and parse_file_type("q3_k") is FileType.Q3_K_M
     assert parse_file_type("15") is FileType.Q4_K_M and parse_file_type("0") is FileType.F32
     assert parse_file_type("iq2_m") is FileType.IQ2_M and parse_file_type("29") is FileType.IQ2_M
-    for bad in ("MXFP4_MOE", "Q4_K_X", "", "99"):
+    assert parse_file_type("mxfp4_moe") is FileType.MXFP4_MOE and parse_file_type("38") is FileType.MXFP4_MOE
+    for bad in ("MXFP4", "Q2_0", "Q4_K_X", "", "99"):
         with pytest.raises(QtoolError, match="file type"):
             parse_file_type(bad)
 
 
 def test_parse_tensor_type():
     assert parse_tensor_type("q4_k") == T.Q4_K and parse_tensor_type("BF16") == T.BF16
-    with pytest.raises(QtoolError, match="cannot write tensor type IQ1_S"):
-        parse_tensor_type("iq1_s")
+    with pytest.raises(QtoolError, match="cannot write tensor type NVFP4"):
+        parse_tensor_type("nvfp4")
     with pytest.raises(QtoolError, match="unknown tensor type 'q9'"):
         parse_tensor_type("q9")
     with pytest.raises(QtoolError, match="not a valid regular expression"):

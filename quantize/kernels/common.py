@@ -32,6 +32,8 @@ QK1_0 = 128             # Q1_0 blocks
 TQ1_0_BYTES, TQ2_0_BYTES, Q1_0_BYTES = 54, 66, 18
 IQ3_XXS_BYTES, IQ3_S_BYTES = 98, 110
 IQ2_XXS_BYTES, IQ2_XS_BYTES, IQ2_S_BYTES = 66, 74, 82
+IQ1_S_BYTES, IQ1_M_BYTES = 50, 56
+MXFP4_BYTES = 17       # MXFP4: QK-element blocks
 
 # kvalues_iq4nl of ggml-common.h, as float32 because the C compares and subtracts them as floats.
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
@@ -423,3 +425,56 @@ def first_all_ones_exponent(halves, exponent_mask):
                 if halves[r, j] & exponent_mask == exponent_mask:
                     return r, j
     return -1, -1
+
+
+# --- pieces the i-quant searches share (iq1.py, iq2.py, iq3.py, iq4.py) ---------------------------------------------
+
+@njit(cache=True, inline="always")
+def sum_of_squares(xs):
+    """Σ x² in value order, float32 (the C's loop)."""
+    total = F32(0.0)
+    for i in range(xs.shape[0]):
+        total += xs[i] * xs[i]
+    return total
+
+
+@njit(cache=True, inline="always")
+def block_sigma2(xs):
+    """2 Σ x² / n: the σ² that ggml's i-quants add to x² in their importance weights (n a power of two: exact)."""
+    return (F32(2.0) * sum_of_squares(xs)) / F32(xs.shape[0])
+
+
+@njit(cache=True, inline="always")
+def importance_weights(xb, qw, use_imatrix, sigma2, weight):
+    """weight = qw √(σ² + x²) with an importance matrix, else x²."""
+    for i in range(xb.shape[0]):
+        weight[i] = qw[i] * np.sqrt(sigma2 + xb[i] * xb[i]) if use_imatrix else xb[i] * xb[i]
+
+
+@njit(cache=True, inline="always")
+def signs_with_even_parity(xb, weight, xval, signs):
+    """Magnitudes (xval = |x|, -0.0 kept as the C keeps it) and 7-bit sign codes per group of 8 whose eighth sign is
+    implied by parity: with an odd count of negatives, the value of least weight·x² keeps its wrong sign (its
+    magnitude is stored negated). IQ2_XXS, IQ2_XS, IQ3_XXS."""
+    for k in range(xb.shape[0] // 8):
+        s = 0
+        flips = 0
+        for i in range(8):
+            v = xb[8 * k + i]
+            if v >= 0:
+                xval[8 * k + i] = v
+            else:
+                xval[8 * k + i] = -v
+                flips += 1
+                s |= 1 << i
+        if flips % 2:
+            imin = 0
+            least = (weight[8 * k] * xb[8 * k]) * xb[8 * k]
+            for i in range(1, 8):
+                ax = (weight[8 * k + i] * xb[8 * k + i]) * xb[8 * k + i]
+                if ax < least:
+                    least = ax
+                    imin = i
+            xval[8 * k + imin] = -xval[8 * k + imin]
+            s ^= 1 << imin
+        signs[k] = s & 127

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import (F32, GROUP_MAX_EPS, IQ2_S_BYTES, IQ2_XS_BYTES, IQ2_XXS_BYTES, QK_K, fp16_bits_to_fp32,
-                     make_qp_quants, nearest_int, store_fp16)
+                     make_qp_quants, nearest_int, signs_with_even_parity, store_fp16, sum_of_squares)
 
 GROUP_MAX_EPS_IQ2_S = F32(1e-8)
 FLT_MAX = F32(3.4028234663852886e38)
@@ -227,46 +227,10 @@ def _group_max(xval, n):
 
 
 @njit(cache=True, inline="always")
-def _even_signs(xb, weight, xval, signs):
-    """Magnitudes and 7-bit sign codes for groups of 8 whose eighth sign is implied by parity: with an odd count
-    of negatives, the value of least weight*x*x keeps its wrong sign (its magnitude is stored negated)."""
-    for k in range(xb.shape[0] // 8):
-        s = 0
-        flips = 0
-        for i in range(8):
-            v = xb[8 * k + i]
-            if v >= 0:
-                xval[8 * k + i] = v
-            else:
-                xval[8 * k + i] = -v
-                flips += 1
-                s |= 1 << i
-        if flips % 2:
-            imin = 0
-            least = (weight[8 * k] * xb[8 * k]) * xb[8 * k]
-            for i in range(1, 8):
-                ax = (weight[8 * k + i] * xb[8 * k + i]) * xb[8 * k + i]
-                if ax < least:
-                    least = ax
-                    imin = i
-            xval[8 * k + imin] = -xval[8 * k + imin]
-            s ^= 1 << imin
-        signs[k] = s & 127
-
-
-@njit(cache=True, inline="always")
 def _imatrix_weights(xb, qw, sigma2, weight, waux):
     for i in range(xb.shape[0]):
         weight[i] = qw[i] * np.sqrt(sigma2 + xb[i] * xb[i])
         waux[i] = np.sqrt(weight[i])
-
-
-@njit(cache=True, inline="always")
-def _sum_squares(xs):
-    total = F32(0.0)
-    for i in range(xs.shape[0]):
-        total += xs[i] * xs[i]
-    return total
 
 
 @njit(cache=True, inline="always")
@@ -395,13 +359,13 @@ def _encode_iq2_xxs(x, imatrix, out, tables, longest):
         for ibl in range(n // QK_K):
             xs = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             blk = out[r, IQ2_XXS_BYTES * ibl:IQ2_XXS_BYTES * (ibl + 1)]
-            sigma2 = _sum_squares(xs) / F32(QK_K)
+            sigma2 = sum_of_squares(xs) / F32(QK_K)
             words[:] = 0
             max_scale = F32(0.0)
             for ib in range(8):
                 xb = xs[32 * ib:32 * (ib + 1)]
                 _imatrix_weights(xb, imatrix[QK_K * ibl + 32 * ib:QK_K * ibl + 32 * (ib + 1)], sigma2, weight, waux)
-                _even_signs(xb, weight, xval, signs)
+                signs_with_even_parity(xb, weight, xval, signs)
                 scale, kept = _fit_32(xval, weight, waux, codes, scratch, qp_codes, tables, d2)
                 if not kept:
                     scales[ib] = F32(0.0)
@@ -446,13 +410,13 @@ def _encode_iq2_xs(x, imatrix, out, tables, longest):
         for ibl in range(n // QK_K):
             xs = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             blk = out[r, IQ2_XS_BYTES * ibl:IQ2_XS_BYTES * (ibl + 1)]
-            sigma2 = _sum_squares(xs) / F32(QK_K)
+            sigma2 = sum_of_squares(xs) / F32(QK_K)
             groups[:] = 0
             max_scale = F32(0.0)
             for ib in range(16):
                 xb = xs[16 * ib:16 * (ib + 1)]
                 _imatrix_weights(xb, imatrix[QK_K * ibl + 16 * ib:QK_K * ibl + 16 * (ib + 1)], sigma2, weight, waux)
-                _even_signs(xb, weight, xval, signs)
+                signs_with_even_parity(xb, weight, xval, signs)
                 scale, kept = _fit_16(xval, weight, waux, codes, scratch, GROUP_MAX_EPS, tables, d2)
                 if not kept:
                     scales[ib] = F32(0.0)
@@ -495,7 +459,7 @@ def _encode_iq2_s(x, imatrix, out, tables, longest):
             xs = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             blk = out[r, IQ2_S_BYTES * ibl:IQ2_S_BYTES * (ibl + 1)]
             blk[:] = 0
-            sigma2 = F32(2.0) * _sum_squares(xs) / F32(QK_K)
+            sigma2 = F32(2.0) * sum_of_squares(xs) / F32(QK_K)
             max_scale = F32(0.0)
             for ib in range(16):
                 xb = xs[16 * ib:16 * (ib + 1)]

@@ -35,7 +35,8 @@ import gguf
 import numpy as np
 from numba import njit, prange
 
-from .common import F32, IQ3_S_BYTES, IQ3_XXS_BYTES, QK_K, fp16_bits_to_fp32, nearest_int, store_fp16
+from .common import (F32, IQ3_S_BYTES, IQ3_XXS_BYTES, QK_K, block_sigma2, fp16_bits_to_fp32, importance_weights,
+                     nearest_int, signs_with_even_parity, store_fp16)
 
 XXS_EPS = F32(1e-8)          # GROUP_MAX_EPS_IQ3_XXS: sub-blocks below this are stored as zeros (IQ3_S tests == 0)
 FLT_MAX = F32(np.finfo(np.float32).max)
@@ -195,17 +196,9 @@ def _fit_sub_block(xval, weight, waux, vmax, steps, refit_every_group, levels, i
 
 
 @njit(cache=True, inline="always")
-def _sigma2(xs):
-    total = F32(0.0)
-    for j in range(QK_K):
-        total += xs[j] * xs[j]
-    return (F32(2.0) * total) / F32(QK_K)
-
-
-@njit(cache=True, inline="always")
 def _fill_weights(xb, qw, use_imatrix, sigma2, weight, waux):
+    importance_weights(xb, qw, use_imatrix, sigma2, weight)
     for i in range(32):
-        weight[i] = qw[i] * np.sqrt(sigma2 + xb[i] * xb[i]) if use_imatrix else xb[i] * xb[i]
         waux[i] = np.sqrt(weight[i])
 
 
@@ -233,28 +226,6 @@ def _largest(xval):
 
 
 @njit(cache=True, inline="always")
-def _even_sign_count(xb, weight, xval, signs):
-    """IQ3_XXS stores 7 signs per eight values and infers the eighth from parity: where a group of eight has an odd
-    number of negatives, the value with the least weight·x² changes sign (its magnitude becomes negative)."""
-    for k in range(4):
-        s = signs[k]
-        negatives = 0
-        for i in range(8):
-            negatives += (s >> i) & 1
-        if negatives % 2:
-            imin = 0
-            least = (weight[8 * k] * xb[8 * k]) * xb[8 * k]
-            for i in range(1, 8):
-                ax = (weight[8 * k + i] * xb[8 * k + i]) * xb[8 * k + i]
-                if ax < least:
-                    least = ax
-                    imin = i
-            xval[8 * k + imin] = -xval[8 * k + imin]
-            s ^= 1 << imin
-        signs[k] = s & 127
-
-
-@njit(cache=True, inline="always")
 def _sub_block_scale_code(inv_d, scale):
     return max(0, min(15, nearest_int(F32(0.5) * (inv_d * scale - F32(1.0)))))
 
@@ -279,14 +250,13 @@ def _encode_iq3_xxs(x, imatrix, out, levels, index_of, neighbour_start, neighbou
             blk = out[r, IQ3_XXS_BYTES * ibl:IQ3_XXS_BYTES * (ibl + 1)]   # d, grid indices [64], sign words [8 x 4]
             for b in range(IQ3_XXS_BYTES):
                 blk[b] = 0
-            sigma2 = _sigma2(xs)
+            sigma2 = block_sigma2(xs)
             max_scale = F32(0.0)
             for ib in range(8):
                 xb = xs[32 * ib:32 * (ib + 1)]
                 _fill_weights(xb, imatrix[QK_K * ibl + 32 * ib:QK_K * ibl + 32 * (ib + 1)], use_imatrix, sigma2,
                               weight, waux)
-                _magnitudes(xb, xval, signs)
-                _even_sign_count(xb, weight, xval, signs)
+                signs_with_even_parity(xb, weight, xval, signs)
                 vmax = _largest(xval)
                 if vmax < XXS_EPS:
                     scales[ib] = F32(0.0)
@@ -335,7 +305,7 @@ def _encode_iq3_s(x, imatrix, out, levels, index_of, neighbour_start, neighbours
             blk = out[r, IQ3_S_BYTES * ibl:IQ3_S_BYTES * (ibl + 1)]   # d, qs [64], qh [8], signs [32], scales [4]
             for b in range(IQ3_S_BYTES):
                 blk[b] = 0
-            sigma2 = _sigma2(xs)
+            sigma2 = block_sigma2(xs)
             max_scale = F32(0.0)
             slot = 0   # where the next sub-block's low index bytes and signs go (see the module note)
             for ib in range(8):

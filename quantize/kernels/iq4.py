@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, GROUP_MAX_EPS, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, best_index_int8, first_absmax,
-                     nearest_int, store_fp16)
+from .common import (F32, GROUP_MAX_EPS, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, best_index_int8, block_sigma2,
+                     first_absmax, importance_weights, nearest_int, store_fp16)
 
 NTRY = 7
 
@@ -53,20 +53,6 @@ def _sub_block_scale(xb, weight, scratch):
 
 
 @njit(cache=True)
-def _fill_weights(xb, qw, use_imatrix, sigma2, weight):
-    for j in range(32):
-        weight[j] = qw[j] * np.sqrt(sigma2 + xb[j] * xb[j]) if use_imatrix else xb[j] * xb[j]
-
-
-@njit(cache=True)
-def _sigma2(xb):
-    total = F32(0.0)
-    for j in range(xb.shape[0]):
-        total += xb[j] * xb[j]
-    return total * (F32(2.0) / F32(xb.shape[0]))
-
-
-@njit(cache=True)
 def _pack_codes(qs, L):
     for i in range(L.shape[0] // 32):
         for j in range(16):
@@ -84,7 +70,7 @@ def quantize_iq4_nl(x, imatrix, out):
         for ib in range(n // 32):
             xb = x[r, 32 * ib:32 * (ib + 1)]
             blk = out[r, IQ4_NL_BYTES * ib:IQ4_NL_BYTES * (ib + 1)]
-            _fill_weights(xb, imatrix[32 * ib:32 * (ib + 1)], use_imatrix, _sigma2(xb), weight)
+            importance_weights(xb, imatrix[32 * ib:32 * (ib + 1)], use_imatrix, block_sigma2(xb), weight)
             d = _sub_block_scale(xb, weight, scratch)
             store_fp16(blk, 0, d)
             inv = F32(1.0) / d if d != 0 else F32(0.0)
@@ -106,11 +92,11 @@ def quantize_iq4_xs(x, imatrix, out):
             xs = x[r, 256 * ibl:256 * (ibl + 1)]
             qw = imatrix[256 * ibl:256 * (ibl + 1)]
             blk = out[r, IQ4_XS_BYTES * ibl:IQ4_XS_BYTES * (ibl + 1)]
-            sigma2 = _sigma2(xs)
+            sigma2 = block_sigma2(xs)
             max_scale = F32(0.0)
             amax_scale = F32(0.0)
             for ib in range(8):
-                _fill_weights(xs[32 * ib:32 * (ib + 1)], qw[32 * ib:32 * (ib + 1)], use_imatrix, sigma2, weight)
+                importance_weights(xs[32 * ib:32 * (ib + 1)], qw[32 * ib:32 * (ib + 1)], use_imatrix, sigma2, weight)
                 scales[ib] = _sub_block_scale(xs[32 * ib:32 * (ib + 1)], weight, scratch)
                 if abs(scales[ib]) > amax_scale:
                     amax_scale = abs(scales[ib])
