@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import gguf
@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .models import (EXPERT_GGUF, EXPERT_PROJS, F32_WEIGHTS, ModelSpec, OutTensor, arch_kvs, expected_hf_tensors,
                      expert_hf_name, gguf_name, llama3_rope_factors, model_spec, normhead, parse_expert_name,
                      permute_rows, read_config, _SKIPPED_SUFFIXES)
+from . import qwen35
 from .tokenizer import export_vocab
 
 OUTTYPES: dict[str, LlamaFileType] = {
@@ -151,6 +152,8 @@ def _with_type(t: OutTensor, ftype: LlamaFileType, notes: list[str]) -> OutTenso
 
 
 def _plan_tensors(spec: ModelSpec, ckpt: Checkpoint, notes: list[str]) -> list[OutTensor]:
+    if spec.arch.hybrid:
+        return _plan_hybrid_tensors(spec, ckpt, notes)
     expected = expected_hf_tensors(spec)
     present = [n for n in ckpt.names if not n.endswith(_SKIPPED_SUFFIXES)]
     unexpected = [n for n in present if n not in expected]
@@ -197,6 +200,83 @@ def _plan_tensors(spec: ModelSpec, ckpt: Checkpoint, notes: list[str]) -> list[O
             notes.append("Baichuan2 NormHead applied: every output.weight row divided by its L2 norm (float32)")
         out.append(OutTensor(name, tuple(ckpt.shape(hf)), GGMLQuantizationType.F32, load, hf))
     return out
+
+
+def _plan_hybrid_tensors(spec: ModelSpec, ckpt: Checkpoint, notes: list[str]) -> list[OutTensor]:
+    """Qwen3.5 / Qwen3.5-MoE: every tensor in checkpoint order, one at a time (the fused experts of one layer are
+    the largest thing in memory), the vision tower of a ConditionalGeneration checkpoint skipped."""
+    hs = spec.hybrid
+    assert hs is not None
+    canonical_names: dict[str, str | None] = {n: qwen35.canonical_name(n, spec.n_layer) for n in ckpt.names
+                                              if not n.endswith(_SKIPPED_SUFFIXES)}
+    per_expert = spec.arch.moe and qwen35.per_expert_layout(c for c in canonical_names.values() if c)
+    expected = qwen35.expected_tensors(spec, per_expert)
+    present: dict[str, str] = {}           # canonical name -> checkpoint name
+    skipped = 0
+    for n, canonical in canonical_names.items():
+        if canonical is None:
+            skipped += 1
+            continue
+        if canonical not in expected:
+            raise QtoolError(f"unexpected tensor {n!r} in {ckpt.part_of(n).name} (not part of a {spec.hf_arch} "
+                             "with this config: layer_types, mtp_num_hidden_layers and the expert layout decide "
+                             "which tensors each layer has)")
+        if canonical in present:
+            raise QtoolError(f"tensors {present[canonical]!r} and {n!r} are the same model tensor")
+        present[canonical] = n
+    missing = [c for c in expected if c not in present and c != "lm_head.weight"]
+    if missing:
+        multimodal = any(n.startswith("model.language_model.") for n in present.values())
+        first = qwen35.checkpoint_name(missing[0], spec.n_layer, multimodal)
+        raise QtoolError(f"tensor {first!r} is missing from the checkpoint"
+                         + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+    for canonical, n in present.items():
+        if tuple(ckpt.shape(n)) != expected[canonical][1]:
+            raise QtoolError(f"tensor {n!r} has shape {list(ckpt.shape(n))}, but config.json implies "
+                             f"{list(expected[canonical][1])}")
+    if skipped:
+        notes.append(f"{skipped} vision tensor(s) skipped: this is the text model only")
+    if not qwen35.torch_available():
+        notes.append("torch is not installed: ssm_a = -exp(A_log) computed with numpy, which can differ from "
+                     "llama.cpp's converter (torch) in the last bit of some values")
+
+    cache = _LastTensor(ckpt)
+    out: list[OutTensor] = []
+    experts_seen: dict[int, int] = {}
+    for canonical, n in present.items():
+        name, shape = expected[canonical]
+        if (expert := qwen35.parse_expert(canonical)) is not None:
+            # as llama.cpp: a layer's three stacks go out where the last of its expert tensors comes
+            layer = expert[0]
+            experts_seen[layer] = experts_seen.get(layer, 0) + 1
+            if experts_seen[layer] == len(qwen35.EXPERT_PROJS) * spec.n_expert:
+                out += _stacked_hybrid_experts(spec, layer, present, ckpt, cache)
+            continue
+
+        def load(n: str = n, canonical: str = canonical) -> np.ndarray:
+            return qwen35.transform(canonical, cache.get(n), hs)
+
+        if canonical.endswith(qwen35.FUSED_GATE_UP):
+            # [gate rows; up rows] per expert -> ffn_gate_exps, then ffn_up_exps (llama.cpp splits it the same way)
+            half = (shape[0], shape[1] // 2, shape[2])
+            for part, g in enumerate((name, name.replace("ffn_gate_exps", "ffn_up_exps"))):
+                def half_load(n: str = n, lo: int = part * half[1], hi: int = (part + 1) * half[1]) -> np.ndarray:
+                    return cache.get(n)[:, lo:hi]
+                out.append(OutTensor(g, half, GGMLQuantizationType.F32, half_load, n))
+            continue
+        if canonical.endswith("linear_attn.conv1d.weight"):
+            shape = (shape[0], shape[2])
+        out.append(OutTensor(name, shape, GGMLQuantizationType.F32, load, n))
+    return out
+
+
+def _stacked_hybrid_experts(spec: ModelSpec, layer: int, present: dict[str, str], ckpt: Checkpoint,
+                            cache: "_LastTensor") -> list[OutTensor]:
+    """A per-expert Qwen3.5-MoE layer's experts as three stacks, each read only when it is written."""
+    return [_expert_stack(f"blk.{layer}.ffn_{proj.split('_')[0]}_exps.weight",
+                          [present[f"model.layers.{layer}.mlp.experts.{x}.{proj}.weight"] for x in range(spec.n_expert)],
+                          ckpt, cache)
+            for proj in qwen35.EXPERT_PROJS]
 
 
 class _LastTensor:
@@ -254,21 +334,23 @@ def _stacked_experts(spec: ModelSpec, layer: int, ckpt: Checkpoint, cache: _Last
     of its largest layer stack. Float16 experts stack as float16; anything else (bf16, f32) as float32, as
     llama.cpp's converter widens them before torch.stack.
     """
-    out = []
-    for proj in EXPERT_PROJS:
-        names = [expert_hf_name(layer, x, proj) for x in range(spec.n_expert)]
-        dtype = np.float16 if all(ckpt.dtype(n) == "F16" for n in names) else np.float32
+    return [_expert_stack(f"blk.{layer}.{EXPERT_GGUF[proj]}",
+                          [expert_hf_name(layer, x, proj) for x in range(spec.n_expert)], ckpt, cache)
+            for proj in EXPERT_PROJS]
 
-        def load(names: list[str] = names, dtype: type = dtype) -> np.ndarray:
-            first = cache.get(names[0])
-            stack = np.empty((len(names), *first.shape), dtype=dtype)
-            for x, name in enumerate(names):
-                stack[x] = cache.get(name)
-            return stack
 
-        shape = (spec.n_expert, *ckpt.shape(names[0]))
-        out.append(OutTensor(f"blk.{layer}.{EXPERT_GGUF[proj]}", shape, GGMLQuantizationType.F32, load, names[0]))
-    return out
+def _expert_stack(gguf_name: str, names: list[str], ckpt: Checkpoint, cache: "_LastTensor") -> OutTensor:
+    """The experts `names` (HF tensors, in expert order) as one (n_expert, rows, cols) tensor, read when written."""
+    dtype = np.float16 if all(ckpt.dtype(n) == "F16" for n in names) else np.float32
+
+    def load() -> np.ndarray:
+        first = cache.get(names[0])
+        stack = np.empty((len(names), *first.shape), dtype=dtype)
+        for x, name in enumerate(names):
+            stack[x] = cache.get(name)
+        return stack
+
+    return OutTensor(gguf_name, (len(names), *ckpt.shape(names[0])), GGMLQuantizationType.F32, load, names[0])
 
 
 def _prepare_general(plan: ConversionPlan) -> Callable[[gguf.GGUFWriter], None]:

@@ -849,6 +849,8 @@ def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
     if arch_name is None:
         raise QtoolError(f"{gguf_path}: no general.architecture")
     arch = arch_for_gguf(arch_name)
+    if arch.hybrid:
+        raise QtoolError(f"{gguf_path}: {arch_name} (Gated DeltaNet hybrid) cannot be exported to HF by qtool yet")
     if not tensors:
         raise QtoolError(f"{gguf_path}: no tensors (a vocab-only file?)")
     if dtype == "auto":

@@ -2,7 +2,8 @@
 
 Everything here mirrors what llama.cpp's ``convert_hf_to_gguf.py`` writes for Llama, Qwen2, Qwen3, Qwen2-MoE,
 Qwen3-MoE and Baichuan (see docs/reference/conversion-and-evaluation.md §A), except where that script is wrong:
-Baichuan converts at all here, and Baichuan2's NormHead is applied.
+Baichuan converts at all here, and Baichuan2's NormHead is applied. The Qwen3.5 hybrids (Gated DeltaNet) have their
+own module, convert/qwen35.py; model_spec and arch_kvs hand over to it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from qtool.archs import (ARCHS, BAICHUAN_ALIBI_DEPTH, BAICHUAN_ROPE_DEPTH, Arch,
                          supported_hf_architectures)
 from qtool.errors import QtoolError
 from qtool.gguf_io import KV
+
+from . import qwen35
 
 # Baichuan2 is told apart from Baichuan-1 the way vLLM does it: by its vocabulary size.
 BAICHUAN2_VOCAB_SIZE = 125696
@@ -86,6 +89,7 @@ class ModelSpec:
     n_expert_used: int = 0         # experts each token is routed to
     n_ff_exp: int = 0              # one routed expert's FFN width
     n_ff_shexp: int = 0            # the shared expert's FFN width (0: none)
+    hybrid: qwen35.HybridSpec | None = None   # the Gated DeltaNet settings (hybrid architectures only)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -113,7 +117,9 @@ def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: 
     hp = dict(config)
     if isinstance(hp.get("text_config"), dict):
         hp = {**hp, **hp["text_config"]}
-    if arch.gguf_name in _AUTOCONFIG_DEFAULTS:
+    if arch.hybrid:
+        hp = qwen35.expand_like_autoconfig(arch.gguf_name, hp)
+    elif arch.gguf_name in _AUTOCONFIG_DEFAULTS:
         hp = _expand_like_autoconfig(arch.gguf_name, hp)
 
     def need(*keys: str) -> int:
@@ -127,7 +133,11 @@ def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: 
 
     n_layer = need("num_hidden_layers", "n_layers", "n_layer", "num_layers")
     n_embd = need("hidden_size", "n_embd", "dim")
-    n_ff = need("intermediate_size", "n_inner", "hidden_dim")
+    # Qwen3.5-MoE has no dense FFN width at all
+    if arch.hybrid and arch.moe:
+        n_ff = hp.get("intermediate_size") or 0
+    else:
+        n_ff = need("intermediate_size", "n_inner", "hidden_dim")
     n_head = need("num_attention_heads", "n_head", "n_heads")
     n_head_kv = hp.get("num_key_value_heads") or n_head
     head_dim = hp.get("head_dim") or n_embd // n_head
@@ -140,6 +150,8 @@ def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: 
     spec = ModelSpec(arch, hf_arch, hp, n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab)
     if arch.moe:
         _moe_spec(spec, need)
+    if arch.hybrid:
+        spec.hybrid = qwen35.hybrid_spec(hp, n_layer, head_dim, need)
     if arch.gguf_name == "baichuan":
         spec.is_baichuan2 = _looks_like_baichuan2(n_vocab, model_dir) if normhead is None else normhead
     elif normhead:
@@ -230,6 +242,8 @@ def _first(hp: dict[str, Any], *keys: str) -> Any:
 def arch_kvs(spec: ModelSpec, ftype: LlamaFileType) -> tuple[list[KV], list[str]]:
     """The architecture keys, in llama.cpp's order (TextModel.set_gguf_parameters + the model class)."""
     a, hp = spec.arch.gguf_name, spec.hparams
+    if spec.arch.hybrid:
+        return qwen35.hybrid_kvs(spec, ftype), []
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     kvs: list[KV] = [KV(f"{a}.block_count", spec.n_layer, u32)]
     notes: list[str] = []
@@ -395,7 +409,7 @@ _LAYER_MAP = {
 EXPERT_PROJS = ("down_proj", "gate_proj", "up_proj")
 EXPERT_GGUF = {"down_proj": "ffn_down_exps.weight", "gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight"}
 # Tensors that stay F32 whatever the output type (llama.cpp's converter and llama-quantize agree on these).
-F32_WEIGHTS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+F32_WEIGHTS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")
 
 
 def expert_hf_name(layer: int, expert: int, proj: str) -> str:

@@ -108,9 +108,11 @@ class ModelConfig:
 
     @classmethod
     def from_weights(cls, w: GGUFWeights) -> ModelConfig:
-        h = w.model.hparams.require_uniform()      # per-layer arrays are allowed by llama.cpp; we need them uniform
-        name = h.arch
+        name = w.model.hparams.arch
         arch = arch_for_gguf(name)
+        if arch.hybrid:
+            raise QtoolError(f"{w.path}: {name} (Gated DeltaNet hybrid) cannot be evaluated by qtool yet")
+        h = w.model.hparams.require_uniform()      # per-layer arrays are allowed by llama.cpp; we need them uniform
         n_layer, n_embd, n_head = h.need("n_layer"), h.need("n_embd"), h.need("n_head")
         n_head_kv, head_dim = h.head_count_kv, h.head_dim
         h.check_gqa()

@@ -15,7 +15,9 @@ class Arch:
 
     gguf_name: str                 # general.architecture
     hf_names: tuple[str, ...]      # config.json "architectures"[0] values that map here
-    rope_style: str                # "norm" (adjacent pairs), "neox" (halves), "baichuan" (by depth: 32 -> norm, 40 -> alibi)
+    # "norm" (adjacent pairs), "neox" (halves), "baichuan" (by depth: 32 -> norm, 40 -> alibi), "imrope" (Qwen3.5's
+    # interleaved multimodal rope on a part of each head)
+    rope_style: str
     permute_qk: bool               # converter permutes q/k rows for ggml's NORM rope
     qkv_bias: bool                 # q/k/v projections carry biases
     qk_norm: bool                  # per-head RMSNorm on q and k before rope
@@ -30,6 +32,9 @@ class Arch:
     # The top-k routing weights are renormalised to sum to 1. llama.cpp fixes this per architecture and ignores
     # config.json's norm_topk_prob.
     moe_norm_topk: bool = False
+    # Gated DeltaNet hybrid (Qwen3.5): recurrent "linear attention" layers with a gated full-attention layer every
+    # few layers, and an MTP block converted as one more layer. Converted and quantized; not evaluated by qtool.
+    hybrid: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -45,6 +50,12 @@ ARCHS: dict[str, Arch] = {
     "qwen3moe": Arch("qwen3moe", ("Qwen3MoeForCausalLM",), "neox",
                      permute_qk=False, qkv_bias=False, qk_norm=True, output_required=False, vocab_kind="gpt2",
                      moe=True, shared_expert=False, moe_norm_topk=True),
+    "qwen35": Arch("qwen35", ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"), "imrope",
+                   permute_qk=False, qkv_bias=False, qk_norm=True, output_required=False, vocab_kind="gpt2",
+                   hybrid=True),
+    "qwen35moe": Arch("qwen35moe", ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"), "imrope",
+                      permute_qk=False, qkv_bias=False, qk_norm=True, output_required=False, vocab_kind="gpt2",
+                      moe=True, shared_expert=True, moe_norm_topk=True, hybrid=True),
     "baichuan": Arch("baichuan", ("BaichuanForCausalLM", "BaiChuanForCausalLM"), "baichuan",
                      permute_qk=True, qkv_bias=False, qk_norm=False, output_required=True, vocab_kind="spm"),
 }

@@ -468,7 +468,7 @@ def test_a_failure_leaves_no_output(trip, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["ggml-vocab-gpt-2.gguf"], "unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, qwen2moe, qwen3moe, baichuan"),
+    (["ggml-vocab-gpt-2.gguf"], "unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, qwen2moe, qwen3moe, qwen35, qwen35moe, baichuan"),
     (["ggml-vocab-qwen2.gguf"], "no tensors (a vocab-only file?)"),
     (["missing.gguf"], "missing.gguf: no such file"),
 ])

@@ -23,7 +23,8 @@ from tests.fixtures.checkpoints import (
 from tests.fixtures.conftest_helpers import checkpoint_factory  # noqa: F401  (session fixture)
 from tests.interop import need_module
 
-ALL = sorted(VARIANTS)
+QWEN35 = ["qwen35", "qwen35moe", "qwen35-vl", "qwen35moe-vl"]     # checked against transformers' own modeling
+ALL = sorted(v for v in VARIANTS if v not in QWEN35 and v != "qwen35moe-per-expert")
 
 
 def _cfg(d: Path) -> dict:
@@ -131,6 +132,49 @@ def test_default_checkpoint_shapes_and_config(variant, checkpoint_factory):  # n
         assert "NormHead" in (d / "modeling_baichuan.py").read_text()
         norms = np.linalg.norm(tensors["lm_head.weight"], axis=1)
         assert not np.allclose(norms, 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", QWEN35)
+def test_qwen35_checkpoints_match_transformers(variant, checkpoint_factory):  # noqa: F811
+    """Every text (and vision) tensor is named and shaped as transformers' Qwen3.5 classes name and shape them; the
+    MTP block (which transformers does not load) repeats a full-attention layer, plus fc and its three norms."""
+    need_module("transformers")
+    torch = need_module("torch")
+    import transformers
+
+    d = checkpoint_factory(variant)
+    config = transformers.AutoConfig.from_pretrained(d)
+    with torch.device("meta"):
+        model = getattr(transformers, config.architectures[0])(config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: v.shape for k, v in read_checkpoint_tensors(d).items()}
+    text = lambda sd: {k: v for k, v in sd.items() if not k.startswith(("mtp.", "model.visual."))}  # noqa: E731
+    assert text(got) == text(want)
+    visual = {k: v for k, v in got.items() if k.startswith("model.visual.")}
+    assert bool(visual) == variant.endswith("-vl")
+    assert all(want[k] == v for k, v in visual.items())
+    pre = "model.language_model." if variant.endswith("-vl") else "model."
+    full = pre + "layers.1."          # the fixtures' first full-attention layer
+    assert config.get_text_config().layer_types[1] == "full_attention"
+    mtp_layer = {k[len("mtp.layers.0."):]: v for k, v in got.items() if k.startswith("mtp.layers.0.")}
+    assert mtp_layer == {k[len(full):]: v for k, v in got.items() if k.startswith(full)}
+    H = config.get_text_config().hidden_size
+    assert {k: v for k, v in got.items() if k.startswith("mtp.") and not k.startswith("mtp.layers.")} == {
+        "mtp.fc.weight": (H, 2 * H), "mtp.norm.weight": (H,), "mtp.pre_fc_norm_embedding.weight": (H,),
+        "mtp.pre_fc_norm_hidden.weight": (H,)}
+
+
+def test_qwen35moe_per_expert_is_the_fused_layout_split(checkpoint_factory):  # noqa: F811
+    fused = {k: v.shape for k, v in read_checkpoint_tensors(checkpoint_factory("qwen35moe")).items()}
+    split = {k: v.shape for k, v in read_checkpoint_tensors(checkpoint_factory("qwen35moe-per-expert")).items()}
+    assert {k for k in split if ".experts." not in k} == {k for k in fused if ".experts." not in k}
+    for p in ("model.layers.0.", "model.layers.3.", "mtp.layers.0."):
+        n, f2, H = fused[p + "mlp.experts.gate_up_proj"]
+        for x in range(n):
+            assert split[f"{p}mlp.experts.{x}.gate_proj.weight"] == (f2 // 2, H)
+            assert split[f"{p}mlp.experts.{x}.up_proj.weight"] == (f2 // 2, H)
+            assert split[f"{p}mlp.experts.{x}.down_proj.weight"] == fused[p + "mlp.experts.down_proj"][1:]
+        assert f"{p}mlp.experts.{n}.up_proj.weight" not in split
 
 
 @pytest.mark.parametrize("variant,files", [

@@ -38,7 +38,12 @@ CASES = ([(v, t, "float32") for v in ("llama-spm", "llama-bpe", "qwen2", "qwen3"
          # MoE: per-layer expert stacks (one layer split across two shards), F32 routers, Q8_0's F16 fallback on
          # qwen2moe's 48-wide ffn_down_exps rows, and the NxM size label in general.*.
          + [(v, t, "float32") for v in ("qwen2moe", "qwen3moe") for t in ("f16", "q8_0")]
-         + [("qwen3moe", "auto", "bfloat16"), ("qwen2moe", "bf16", "bfloat16"), ("qwen3moe", "f32", "float16")])
+         + [("qwen3moe", "auto", "bfloat16"), ("qwen2moe", "bf16", "bfloat16"), ("qwen3moe", "f32", "float16")]
+         # Qwen3.5 hybrids: DeltaNet + gated attention layers, V-head tiling, -exp(A_log), 1 + w norms, the MTP layer,
+         # fused experts split into gate/up, the ConditionalGeneration layout with its vision tower skipped.
+         + [(v, "f16", "float32") for v in ("qwen35", "qwen35moe", "qwen35-vl", "qwen35moe-vl")]
+         + [("qwen35", "q8_0", "float32"), ("qwen35", "f32", "float16"), ("qwen35moe", "auto", "bfloat16"),
+            ("qwen35-vl", "bf16", "bfloat16"), ("qwen35moe-per-expert", "f16", "float16")])
 
 
 @pytest.mark.parametrize("variant, outtype, dtype", CASES)
@@ -68,6 +73,37 @@ def test_identical_to_llamacpp(variant, outtype, dtype, checkpoint_factory, tmp_
     for a, b in zip(r_ours.tensors, r_theirs.tensors):
         assert a.data.tobytes() == b.data.tobytes(), a.name
     # and the claim itself: the same file, byte for byte (the checks above say where, when it is not)
+    assert (tmp_path / "ours.gguf").read_bytes() == Path(theirs).read_bytes()
+
+
+def test_qwen35_defaults_identical_to_llamacpp(checkpoint_factory, tmp_path):
+    """A Qwen3.5 config without layer_types or mrope_section: transformers' derived layer types, llama.cpp's default
+    full_attention_interval (4) and rope sections ([11, 11, 10, 0])."""
+    from tests.fixtures.checkpoints import DROP
+
+    d = tmp_path / "qwen35"
+    shutil.copytree(checkpoint_factory("qwen35", layer_types=DROP,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 5000000}), d)
+    theirs = run_llamacpp_convert(d, tmp_path / "theirs.gguf", "f16")
+    result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "ours.gguf"), "--outtype", "f16"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "ours.gguf").read_bytes() == Path(theirs).read_bytes()
+
+
+def test_llamacpp_converter_fails_on_qwen35_without_mtp_and_qtool_does_not(checkpoint_factory, tmp_path):
+    """llama.cpp's converter asserts on a Qwen3.5 checkpoint with no MTP block unless told --no-mtp; with that flag
+    it writes what qtool writes without it."""
+    from tests.fixtures.checkpoints import DROP
+
+    d = tmp_path / "qwen35"
+    shutil.copytree(checkpoint_factory("qwen35", mtp_num_hidden_layers=DROP), d)
+    with pytest.raises(LlamaCppConvertError) as e:
+        run_llamacpp_convert(d, tmp_path / "theirs.gguf", "f16")
+    assert "AssertionError" in e.value.stderr
+    theirs = run_llamacpp_convert(d, tmp_path / "theirs.gguf", "f16", ["--no-mtp"])
+    result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "ours.gguf"), "--outtype", "f16"])
+    assert result.exit_code == 0, result.stderr
     assert (tmp_path / "ours.gguf").read_bytes() == Path(theirs).read_bytes()
 
 
