@@ -37,6 +37,13 @@ SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 USED_INDIRECTLY = {
     "protobuf": "sentencepiece's sentencepiece_model_pb2 (read and written by convert and export-hf) imports it",
 }
+# Optional imports: a package of an extra, imported inside a function that falls back when it is missing, and only
+# by the files named here (what it buys is said).
+OPTIONAL_IMPORTS = {
+    "torch": ({"convert/qwen35.py"}, "interop", "ssm_a = -exp(A_log) bit for bit as llama.cpp's converter computes it "
+                                                 "(torch's float32 exp is not correctly rounded); without it numpy's, "
+                                                 "and the converter says the last bit may differ"),
+}
 # Imports of qtool's own code that are not dependencies: the benchmark helper's --ggml mode needs the checkout.
 NOT_DEPENDENCIES = {"qtool", "tests"}
 
@@ -92,7 +99,14 @@ def test_every_import_is_a_declared_dependency_and_every_dependency_is_used():
     used = set()
     conditional = {_norm(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0])
                    for req in PYPROJECT["project"]["dependencies"] if ";" in req}   # e.g. tomli before 3.11
+    extras = PYPROJECT["project"]["optional-dependencies"]
     for module, where in sorted(_third_party_imports().items()):
+        if module in OPTIONAL_IMPORTS:
+            files, extra, _ = OPTIONAL_IMPORTS[module]
+            assert where <= files, f"{module} is optional, imported only by {sorted(files)}, not {sorted(where - files)}"
+            assert any(_norm(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0]) == _norm(module) for req in extras[extra]), \
+                f"{module} must be in the {extra!r} extra"
+            continue
         owners = {_norm(d) for d in dists.get(module, [])}
         if not owners and _norm(module) in conditional:
             used.add(_norm(module))
