@@ -29,6 +29,15 @@ def vocab_dir() -> Path:
     return VOCAB_DIR
 
 
+@pytest.fixture(scope="session")
+def ggml():
+    """libggml built from the pinned llama.cpp tree: kernel tests compare with its ggml_quantize_chunk."""
+    from tests import ggml_ref
+
+    ggml_ref.require()
+    return ggml_ref
+
+
 from tests.fixtures.conftest_helpers import checkpoint_factory, hf_checkpoint  # noqa: E402,F401
 
 

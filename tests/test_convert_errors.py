@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from qtool.cli import main
-from tests.fixtures.checkpoints import make_checkpoint
+from tests.convert_checks import fails
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +30,6 @@ def model(pristine, tmp_path):
         shutil.copytree(pristine(variant), d)
         return d
     return get
-
-
-def fails(model_dir: Path, out_dir: Path, *extra: str, expect: str) -> str:
-    out_dir.mkdir(exist_ok=True)
-    before = set(out_dir.iterdir())
-    result = CliRunner().invoke(main, ["convert", str(model_dir), "--outfile", str(out_dir / "m.gguf"), *extra],
-                                catch_exceptions=False)
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert expect in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
-    assert set(out_dir.iterdir()) == before, "a file was left behind"
-    return lines[0]
 
 
 def test_missing_model_dir(tmp_path):

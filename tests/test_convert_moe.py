@@ -6,7 +6,6 @@ stated independently, from the HF tensors and config.json alone.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from gguf import GGUFValueType
 
 from qtool.cli import main
 from qtool.gguf_io import GGUFFile, read_gguf
-from tests.fixtures.checkpoints import DROP, read_checkpoint_tensors, write_safetensors
+from tests.convert_checks import drop_tensor, edited, fails, single_file_copy
+from tests.fixtures.checkpoints import DROP, read_checkpoint_tensors
 
 MOE = ["qwen2moe", "qwen3moe"]
 
@@ -168,60 +168,18 @@ def test_norm_topk_prob_that_llamacpp_ignores_is_said(checkpoint_factory, tmp_pa
 
 # --- bad input: one line, exit code 2, nothing written ------------------------------------------------------
 
-def fails(model_dir: Path, out_dir: Path, expect: str) -> str:
-    out_dir.mkdir(exist_ok=True)
-    result = CliRunner().invoke(main, ["convert", str(model_dir), "--outfile", str(out_dir / "m.gguf")],
-                                catch_exceptions=False)
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert expect in lines[0], lines[0]
-    assert list(out_dir.iterdir()) == []
-    return lines[0]
-
-
-@pytest.fixture
-def single_file(checkpoint_factory, tmp_path):
-    """A writable single-file copy of a MoE fixture, to be broken by the test."""
-    def get(variant: str) -> Path:
-        d = tmp_path / "model"
-        shutil.copytree(checkpoint_factory(variant, fmt="safetensors"), d)
-        return d
-    return get
-
-
-def _drop_tensor(d: Path, name: str) -> None:
-    tensors = read_checkpoint_tensors(d)
-    del tensors[name]
-    write_safetensors(d / "model.safetensors", tensors)
-
-
 @pytest.mark.parametrize("variant", MOE)
-def test_missing_expert_tensor_is_named(variant, single_file, tmp_path):
-    d = single_file(variant)
-    _drop_tensor(d, "model.layers.1.mlp.experts.3.up_proj.weight")
+def test_missing_expert_tensor_is_named(variant, checkpoint_factory, tmp_path):
+    d = single_file_copy(checkpoint_factory, variant, tmp_path)
+    drop_tensor(d, "model.layers.1.mlp.experts.3.up_proj.weight")
     line = fails(d, tmp_path / "out", expect="'model.layers.1.mlp.experts.3.up_proj.weight' is missing")
     assert "more missing" not in line
 
 
-def test_missing_router_is_named(single_file, tmp_path):
-    d = single_file("qwen2moe")
-    _drop_tensor(d, "model.layers.0.mlp.shared_expert_gate.weight")
+def test_missing_router_is_named(checkpoint_factory, tmp_path):
+    d = single_file_copy(checkpoint_factory, "qwen2moe", tmp_path)
+    drop_tensor(d, "model.layers.0.mlp.shared_expert_gate.weight")
     fails(d, tmp_path / "out", expect="'model.layers.0.mlp.shared_expert_gate.weight' is missing")
-
-
-def edited(checkpoint_factory, variant: str, tmp_path: Path, **changes) -> Path:
-    """A copy of a fixture whose config.json (only) is changed; DROP deletes a key."""
-    d = tmp_path / "model"
-    shutil.copytree(checkpoint_factory(variant), d)
-    cfg = json.loads((d / "config.json").read_text())
-    for k, v in changes.items():
-        if v is DROP:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
 
 
 def test_more_experts_in_the_checkpoint_than_the_config_says(checkpoint_factory, tmp_path):

@@ -7,7 +7,6 @@ stated independently, from the HF tensors and config.json alone.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,8 @@ from gguf import GGUFValueType
 
 from qtool.cli import main
 from qtool.gguf_io import GGUFFile, read_gguf
+from tests.convert_checks import drop_tensor, edited, fails, single_file_copy
 from tests.fixtures.checkpoints import DROP, read_checkpoint_tensors, write_safetensors
-from tests.test_convert_moe import edited
 
 VARIANTS = ["qwen35", "qwen35moe", "qwen35-vl", "qwen35moe-vl"]
 
@@ -328,18 +327,6 @@ def test_tied_checkpoint_has_no_output_tensor(checkpoint_factory, tmp_path):
 
 # --- bad input: one line, exit code 2, nothing written ------------------------------------------------------
 
-def fails(model_dir: Path, out_dir: Path, expect: str) -> str:
-    out_dir.mkdir(exist_ok=True)
-    result = CliRunner().invoke(main, ["convert", str(model_dir), "--outfile", str(out_dir / "m.gguf")],
-                                catch_exceptions=False)
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert expect in lines[0], lines[0]
-    assert list(out_dir.iterdir()) == []
-    return lines[0]
-
-
 @pytest.mark.parametrize("variant, changes, expect", [
     ("qwen35", {"layer_types": ["linear_attention", "full_attention"]},
      "layer_types has 2 entries, expected num_hidden_layers (4)"),
@@ -359,18 +346,14 @@ def test_bad_config(variant, changes, expect, checkpoint_factory, tmp_path):
 
 
 def test_missing_deltanet_tensor_is_named(checkpoint_factory, tmp_path):
-    d = tmp_path / "model"
-    shutil.copytree(checkpoint_factory("qwen35", fmt="safetensors"), d)
-    tensors = read_checkpoint_tensors(d)
-    del tensors["model.layers.2.linear_attn.A_log"]
-    write_safetensors(d / "model.safetensors", tensors)
+    d = single_file_copy(checkpoint_factory, "qwen35", tmp_path)
+    drop_tensor(d, "model.layers.2.linear_attn.A_log")
     line = fails(d, tmp_path / "out", expect="'model.layers.2.linear_attn.A_log' is missing")
     assert "more missing" not in line
 
 
 def test_missing_tensors_are_named_as_the_checkpoint_names_them(checkpoint_factory, tmp_path):
-    d = tmp_path / "model"
-    shutil.copytree(checkpoint_factory("qwen35-vl", fmt="safetensors"), d)
+    d = single_file_copy(checkpoint_factory, "qwen35-vl", tmp_path)
     tensors = read_checkpoint_tensors(d)
     k_norm = tensors.pop("model.language_model.layers.1.self_attn.k_norm.weight")
     del tensors["mtp.pre_fc_norm_hidden.weight"]
@@ -414,8 +397,7 @@ def test_per_expert_stacks_are_read_one_layer_at_a_time(checkpoint_factory, monk
 
 
 def test_mixed_expert_layouts_are_refused(checkpoint_factory, tmp_path):
-    d = tmp_path / "model"
-    shutil.copytree(checkpoint_factory("qwen35moe", fmt="safetensors"), d)
+    d = single_file_copy(checkpoint_factory, "qwen35moe", tmp_path)
     tensors = read_checkpoint_tensors(d)
     fused = tensors.pop("model.layers.0.mlp.experts.gate_up_proj")
     for x in range(fused.shape[0]):

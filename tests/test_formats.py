@@ -228,14 +228,6 @@ def imatrix_like(n: int, seed: int) -> np.ndarray:
     return w
 
 
-@pytest.fixture(scope="module")
-def ggml():
-    from tests import ggml_ref
-
-    ggml_ref.require()
-    return ggml_ref
-
-
 @pytest.mark.interop
 @pytest.mark.parametrize("data", ["gaussian", "heavy-tailed", "mixed"])
 @pytest.mark.parametrize("use_imatrix", [False, True], ids=["no-imatrix", "imatrix"])

@@ -8,6 +8,7 @@ iq2xs_init_impl's loops, the decoders against gguf-py, and the reconstruction er
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import gguf
 import numpy as np
@@ -17,6 +18,8 @@ from gguf import GGMLQuantizationType as T
 from qtool.errors import QtoolError
 from qtool.quantize import formats
 from qtool.quantize.kernels import iq1
+from tests import block_data
+from tests.block_data import EDGE_HALVES
 
 TYPES = [T.IQ1_S, T.IQ1_M]
 
@@ -76,75 +79,16 @@ def test_grid_codes_are_ggml_kgrid():
 
 # ------------------------------------------------------------------------------------------- test data
 
-def gaussian(rows: int, n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, n)).astype(np.float32)
-
-
-def with_outliers(rows: int, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = gaussian(rows, n, seed)
-    hits = rng.random((rows, n)) < 0.01
-    x[hits] *= rng.uniform(20, 300, hits.sum()).astype(np.float32)
-    x[:, 7] = 500.0                                        # one huge value per row, in the first sub-block
-    return x
-
-
-def zero_blocks(rows: int, n: int, seed: int) -> np.ndarray:
-    """All-zero super-blocks and all-zero 16/32-value sub-blocks inside non-zero super-blocks (IQ1_M's final fit
-    of d still counts them, as grid point 0)."""
-    x = gaussian(rows, n, seed)
-    subs = x.reshape(rows, n // 256, 16, 16)
-    patterns = [[0], [3], [15], [1, 2], [0, 2, 4, 6], list(range(15)), list(range(16)), [6, 7]]
-    for r in range(rows):
-        for b in range(n // 256):
-            subs[r, b, patterns[(r + b) % len(patterns)]] = 0.0
-    x[-1] = 0.0                                            # an all-zero row
-    return x
-
-
-def equal_values(rows: int, n: int, seed: int) -> np.ndarray:
-    """Ties everywhere: the sort must keep equal values in index order, as glibc's qsort (a merge sort) does."""
-    x = np.empty((rows, n), np.float32)
-    values = np.random.default_rng(seed).uniform(-50, 50, rows).astype(np.float32)
-    x[...] = values[:, None]
-    x[0] = 1.0
-    x[1] = -1.0
-    x[2, ::2], x[2, 1::2] = 2.5, -2.5                    # equal magnitudes, alternating signs
-    x[3] = np.round(gaussian(1, n, seed)[0])              # few distinct values (-3..3), many ties
-    x[4, ::3] = -0.0
-    return x
-
-
-def tiny_and_huge(rows: int, n: int, seed: int) -> np.ndarray:
-    """Magnitudes from subnormal up to where the scales still fit fp16, around the 1e-12 / 1e-7 cut-offs too."""
-    rng = np.random.default_rng(seed)
-    scale = 10.0 ** rng.uniform(-13, 3, (rows, 1))
-    scale[:5, 0] = [1e-39, 5e-13, 2e-12, 5e-8, 2e-7]
-    return (rng.standard_t(3, (rows, n)) * scale).clip(-3e4, 3e4).astype(np.float32)
-
-
-DATA = {"gaussian": gaussian, "outliers": with_outliers, "zero-blocks": zero_blocks, "equal": equal_values,
-        "tiny-and-huge": tiny_and_huge}
-
-
-def random_imatrix(n: int, seed: int) -> np.ndarray:
-    """Mean squared activations: mostly O(1), some huge, some exactly zero (a whole sub-block of them too)."""
-    rng = np.random.default_rng(seed)
-    w = (rng.lognormal(0, 2, n) ** 2).astype(np.float32)
-    w[rng.random(n) < 0.05] = 0.0
-    w[32:64] = 0.0
-    return w
+gaussian, random_imatrix = block_data.gaussian, block_data.random_imatrix
+DATA = {"gaussian": gaussian, "outliers": block_data.with_outliers,
+        "zero-blocks": partial(block_data.zero_blocks, sub=16, patterns=[[0], [3], [15], [1, 2], [0, 2, 4, 6],
+                                                                         list(range(15)), list(range(16)), [6, 7]]),
+        "equal": block_data.equal_values,
+        "tiny-and-huge": partial(block_data.tiny_and_huge, lowest=-13, pinned=[1e-39, 5e-13, 2e-12, 5e-8, 2e-7],
+                                 clip=3e4)}
 
 
 # ------------------------------------------------------------------------------------------- llama.cpp itself
-
-@pytest.fixture(scope="module")
-def ggml():
-    from tests import ggml_ref
-
-    ggml_ref.require()
-    return ggml_ref
-
 
 @pytest.mark.interop
 @pytest.mark.parametrize("data", list(DATA))
@@ -188,8 +132,6 @@ def test_iq1_m_scale_overflow_is_refused_as_llama_quantize_does():
 
 # ------------------------------------------------------------------------------------------- decoders
 
-EDGE_HALVES = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF, 0x7C00,
-                        0x7E00], np.uint16)
 
 
 def set_halves(raw: np.ndarray, qtype: T, halves: np.ndarray) -> None:

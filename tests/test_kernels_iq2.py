@@ -136,14 +136,6 @@ def test_grids_are_ggml_kgrid_tables(qtype):
 
 # ------------------------------------------------------------------------------------------- llama.cpp itself
 
-@pytest.fixture(scope="module")
-def ggml():
-    from tests import ggml_ref
-
-    ggml_ref.require()
-    return ggml_ref
-
-
 @pytest.mark.interop
 @pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("qtype, use_imatrix", CASES, ids=lambda v: v.name if isinstance(v, T) else

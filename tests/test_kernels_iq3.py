@@ -9,6 +9,7 @@ decoders against gguf-py, and the reconstruction error.
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import gguf
 import numpy as np
@@ -17,6 +18,8 @@ from gguf import GGMLQuantizationType as T
 
 from qtool.quantize import formats
 from qtool.quantize.kernels import iq3
+from tests import block_data
+from tests.block_data import EDGE_HALVES
 
 TYPES = [T.IQ3_XXS, T.IQ3_S]
 GRID_SIZE = {T.IQ3_XXS: 256, T.IQ3_S: 512}
@@ -73,72 +76,15 @@ def test_grid_codes_are_ggml_kgrid(grid_size):
 
 # ------------------------------------------------------------------------------------------- test data
 
-def gaussian(rows: int, n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, n)).astype(np.float32)
-
-
-def with_outliers(rows: int, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = gaussian(rows, n, seed)
-    hits = rng.random((rows, n)) < 0.01
-    x[hits] *= rng.uniform(20, 300, hits.sum()).astype(np.float32)
-    x[:, 7] = 500.0                                        # one huge value per row, in the first sub-block
-    return x
-
-
-def zero_blocks(rows: int, n: int, seed: int) -> np.ndarray:
-    """All-zero super-blocks and all-zero 32-value sub-blocks inside non-zero super-blocks: first, middle, last,
-    several, all but one. The IQ3_S cursor quirk (module note of iq3.py) shows only here."""
-    x = gaussian(rows, n, seed)
-    subs = x.reshape(rows, n // 256, 8, 32)
-    patterns = [[0], [3], [7], [1, 2], [0, 2, 4, 6], [0, 1, 2, 3, 4, 5, 6], list(range(8))]
-    for r in range(rows):
-        for b in range(n // 256):
-            subs[r, b, patterns[(r + b) % len(patterns)]] = 0.0
-    x[-1] = 0.0                                            # an all-zero row
-    return x
-
-
-def equal_values(rows: int, n: int, seed: int) -> np.ndarray:
-    x = np.empty((rows, n), np.float32)
-    values = np.random.default_rng(seed).uniform(-50, 50, rows).astype(np.float32)
-    x[...] = values[:, None]
-    x[0] = 1.0
-    x[1] = -1.0
-    x[2, ::2], x[2, 1::2] = 2.5, -2.5                    # equal magnitudes, alternating signs
-    return x
-
-
-def tiny_and_huge(rows: int, n: int, seed: int) -> np.ndarray:
-    """Magnitudes from subnormal up to where the scales still fit fp16, around IQ3_XXS's 1e-8 cut-off too."""
-    rng = np.random.default_rng(seed)
-    scale = 10.0 ** rng.uniform(-9, 3, (rows, 1))
-    scale[:4, 0] = [1e-39, 3e-9, 1e-8, 2e-8]
-    return (rng.standard_t(3, (rows, n)) * scale).clip(-3e5, 3e5).astype(np.float32)
-
-
-DATA = {"gaussian": gaussian, "outliers": with_outliers, "zero-blocks": zero_blocks, "equal": equal_values,
-        "tiny-and-huge": tiny_and_huge}
-
-
-def random_imatrix(n: int, seed: int) -> np.ndarray:
-    """Mean squared activations: mostly O(1), some huge, some exactly zero (a whole sub-block of them too)."""
-    rng = np.random.default_rng(seed)
-    w = (rng.lognormal(0, 2, n) ** 2).astype(np.float32)
-    w[rng.random(n) < 0.05] = 0.0
-    w[32:64] = 0.0
-    return w
+gaussian, random_imatrix = block_data.gaussian, block_data.random_imatrix
+DATA = {"gaussian": gaussian, "outliers": block_data.with_outliers,
+        "zero-blocks": partial(block_data.zero_blocks, sub=32,
+                               patterns=[[0], [3], [7], [1, 2], [0, 2, 4, 6], [0, 1, 2, 3, 4, 5, 6], list(range(8))]),
+        "equal": block_data.equal_values,
+        "tiny-and-huge": partial(block_data.tiny_and_huge, lowest=-9, pinned=[1e-39, 3e-9, 1e-8, 2e-8], clip=3e5)}
 
 
 # ------------------------------------------------------------------------------------------- llama.cpp itself
-
-@pytest.fixture(scope="module")
-def ggml():
-    from tests import ggml_ref
-
-    ggml_ref.require()
-    return ggml_ref
-
 
 @pytest.mark.interop
 @pytest.mark.parametrize("data", list(DATA))
@@ -179,8 +125,6 @@ def test_iq3_s_places_later_sub_blocks_one_slot_early_after_a_zero_one():
 
 # ------------------------------------------------------------------------------------------- decoders
 
-EDGE_HALVES = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF, 0x7C00,
-                        0x7E00], np.uint16)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

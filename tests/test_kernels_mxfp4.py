@@ -206,14 +206,6 @@ def test_the_imatrix_changes_nothing():
 
 # ------------------------------------------------------------------------------------------- llama.cpp itself
 
-@pytest.fixture(scope="module")
-def ggml():
-    from tests import ggml_ref
-
-    ggml_ref.require()
-    return ggml_ref
-
-
 @pytest.mark.interop
 @pytest.mark.parametrize("data", list(DATA))
 def test_bytes_identical_to_ggml_quantize_chunk(ggml, data):

@@ -488,14 +488,6 @@ def test_bad_shapes_are_refused():
 
 # ------------------------------------------------------------------------------------------- vs llama.cpp
 
-@pytest.fixture(scope="module")
-def ggml():
-    from tests import ggml_ref
-
-    ggml_ref.require()
-    return ggml_ref
-
-
 def _interop_data(kind: str, rng) -> np.ndarray:
     if kind == "gaussian":
         return rng.standard_normal((256, 1024)).astype(np.float32)

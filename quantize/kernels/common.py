@@ -452,10 +452,12 @@ def importance_weights(xb, qw, use_imatrix, sigma2, weight):
 
 
 @njit(cache=True, inline="always")
-def signs_with_even_parity(xb, weight, xval, signs):
-    """Magnitudes (xval = |x|, -0.0 kept as the C keeps it) and 7-bit sign codes per group of 8 whose eighth sign is
-    implied by parity: with an odd count of negatives, the value of least weight·x² keeps its wrong sign (its
-    magnitude is stored negated). IQ2_XXS, IQ2_XS, IQ3_XXS."""
+def magnitudes_and_signs(xb, weight, xval, signs, even_parity):
+    """Magnitudes (xval = |x|, -0.0 kept as the C keeps it) and a sign code per group of 8 (bit set: negative).
+
+    even_parity (IQ2_XXS, IQ2_XS, IQ3_XXS): 7-bit codes whose eighth sign is implied by parity; with an odd count of
+    negatives, the value of least weight·x² keeps its wrong sign (its magnitude is stored negated). Without it
+    (IQ3_S), all eight sign bits are kept and `weight` is not read."""
     for k in range(xb.shape[0] // 8):
         s = 0
         flips = 0
@@ -467,7 +469,7 @@ def signs_with_even_parity(xb, weight, xval, signs):
                 xval[8 * k + i] = -v
                 flips += 1
                 s |= 1 << i
-        if flips % 2:
+        if even_parity and flips % 2:
             imin = 0
             least = (weight[8 * k] * xb[8 * k]) * xb[8 * k]
             for i in range(1, 8):
@@ -477,4 +479,4 @@ def signs_with_even_parity(xb, weight, xval, signs):
                     imin = i
             xval[8 * k + imin] = -xval[8 * k + imin]
             s ^= 1 << imin
-        signs[k] = s & 127
+        signs[k] = s & 127 if even_parity else s

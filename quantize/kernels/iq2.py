@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import (F32, GROUP_MAX_EPS, IQ2_S_BYTES, IQ2_XS_BYTES, IQ2_XXS_BYTES, QK_K, fp16_bits_to_fp32,
-                     make_qp_quants, nearest_int, signs_with_even_parity, store_fp16, sum_of_squares)
+                     magnitudes_and_signs, make_qp_quants, nearest_int, store_fp16, sum_of_squares)
 
 GROUP_MAX_EPS_IQ2_S = F32(1e-8)
 FLT_MAX = F32(3.4028234663852886e38)
@@ -365,7 +365,7 @@ def _encode_iq2_xxs(x, imatrix, out, tables, longest):
             for ib in range(8):
                 xb = xs[32 * ib:32 * (ib + 1)]
                 _imatrix_weights(xb, imatrix[QK_K * ibl + 32 * ib:QK_K * ibl + 32 * (ib + 1)], sigma2, weight, waux)
-                signs_with_even_parity(xb, weight, xval, signs)
+                magnitudes_and_signs(xb, weight, xval, signs, True)
                 scale, kept = _fit_32(xval, weight, waux, codes, scratch, qp_codes, tables, d2)
                 if not kept:
                     scales[ib] = F32(0.0)
@@ -416,7 +416,7 @@ def _encode_iq2_xs(x, imatrix, out, tables, longest):
             for ib in range(16):
                 xb = xs[16 * ib:16 * (ib + 1)]
                 _imatrix_weights(xb, imatrix[QK_K * ibl + 16 * ib:QK_K * ibl + 16 * (ib + 1)], sigma2, weight, waux)
-                signs_with_even_parity(xb, weight, xval, signs)
+                magnitudes_and_signs(xb, weight, xval, signs, True)
                 scale, kept = _fit_16(xval, weight, waux, codes, scratch, GROUP_MAX_EPS, tables, d2)
                 if not kept:
                     scales[ib] = F32(0.0)

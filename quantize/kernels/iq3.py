@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import (F32, IQ3_S_BYTES, IQ3_XXS_BYTES, QK_K, block_sigma2, fp16_bits_to_fp32, importance_weights,
-                     nearest_int, signs_with_even_parity, store_fp16)
+                     magnitudes_and_signs, nearest_int, store_fp16)
 
 XXS_EPS = F32(1e-8)          # GROUP_MAX_EPS_IQ3_XXS: sub-blocks below this are stored as zeros (IQ3_S tests == 0)
 FLT_MAX = F32(np.finfo(np.float32).max)
@@ -203,21 +203,6 @@ def _fill_weights(xb, qw, use_imatrix, sigma2, weight, waux):
 
 
 @njit(cache=True, inline="always")
-def _magnitudes(xb, xval, signs):
-    """xval = |xb| (-0.0 kept as C keeps it) and one sign byte per eight values (bit set: negative)."""
-    for k in range(4):
-        s = 0
-        for i in range(8):
-            v = xb[8 * k + i]
-            if v >= 0:
-                xval[8 * k + i] = v
-            else:
-                xval[8 * k + i] = -v
-                s |= 1 << i
-        signs[k] = s
-
-
-@njit(cache=True, inline="always")
 def _largest(xval):
     vmax = xval[0]
     for i in range(1, 32):
@@ -256,7 +241,7 @@ def _encode_iq3_xxs(x, imatrix, out, levels, index_of, neighbour_start, neighbou
                 xb = xs[32 * ib:32 * (ib + 1)]
                 _fill_weights(xb, imatrix[QK_K * ibl + 32 * ib:QK_K * ibl + 32 * (ib + 1)], use_imatrix, sigma2,
                               weight, waux)
-                signs_with_even_parity(xb, weight, xval, signs)
+                magnitudes_and_signs(xb, weight, xval, signs, True)
                 vmax = _largest(xval)
                 if vmax < XXS_EPS:
                     scales[ib] = F32(0.0)
@@ -312,7 +297,7 @@ def _encode_iq3_s(x, imatrix, out, levels, index_of, neighbour_start, neighbours
                 xb = xs[32 * ib:32 * (ib + 1)]
                 _fill_weights(xb, imatrix[QK_K * ibl + 32 * ib:QK_K * ibl + 32 * (ib + 1)], use_imatrix, sigma2,
                               weight, waux)
-                _magnitudes(xb, xval, signs)
+                magnitudes_and_signs(xb, weight, xval, signs, False)
                 vmax = _largest(xval)
                 if vmax == 0:
                     scales[ib] = F32(0.0)
