@@ -7,12 +7,9 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
-# The skips that are by design, each with its reason. Anything else that is missing is tests.interop.unavailable():
-# a failure unless --allow-skip-interop.
-BY_DESIGN_SKIPS = {
-    "test_interop_quantize.py": "Q2_K_S without an imatrix: llama-quantize refuses it, and so does qtool (the small "
-                                "model's case checks both refusals)",
-}
+# The skips that are by design, file name -> reason (none today). Anything else that is missing is
+# tests.interop.unavailable(): a failure unless --allow-skip-interop.
+BY_DESIGN_SKIPS: dict[str, str] = {}
 RUNNERS = ("run", "call", "check_call", "check_output", "Popen")
 
 
