@@ -12,6 +12,11 @@ ffn is routed: a softmax over the router's logits picks each token's top-k exper
 outputs are summed with the routing weights (renormalized for Qwen3-MoE), plus Qwen2-MoE's sigmoid-gated shared
 expert.
 
+The Qwen3.5 hybrids (src/models/qwen35{,moe}.cpp) replace the attention of most layers by a Gated DeltaNet
+(evaluate/deltanet.py: a recurrent state instead of keys and values); in their other layers the q projection yields
+each head's query and beside it a gate whose sigmoid scales that head's attention output, and their rope (imrope)
+is NEOX on the first n_rot dims for text. The MTP block the converter writes after the last layer is not run.
+
 Weights are read in the GGUF layout (q/k rows permuted for llama/baichuan, whose NORM rope rotates
 adjacent pairs), so no tensor is rewritten on load. Weights stay in their stored form (evaluate/weights.py: each
 product decodes tiles of rows, or reads the blocks directly for one token); their values are used as float32; by default
@@ -23,7 +28,8 @@ Two extension points:
 - `on_matmul_input(weight_name, x)`: called with the input rows (float32, unrounded, as llama-imatrix sees
   them) of every matrix product before it runs; an importance-matrix collector squares and sums them.
   q, k and v get the same array. One attribute test when unused.
-- `KVCache`: pass one to `forward` to decode incrementally; keys and values of earlier calls are reused.
+- `KVCache`: pass one to `forward` to decode incrementally; keys and values of earlier calls are reused (and the
+  recurrent layers' states continued).
 
 `forward` processes a batch of sequences layer by layer, so each weight tile is decoded once per batch, not once
 per sequence.
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import math
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -42,6 +48,7 @@ from numba import njit, prange
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
 from qtool.errors import QtoolError
 from qtool.floats import round_to_bf16
+from qtool.evaluate.deltanet import DeltaNetConfig, DeltaNetState, gated_deltanet
 from qtool.evaluate.weights import GGUFWeights
 from qtool.quantize import formats
 
@@ -100,6 +107,15 @@ class ModelConfig:
     n_ff_exp: int = 0               # each expert's FFN width
     n_ff_shexp: int = 0             # > 0: a shared expert of this width, gated by a sigmoid
     expert_norm: bool = False       # renormalize the top-k routing weights
+    # Gated DeltaNet hybrids (Qwen3.5): which layers are recurrent (the others are full attention), the DeltaNet
+    # shape, attention whose q projection also yields a sigmoid output gate, and the name of the norm before the FFN
+    recurrent: tuple[bool, ...] = ()
+    deltanet: DeltaNetConfig | None = None
+    attn_output_gate: bool = False
+    ffn_norm: str = "ffn_norm"
+
+    def is_recurrent(self, il: int) -> bool:
+        return bool(self.recurrent) and self.recurrent[il]
 
     @property
     def n_group(self) -> int:
@@ -110,10 +126,10 @@ class ModelConfig:
     def from_weights(cls, w: GGUFWeights) -> ModelConfig:
         name = w.model.hparams.arch
         arch = arch_for_gguf(name)
-        if arch.hybrid:
-            raise QtoolError(f"{w.path}: {name} (Gated DeltaNet hybrid) cannot be evaluated by qtool yet")
         h = w.model.hparams.require_uniform()      # per-layer arrays are allowed by llama.cpp; we need them uniform
         n_layer, n_embd, n_head = h.need("n_layer"), h.need("n_embd"), h.need("n_head")
+        hybrid = _hybrid_config(w, name, n_layer, h.need("rms_eps")) if arch.hybrid else {}
+        n_layer = hybrid.pop("n_layer", n_layer)
         n_head_kv, head_dim = h.head_count_kv, h.head_dim
         h.check_gqa()
 
@@ -131,6 +147,10 @@ class ModelConfig:
             rope_style = "norm"
             position = {BAICHUAN_ROPE_DEPTH: "rope", BAICHUAN_ALIBI_DEPTH: "alibi"}.get(n_layer, "none")
             alibi = BAICHUAN_ALIBI_MAX_BIAS if position == "alibi" else 0.0
+        elif arch.rope_style == "imrope":
+            # Qwen3.5's multimodal rope: text tokens carry the same position in every section, so each rotated
+            # pair turns by pos * base^(-2i/n_rot) whatever its section, pairs (i, i + n_rot/2): NEOX on n_rot dims
+            rope_style = "neox"
 
         if not w.has("token_embd.weight"):
             raise QtoolError(f"{w.path}: tensor 'token_embd.weight' is missing")
@@ -153,12 +173,45 @@ class ModelConfig:
             moe = dict(n_expert=n_expert, n_expert_used=used, n_ff_exp=n_ff_exp, n_ff_shexp=shared,
                        expert_norm=arch.moe_norm_topk)
         return cls(arch=name, n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                   n_head_kv=n_head_kv, head_dim=head_dim, n_ff=h.need("n_ff"),
+                   n_head_kv=n_head_kv, head_dim=head_dim,
+                   n_ff=h.need("n_ff") if h.n_ff is not None or not arch.moe else 0,
                    rms_eps=h.need("rms_eps"), context_length=context_length,
                    position=position, rope_style=rope_style,
                    n_rot=h.n_rot if h.n_rot is not None else head_dim,
                    rope_base=h.rope_base if h.rope_base is not None else 10000.0, rope_freq_scale=freq_scale,
-                   yarn_orig_ctx=yarn_orig, alibi_max_bias=alibi, qk_norm=arch.qk_norm, tied_output=tied, **moe)
+                   yarn_orig_ctx=yarn_orig, alibi_max_bias=alibi, qk_norm=arch.qk_norm, tied_output=tied, **moe,
+                   **hybrid)
+
+
+def _hybrid_config(w: GGUFWeights, name: str, n_layer_all: int, eps: float) -> dict:
+    """ModelConfig fields of a Gated DeltaNet hybrid. Its MTP layers (nextn_predict_layers, after the others) are
+    a draft head that llama.cpp loads but never runs in the main pass, so evaluation leaves them out too."""
+    def need(key: str) -> int:
+        value = w.value(f"{name}.{key}")
+        if value is None:
+            raise QtoolError(f"{w.path}: missing metadata key {name}.{key}")
+        return int(value)
+
+    n_layer = n_layer_all - int(w.value(f"{name}.nextn_predict_layers", 0) or 0)
+    if n_layer <= 0:
+        raise QtoolError(f"{w.path}: {name}.nextn_predict_layers leaves no layers of {n_layer_all} to evaluate")
+    flags = w.value(f"{name}.attention.recurrent_layers")
+    if flags is None:       # llama.cpp's fallback: every full_attention_interval-th layer attends
+        interval = int(w.value(f"{name}.full_attention_interval", 4) or 4)
+        flags = [(i + 1) % interval != 0 for i in range(n_layer)]
+    flags = tuple(bool(f) for f in list(flags)[:n_layer])
+    if len(flags) != n_layer:
+        raise QtoolError(f"{w.path}: {name}.attention.recurrent_layers has {len(flags)} entries for {n_layer} layers")
+    n_v_heads = need("ssm.time_step_rank")
+    inner = need("ssm.inner_size")
+    n_k_heads = need("ssm.group_count")
+    if n_v_heads <= 0 or n_k_heads <= 0 or inner % n_v_heads or n_v_heads % n_k_heads:
+        raise QtoolError(f"{w.path}: ssm.inner_size {inner}, time_step_rank {n_v_heads} and group_count {n_k_heads} "
+                         f"do not make whole value heads over the key heads")
+    deltanet = DeltaNetConfig(conv_kernel=need("ssm.conv_kernel"), n_k_heads=n_k_heads, n_v_heads=n_v_heads,
+                              k_dim=need("ssm.state_size"), v_dim=inner // n_v_heads, eps=eps)
+    return dict(n_layer=n_layer, recurrent=flags, deltanet=deltanet, attn_output_gate=True,
+                ffn_norm="post_attention_norm")
 
 
 # --- building blocks --------------------------------------------------------------------------------------------
@@ -404,17 +457,26 @@ _round_f16_serial = _serial_twin(round_f16_)
 
 @dataclass
 class KVCache:
-    """Keys and values of the positions seen so far, per layer (batch, n_head_kv, max_len, head_dim)."""
+    """Keys and values of the positions seen so far, per layer (batch, n_head_kv, max_len, head_dim).
+
+    A recurrent (Gated DeltaNet) layer keeps no keys (its k/v have 0 heads, so shapes still tell batch and
+    capacity) but its state after the last position in `recurrent`; that state continues from position `length`
+    only, and a pass at position 0 starts it afresh.
+    """
 
     k: list[np.ndarray]
     v: list[np.ndarray]
     length: int = 0
+    recurrent: list[DeltaNetState | None] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-        shape = (batch, cfg.n_head_kv, max_len, cfg.head_dim)
-        return cls([np.zeros(shape, np.float32) for _ in range(cfg.n_layer)],
-                   [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)])
+        def heads(il: int) -> tuple[int, ...]:
+            return (batch, 0 if cfg.is_recurrent(il) else cfg.n_head_kv, max_len, cfg.head_dim)
+        return cls([np.zeros(heads(il), np.float32) for il in range(cfg.n_layer)],
+                   [np.zeros(heads(il), np.float32) for il in range(cfg.n_layer)],
+                   recurrent=[DeltaNetState.zeros(cfg.deltanet, batch) if cfg.is_recurrent(il) else None
+                              for il in range(cfg.n_layer)])
 
     @property
     def capacity(self) -> int:
@@ -475,9 +537,13 @@ class Model:
             expected["output.weight"] = (c.n_vocab, c.n_embd)
         for il in range(c.n_layer):
             p = f"blk.{il}."
-            expected.update({p + "attn_norm.weight": (c.n_embd,), p + "attn_q.weight": (q, c.n_embd),
-                             p + "attn_k.weight": (kv, c.n_embd), p + "attn_v.weight": (kv, c.n_embd),
-                             p + "attn_output.weight": (c.n_embd, q), p + "ffn_norm.weight": (c.n_embd,)})
+            expected.update({p + "attn_norm.weight": (c.n_embd,), p + c.ffn_norm + ".weight": (c.n_embd,)})
+            if c.is_recurrent(il):
+                expected.update(c.deltanet.tensor_shapes(p, c.n_embd))
+            else:
+                expected.update({p + "attn_q.weight": (2 * q if c.attn_output_gate else q, c.n_embd),
+                                 p + "attn_k.weight": (kv, c.n_embd), p + "attn_v.weight": (kv, c.n_embd),
+                                 p + "attn_output.weight": (c.n_embd, q)})
             if c.n_expert:
                 e, f = c.n_expert, c.n_ff_exp
                 expected.update({p + "ffn_gate_inp.weight": (e, c.n_embd), p + "ffn_gate_exps.weight": (e, f, c.n_embd),
@@ -490,7 +556,7 @@ class Model:
             else:
                 expected.update({p + "ffn_gate.weight": (c.n_ff, c.n_embd), p + "ffn_up.weight": (c.n_ff, c.n_embd),
                                  p + "ffn_down.weight": (c.n_embd, c.n_ff)})
-            if c.qk_norm:
+            if c.qk_norm and not c.is_recurrent(il):
                 expected[p + "attn_q_norm.weight"] = (c.head_dim,)
                 expected[p + "attn_k_norm.weight"] = (c.head_dim,)
         if c.n_ff_shexp:      # one row: (1, n_embd) as converted, (n_embd,) once llama-quantize drops the 1
@@ -522,6 +588,10 @@ class Model:
         if w.has(name + ".bias"):
             out += w.get(name + ".bias")
         return out
+
+    def _project(self, name: str, x: _Input | np.ndarray, role: str) -> np.ndarray:
+        """`_linear` for a caller holding either a shared input or plain rows (the DeltaNet layer)."""
+        return self._linear(name, x if isinstance(x, _Input) else _Input(x, self._ws), role)
 
     def _ffn(self, gate_name: str, up_name: str, down_name: str, h: _Input) -> np.ndarray:
         """silu(h W_gate^T) * (h W_up^T) @ W_down^T, in work buffers."""
@@ -649,20 +719,32 @@ class Model:
         for il in range(c.n_layer):
             p = f"blk.{il}."
             h = _Input(rms_norm(x, w.get(p + "attn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd))), ws)
-            q = self._linear(p + "attn_q", h, "q").reshape(B, T, c.n_head, d)
-            k = self._linear(p + "attn_k", h, "k").reshape(B, T, c.n_head_kv, d)
-            v = self._linear(p + "attn_v", h, "v").reshape(B, T, c.n_head_kv, d)
-            if c.qk_norm:
-                rms_norm(q, w.get(p + "attn_q_norm.weight"), c.rms_eps, out=q)
-                rms_norm(k, w.get(p + "attn_k_norm.weight"), c.rms_eps, out=k)
-            if cos is not None:
-                apply_rope(q, cos, sin, c.rope_style)
-                apply_rope(k, cos, sin, c.rope_style)
-            q *= inv_sqrt_d
-            self._attention(il, q, k, v, start, cache, attn_out)
-            x += self._linear(p + "attn_output", _Input(attn_out.reshape(rows, nq), ws), "o")
+            if c.is_recurrent(il):
+                state = cache.recurrent[il] if cache is not None else None
+                x += gated_deltanet(c.deltanet, w, self._project, p, h, B, T, state, resume=start > 0)
+            else:
+                gate = None
+                if c.attn_output_gate:      # per head: the query, then its output gate
+                    qg = self._linear(p + "attn_q", h, "q").reshape(B, T, c.n_head, 2 * d)
+                    q, gate = np.ascontiguousarray(qg[..., :d]), qg[..., d:].reshape(rows, nq)
+                else:
+                    q = self._linear(p + "attn_q", h, "q").reshape(B, T, c.n_head, d)
+                k = self._linear(p + "attn_k", h, "k").reshape(B, T, c.n_head_kv, d)
+                v = self._linear(p + "attn_v", h, "v").reshape(B, T, c.n_head_kv, d)
+                if c.qk_norm:
+                    rms_norm(q, w.get(p + "attn_q_norm.weight"), c.rms_eps, out=q)
+                    rms_norm(k, w.get(p + "attn_k_norm.weight"), c.rms_eps, out=k)
+                if cos is not None:
+                    apply_rope(q, cos, sin, c.rope_style)
+                    apply_rope(k, cos, sin, c.rope_style)
+                q *= inv_sqrt_d
+                self._attention(il, q, k, v, start, cache, attn_out)
+                if gate is not None:
+                    attn_out.reshape(rows, nq)[...] *= np.float32(1.0) / (np.float32(1.0) + np.exp(-gate))
+                x += self._linear(p + "attn_output", _Input(attn_out.reshape(rows, nq), ws), "o")
 
-            h = _Input(rms_norm(x, w.get(p + "ffn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd))), ws)
+            ffn_norm = w.get(p + c.ffn_norm + ".weight")
+            h = _Input(rms_norm(x, ffn_norm, c.rms_eps, out=ws("normed", (rows, c.n_embd))), ws)
             if c.n_expert:
                 x += self._moe(p, h)
             else:

@@ -1,5 +1,5 @@
 """qtool convert on the Qwen3.5 fixtures (Gated DeltaNet hybrids): per-layer tensors, V-head tiling, keys, the MTP
-layer, the multimodal layout, laziness, bad input, and evaluation's refusal.
+layer, the multimodal layout, laziness, bad input, and export-hf's refusal (evaluation: tests/test_eval_qwen35.py).
 
 Byte identity with llama.cpp's converter is tests/test_interop_convert.py's job; here the expected tensors are
 stated independently, from the HF tensors and config.json alone.
@@ -275,21 +275,7 @@ def test_tensors_are_read_one_at_a_time(checkpoint_factory, monkeypatch):
         plan.close()
 
 
-# --- evaluation is not there yet: one clear line -------------------------------------------------------------
-
-@pytest.mark.parametrize("command", [["ppl", "--dataset", "{text}"], ["generate", "--prompt", "hi"],
-                                     ["imatrix", "--dataset", "{text}", "-o", "{out}"]])
-def test_evaluation_refuses_the_hybrid(command, converted, tmp_path):
-    _, g, _ = converted("qwen35", "f16")
-    text = tmp_path / "t.txt"
-    text.write_text("Some text to evaluate on.\n" * 20)
-    args = [a.format(text=text, out=tmp_path / "imatrix.dat") for a in command]
-    result = CliRunner().invoke(main, [args[0], str(g.path), *args[1:]])
-    assert result.exit_code != 0
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "qwen35 (Gated DeltaNet hybrid) cannot be evaluated by qtool yet" in lines[0]
-
+# --- export-hf is not there yet: one clear line -------------------------------------------------------------
 
 def test_export_hf_refuses_the_hybrid(converted, tmp_path):
     _, g, _ = converted("qwen35moe", "f16")

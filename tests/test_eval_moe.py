@@ -97,11 +97,17 @@ def test_imatrix_counts_and_sums_per_expert(family, gguf_of):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_logits_equal_transformers(family, gguf_of):
     """The whole pass in float32 against transformers (max |Δ log-prob| < 1e-3), at once and through the KV cache."""
+    logits_against_transformers(gguf_of, family, 48, [(0, 30), (30, 31), (31, 48)])
+
+
+def logits_against_transformers(gguf_of, family: str, n_tokens: int, steps: list[tuple[int, int]]) -> None:
+    """The family's fixture in float32: qtool's log-probs within 1e-3 (max abs) of transformers', for the whole
+    sequence at once and fed through the cache in the pieces `steps` (token ranges)."""
     torch = need_module("torch")
     transformers = need_module("transformers")
     ckpt, path = gguf_of(family)
     model = Model(GGUFWeights(path), activations="float32")
-    tokens = random_tokens(model.n_vocab, 48, seed=7)
+    tokens = random_tokens(model.n_vocab, n_tokens, seed=7)
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     hf.eval()
     with torch.no_grad():
@@ -109,7 +115,7 @@ def test_moe_logits_equal_transformers(family, gguf_of):
     whole = model.forward(tokens)
     assert np.abs(log_softmax(whole) - log_softmax(ref)).max() < 1e-3
     cache = KVCache.allocate(model.config, batch=1, max_len=len(tokens))
-    parts = [model.forward(tokens[None, a:b], cache=cache)[0] for a, b in ((0, 30), (30, 31), (31, 48))]
+    parts = [model.forward(tokens[None, a:b], cache=cache)[0] for a, b in steps]
     assert np.abs(log_softmax(np.concatenate(parts)) - log_softmax(ref)).max() < 1e-3
 
 
@@ -123,11 +129,9 @@ def _llama_ppl(path, chunks: int, ctx: int) -> float:
     return float(re.search(r"Final estimate: PPL = ([\d.]+)", proc.stderr + proc.stdout).group(1))
 
 
-@pytest.mark.interop
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("outtype", ["f32", "f16", "Q8_0", "Q4_K_M"])
-def test_moe_ppl_equals_llama_perplexity(family, outtype, gguf_of, tmp_path):
+def ppl_against_llama(gguf_of, family: str, outtype: str, tmp_path) -> None:
+    """qtool's PPL within 0.3 % of llama-perplexity's (4 chunks of 128) on the family's fixture, converted to
+    outtype (lower case) or quantized from F16 to it (a file type)."""
     from qtool.evaluate.perplexity import run_perplexity
     from qtool.quantize.mixtures import parse_file_type
     from qtool.quantize.quantizer import QuantizeOptions, quantize_model
@@ -140,6 +144,14 @@ def test_moe_ppl_equals_llama_perplexity(family, outtype, gguf_of, tmp_path):
     theirs = _llama_ppl(path, 4, 128)
     print(f"{family} {outtype}: qtool PPL {ours:.4f}, llama-perplexity {theirs:.4f} ({ours / theirs - 1:+.3%})")
     assert ours == pytest.approx(theirs, rel=0.003)
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("outtype", ["f32", "f16", "Q8_0", "Q4_K_M"])
+def test_moe_ppl_equals_llama_perplexity(family, outtype, gguf_of, tmp_path):
+    ppl_against_llama(gguf_of, family, outtype, tmp_path)
 
 
 @pytest.mark.interop
