@@ -37,20 +37,22 @@ per sequence.
 from __future__ import annotations
 
 import math
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
 from qtool.errors import QtoolError
 from qtool.floats import round_to_bf16
 from qtool.evaluate.deltanet import DeltaNetConfig, DeltaNetState, gated_deltanet
-from qtool.evaluate.weights import GGUFWeights
+from qtool.evaluate.weights import MATVEC_MAX_ROWS, GGUFWeights
 from qtool.quantize import formats
+from qtool.threads import single_threaded_blas, worker_pool
 
 MatmulHook = Callable[..., None]      # (weight_name, x) or, for one expert of a 3-D tensor, (..., expert=e, n_expert=n)
 
@@ -603,7 +605,12 @@ class Model:
     def _moe(self, p: str, h: _Input) -> np.ndarray:
         """llama.cpp's build_moe_ffn with softmax gating: each token's top-k experts (by routing probability, ties
         to the lower index) each run their FFN on it; their outputs, times the (renormalized) probabilities, are
-        summed in rank order. Only routed experts are computed. Plus the shared expert, gated by a sigmoid."""
+        summed in rank order. Only routed experts are computed. Plus the shared expert, gated by a sigmoid.
+
+        A batch gives each expert a few dozen rows: products too small to split well over BLAS's threads, whose
+        barriers (and numba's) would then dominate. So the experts run side by side instead, one per worker thread,
+        each on one core (serial decode + single-threaded BLAS); one token's experts (mat-vec kernels, parallel
+        over rows) run one after another."""
         c, w = self.config, self.weights
         rows, k = h.x.shape[0], c.n_expert_used
         probs = self._linear(p + "ffn_gate_inp", h, "router")
@@ -616,24 +623,45 @@ class Model:
         outputs = self._ws("expert_out", (rows, k, c.n_embd))
         names = [p + f"ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
         kinds = [self._activation_kind(n) for n in names]
+        inputs = [h.rounded(kinds[0]), h.rounded(kinds[1])]
         hook = self.on_matmul_input
-        for e in np.unique(chosen):
-            token, rank = np.nonzero(chosen == e)
-            xe = h.x[token]
-            if hook is not None:
-                hook(names[0], xe, expert=int(e), n_expert=c.n_expert)
-                hook(names[1], xe, expert=int(e), n_expert=c.n_expert)
-            xr = h.rounded(kinds[0])[token]
-            gate = w.matmul(names[0], xr, np.empty((len(token), c.n_ff_exp), np.float32), expert=int(e))
-            if kinds[1] != kinds[0]:
-                xr = h.rounded(kinds[1])[token]
-            up = w.matmul(names[1], xr, np.empty_like(gate), expert=int(e))
+        experts = [(int(e), *np.nonzero(chosen == e)) for e in np.unique(chosen)]
+        hidden: dict[int, np.ndarray] = {}               # each expert's down-projection input, for the hook
+
+        def expert_ffn(e: int, token: np.ndarray, rank: np.ndarray, tile: np.ndarray | None) -> None:
+            gate = w.matmul(names[0], inputs[0][token], np.empty((len(token), c.n_ff_exp), np.float32), e, tile)
+            up = w.matmul(names[1], inputs[1][token], np.empty_like(gate), e, tile)
             _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
             if hook is not None:
-                hook(names[2], gate, expert=int(e), n_expert=c.n_expert)
+                hidden[e] = gate
             down_in = gate if kinds[2] is None else round_activations(gate, kinds[2], np.empty_like(gate))
-            down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), expert=int(e))
+            down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), e, tile)
             outputs[token, rank] = down * weights[token, rank][:, None]
+
+        n_workers = min(get_num_threads(), len(experts))
+        if n_workers > 1 and rows > MATVEC_MAX_ROWS:
+            for n in names:             # the shared caches filled here, so that the workers only read them
+                if w.dense(n) is None:
+                    w.stored(n)
+            tile_size = max(w.tile_elements(n) for n in names)
+            local = threading.local()
+
+            def job(e: int, token: np.ndarray, rank: np.ndarray) -> None:
+                if getattr(local, "tile", None) is None:
+                    local.tile = np.empty(tile_size, np.float32)
+                expert_ffn(e, token, rank, local.tile)
+
+            with single_threaded_blas():
+                for done in [worker_pool(n_workers).submit(job, *ex) for ex in experts]:
+                    done.result()
+        else:
+            for ex in experts:
+                expert_ffn(*ex, None)
+        if hook is not None:            # in expert order, as llama-imatrix's per-expert sums
+            for e, token, _ in experts:
+                hook(names[0], h.x[token], expert=e, n_expert=c.n_expert)
+                hook(names[1], h.x[token], expert=e, n_expert=c.n_expert)
+                hook(names[2], hidden[e], expert=e, n_expert=c.n_expert)
         total = outputs[:, 0].copy()
         for r in range(1, k):
             total += outputs[:, r]

@@ -127,10 +127,13 @@ class GGUFWeights:
             return held[ids]
         return np.array(self.model.decode(name, ids), dtype=np.float32)
 
-    def matmul(self, name: str, x: np.ndarray, out: np.ndarray, expert: int | None = None) -> np.ndarray:
+    def matmul(self, name: str, x: np.ndarray, out: np.ndarray, expert: int | None = None,
+               tile: np.ndarray | None = None) -> np.ndarray:
         """out = x @ W.T for float32 x (rows, n_in) and the 2-D tensor W (n_out, n_in); out is (rows, n_out).
 
-        `expert`: W is that expert's matrix of a 3-D tensor of stacked experts (n_expert, n_out, n_in)."""
+        `expert`: W is that expert's matrix of a 3-D tensor of stacked experts (n_expert, n_out, n_in).
+        `tile`: a float32 buffer of at least `tile_elements(name)` for the decoded rows, instead of this object's
+        own (threads running products side by side each bring theirs)."""
         if x.shape[0] == 0:
             return out
         w = self.dense(name)
@@ -147,16 +150,26 @@ class GGUFWeights:
             if kernel is not None:
                 kernel(raw, x, out)
                 return out
-        step = max(16, TILE_BYTES // (4 * n_in)) // 16 * 16
-        step = min(step, n_out)
-        if self._tile is None or self._tile.size < step * n_in:
-            self._tile = np.empty(step * n_in, np.float32)
-        tile = self._tile[:step * n_in].reshape(step, n_in)
+        step = self._tile_rows(n_out, n_in)
+        if tile is None:
+            if self._tile is None or self._tile.size < step * n_in:
+                self._tile = np.empty(step * n_in, np.float32)
+            tile = self._tile
+        tile = tile[:step * n_in].reshape(step, n_in)
         for first in range(0, n_out, step):
             last = min(n_out, first + step)
             block = formats.decode(raw[first:last], t.qtype, n_in, out=tile[:last - first])
             np.matmul(x, block.T, out=out[:, first:last])
         return out
+
+    @staticmethod
+    def _tile_rows(n_out: int, n_in: int) -> int:
+        return min(max(16, TILE_BYTES // (4 * n_in)) // 16 * 16, n_out)
+
+    def tile_elements(self, name: str) -> int:
+        """The float32 elements of the decode tile `matmul` uses for the (per-expert) matrix `name`."""
+        n_out, n_in = self.model.tensor(name).shape[-2:]
+        return self._tile_rows(n_out, n_in) * n_in
 
     def unmap(self) -> None:
         """Drop this model's memory maps (their pages leave the process; the page cache may keep them): the next

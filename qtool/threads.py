@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from qtool.errors import QtoolError
+
+_controller = None                                   # threadpoolctl's view of the loaded BLAS, made once
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def cpu_count() -> int:
@@ -38,3 +43,30 @@ def threads_in_use() -> dict[str, int]:
 
     blas = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
     return {"numba": numba.get_num_threads(), "blas": blas[0] if blas else 0}
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS on one thread inside the block, then back to what it was. For many small products run side by side
+    from worker threads: BLAS's own threads would split each product and meet at a barrier every time."""
+    global _controller
+    from threadpoolctl import ThreadpoolController
+
+    if _controller is None:
+        _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+def _one_numba_thread() -> None:
+    import numba
+
+    numba.set_num_threads(1)        # thread-local: this worker's numba kernels run serially
+
+
+def worker_pool(n: int) -> ThreadPoolExecutor:
+    """n threads whose numba kernels run serially (numba's thread count is per calling thread); kept for reuse."""
+    pool = _pools.get(n)
+    if pool is None:
+        pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="qtool", initializer=_one_numba_thread)
+    return pool

@@ -68,6 +68,30 @@ def test_routed_ffn_equals_a_per_token_reference(family, gguf_of):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_experts_side_by_side_equal_experts_in_turn(family, gguf_of):
+    """A batch runs its experts on worker threads (each serial, BLAS on one thread); one thread runs them in turn
+    with the same kernels: the same bits, whatever the count of threads."""
+    import numba
+
+    from qtool.threads import single_threaded_blas
+
+    assert numba.config.NUMBA_NUM_THREADS >= 2, "numba must be allowed 2 threads (NUMBA_NUM_THREADS)"
+    _, path = gguf_of(family)
+    model = Model(GGUFWeights(path))
+    x = np.random.default_rng(4).normal(0, 1, (40, model.config.n_embd)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        side_by_side = model._moe("blk.0.", _Input(x, Workspace()))
+        numba.set_num_threads(1)
+        with single_threaded_blas():
+            in_turn = model._moe("blk.0.", _Input(x, Workspace()))
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(side_by_side, in_turn)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_imatrix_counts_and_sums_per_expert(family, gguf_of):
     """Each expert's entry counts the (token, slot) pairs routed to it and sums their squared inputs; the counts of
     an expert tensor add up to tokens x experts used; dense weights keep one count."""
