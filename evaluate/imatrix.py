@@ -63,13 +63,17 @@ class ImatrixCollector:
             return
         with np.errstate(over="ignore"):      # an overflow is reported below, as llama-imatrix does
             squares = np.einsum("ij,ij->j", x, x, dtype=np.float32)
+        self.add_squares(weight_name, squares, x.shape[0])
+
+    def add_squares(self, weight_name: str, squares: np.ndarray, rows: int) -> None:
+        """Add one product's column sums of x² (float32, n_cols) over `rows` rows to a dense weight's entry."""
         sums = self.sums.get(weight_name)
         if sums is None:
-            sums = self.sums[weight_name] = np.zeros((1, x.shape[1]), np.float32)
+            sums = self.sums[weight_name] = np.zeros((1, squares.size), np.float32)
             self.counts[weight_name] = np.zeros(1, np.int64)
-        elif sums.size != x.shape[1]:
+        elif sums.size != squares.size:
             raise QtoolError(f"imatrix entry {weight_name} has {sums.size} values but the model's input has "
-                             f"{x.shape[1]} columns: the --in-file imatrix belongs to another model")
+                             f"{squares.size} columns: the --in-file imatrix belongs to another model")
         counts = self.counts[weight_name]
         if len(counts) > 1 and (counts == counts[0]).all():
             # a dense weight keeps one count (older files stored one per slice); unequal ones all grow
@@ -77,7 +81,7 @@ class ImatrixCollector:
             sums = self.sums[weight_name] = sums.reshape(1, -1)
         with np.errstate(over="ignore"):
             sums.reshape(-1)[:] += squares
-        counts += x.shape[0]
+        counts += rows
         if not np.isfinite(sums).all():
             raise QtoolError(f"non-finite sums of squared activations at the input of {weight_name}: the model "
                              f"overflows on this text (llama-imatrix aborts too)")
@@ -85,20 +89,27 @@ class ImatrixCollector:
     def _add_expert(self, weight_name: str, x: np.ndarray, expert: int, n_expert: int) -> None:
         """The rows routed to one expert of a 3-D weight (llama-imatrix's MUL_MAT_ID branch: any number of rows,
         one sum and one count per expert)."""
+        with np.errstate(over="ignore"):
+            squares = np.einsum("ij,ij->j", x, x, dtype=np.float32)
+        self.add_expert_squares(weight_name, squares, x.shape[0], expert, n_expert)
+
+    def add_expert_squares(self, weight_name: str, squares: np.ndarray, rows: int, expert: int,
+                           n_expert: int) -> None:
+        """Add one expert's column sums of x² over `rows` routed rows to its row of a 3-D weight's entry."""
         sums = self.sums.get(weight_name)
         if sums is None:
-            sums = self.sums[weight_name] = np.zeros((n_expert, x.shape[1]), np.float32)
+            sums = self.sums[weight_name] = np.zeros((n_expert, squares.size), np.float32)
             self.counts[weight_name] = np.zeros(n_expert, np.int64)
-        elif sums.shape != (n_expert, x.shape[1]):
-            if sums.shape == (1, x.shape[1]) and len(self.counts[weight_name]) == 1:   # an older file: one count
+        elif sums.shape != (n_expert, squares.size):
+            if sums.shape == (1, squares.size) and len(self.counts[weight_name]) == 1:   # an older file: one count
                 sums = self.sums[weight_name] = np.repeat(sums, n_expert, axis=0)        # and sum for all experts
                 self.counts[weight_name] = np.repeat(self.counts[weight_name], n_expert)
             else:
                 raise QtoolError(f"imatrix entry {weight_name} has shape {sums.shape} but the model's experts take "
-                                 f"{(n_expert, x.shape[1])}: the --in-file imatrix belongs to another model")
+                                 f"{(n_expert, squares.size)}: the --in-file imatrix belongs to another model")
         with np.errstate(over="ignore"):
-            sums[expert] += np.einsum("ij,ij->j", x, x, dtype=np.float32)
-        self.counts[weight_name][expert] += x.shape[0]
+            sums[expert] += squares
+        self.counts[weight_name][expert] += rows
         if not np.isfinite(sums[expert]).all():
             raise QtoolError(f"non-finite sums of squared activations at the input of {weight_name} (expert "
                              f"{expert}): the model overflows on this text (llama-imatrix aborts too)")
@@ -147,6 +158,54 @@ class ImatrixCollector:
     def entries(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """name -> (float32 sums [n_mat, n_cols], int64 counts [n_mat]), what the file writers take."""
         return {name: (self.sums[name], self.counts[name]) for name in self.sums}
+
+
+# One increment: (weight name, expert or -1, n_expert, float32 column sums of x², rows).
+Increment = tuple[str, int, int, np.ndarray, int]
+
+
+class RecordingCollector(ImatrixCollector):
+    """Keeps every increment, in order, instead of adding it.
+
+    A float32 sum depends on the order of its additions, so partial sums of chunk ranges computed apart
+    (`qtool run --cluster`) could not add up to one process's bytes; their increments, `replay`ed range after
+    range into one collector, are exactly the additions one process makes.
+    """
+
+    def __init__(self, process_output: bool = False):
+        super().__init__(process_output)
+        self.increments: list[Increment] = []
+
+    def add_squares(self, weight_name: str, squares: np.ndarray, rows: int) -> None:
+        self.increments.append((weight_name, -1, 0, squares, rows))
+
+    def add_expert_squares(self, weight_name: str, squares: np.ndarray, rows: int, expert: int,
+                           n_expert: int) -> None:
+        self.increments.append((weight_name, expert, n_expert, squares, rows))
+
+
+def replay(collector: ImatrixCollector, increments: Sequence[Increment]) -> None:
+    """Add recorded increments to `collector` in their order (see RecordingCollector)."""
+    for name, expert, n_expert, squares, rows in increments:
+        if expert < 0:
+            collector.add_squares(name, squares, rows)
+        else:
+            collector.add_expert_squares(name, squares, rows, expert, n_expert)
+
+
+def collect_increments(model_path: str | Path, chunk_tokens: np.ndarray, n_ctx: int, bos_id: int | None,
+                       max_memory: int | None = None) -> list[Increment]:
+    """One unit of a distributed imatrix: the increments of whole chunks `chunk_tokens` (n * n_ctx tokens).
+
+    A range that starts on a pass boundary (a multiple of BATCH_TOKENS // n_ctx chunks) runs the passes one
+    process runs there, so replaying the ranges in order gives that process's sums bit for bit.
+    """
+    from qtool.evaluate.model import Model
+
+    recorder = RecordingCollector()
+    model = Model(_load_model_weights(Path(model_path), max_memory), on_matmul_input=recorder)
+    collect(model, chunk_tokens, n_ctx, len(chunk_tokens) // n_ctx, bos_id, recorder)
+    return recorder.increments
 
 
 def micro_batches(n_ctx: int, n_seqs: int, batch_tokens: int = BATCH_TOKENS,
@@ -301,6 +360,23 @@ def _load_model_weights(model_path: Path, max_memory: int | None):
     return weights
 
 
+def calibration_tokens(weights, dataset: str, n_ctx: int, n_chunks: int | None,
+                       parse_special: bool = False) -> tuple[np.ndarray, int, int | None, str]:
+    """(tokens of the calibration text, chunks to collect, the BOS that starts each chunk or None, its name)."""
+    from qtool.evaluate.datasets import load_eval_text
+    from qtool.evaluate.perplexity import count_chunks
+    from qtool.evaluate.tokenizer import Tokenizer
+
+    text = load_eval_text(dataset)
+    tokenizer = Tokenizer.from_gguf(weights.gguf)
+    tokens = np.asarray(tokenizer.encode(text.text, add_special=True, parse_special=parse_special), np.int64)
+    try:
+        n_total = count_chunks(len(tokens), n_ctx, n_chunks)
+    except QtoolError as e:
+        raise QtoolError(f"calibration text {text.name}: {e}") from None
+    return tokens, n_total, tokenizer.bos_id if tokenizer.add_bos else None, text.name
+
+
 def compute_imatrix_file(model_path: str | Path | None, dataset: str | None, output: str | Path, *,
                          n_ctx: int = 512, n_chunks: int | None = None, fmt: str | None = None,
                          process_output: bool = False, in_files: Sequence[str | Path] = (),
@@ -311,9 +387,6 @@ def compute_imatrix_file(model_path: str | Path | None, dataset: str | None, out
     Without a dataset the `in_files` are only combined (and checked against the model when one is given).
     The output is written once, atomically, at the end.
     """
-    from qtool.evaluate.datasets import load_eval_text
-    from qtool.evaluate.perplexity import count_chunks
-
     output = Path(output)
     fmt = output_format(output, fmt)
     if not output.parent.is_dir():
@@ -339,7 +412,6 @@ def compute_imatrix_file(model_path: str | Path | None, dataset: str | None, out
         raise QtoolError("collecting needs a MODEL.gguf")
 
     from qtool.evaluate.model import Model
-    from qtool.evaluate.tokenizer import Tokenizer
 
     weights = _load_model_weights(Path(model_path), max_memory)
     check_entries_match_model(collector, weights, in_files)
@@ -349,18 +421,11 @@ def compute_imatrix_file(model_path: str | Path | None, dataset: str | None, out
                      "it, so --process-output adds nothing")
     if n_ctx > model.config.context_length:
         notes.append(f"warning: --ctx {n_ctx} exceeds the model's training context {model.config.context_length}")
-    text = load_eval_text(dataset)
-    tokenizer = Tokenizer.from_gguf(weights.gguf)
-    tokens = np.asarray(tokenizer.encode(text.text, add_special=True, parse_special=parse_special), np.int64)
-    try:
-        n_total = count_chunks(len(tokens), n_ctx, n_chunks)
-    except QtoolError as e:
-        raise QtoolError(f"calibration text {text.name}: {e}") from None
-    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    tokens, n_total, bos, name = calibration_tokens(weights, dataset, n_ctx, n_chunks, parse_special)
     t_collect = time.perf_counter()
     collect(model, tokens, n_ctx, n_total, bos, collector, progress=progress)
     seconds = time.perf_counter() - t_collect
-    collector.datasets.append(text.name)
+    collector.datasets.append(name)
     path = write_collected(collector, output, fmt, n_ctx, force)
     return ImatrixRun(path, fmt, collector.datasets, n_ctx, n_total, n_total * n_ctx, collector.chunk_count(n_ctx),
                       len(collector.sums), seconds, notes)

@@ -337,6 +337,69 @@ def check_same_vocab(base, variant) -> None:
         raise QtoolError(f"{variant.weights.path}: vocabulary differs from the base {base.weights.path} ({detail})")
 
 
+def open_models(paths: Sequence[str | Path], *, max_memory: int | None = None, activations: str = "llama.cpp",
+                n_ctx: int | None = None) -> list:
+    """The base (first) and the variants, memory-mapped, checked to share a vocabulary (and, given `n_ctx`, a
+    context that long): what a whole run and each of its chunk ranges (`score_chunks`) evaluate."""
+    from qtool.evaluate.model import Model, Workspace
+    from qtool.evaluate.weights import GGUFWeights, MemoryBudget
+
+    budget = MemoryBudget(max_memory)
+    shared = Workspace()           # the models run one after another: one set of work buffers for all of them
+    models = [Model(GGUFWeights(Path(p), budget), activations=activations, workspace=shared) for p in paths]
+    for m in models[1:]:
+        check_same_vocab(models[0], m)
+    for m in models:
+        if n_ctx is not None and n_ctx > m.config.context_length:
+            raise QtoolError(f"--ctx {n_ctx} exceeds {m.weights.path.name}'s context length {m.config.context_length}")
+    return models
+
+
+def eval_tokens(base, text: str, n_ctx: int, n_chunks: int | None) -> tuple[np.ndarray, int, int | None]:
+    """(tokens of `text` in the base's vocabulary, chunks to evaluate, the BOS that starts each chunk or None)."""
+    from qtool.evaluate.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(base.weights.gguf)
+    tokens = np.asarray(tokenizer.encode(text, add_special=True, parse_special=False), dtype=np.int64)
+    return tokens, count_chunks(len(tokens), n_ctx, n_chunks), tokenizer.bos_id if tokenizer.add_bos else None
+
+
+def score_chunks(models: Sequence[LanguageModel], chunk_tokens: np.ndarray, n_ctx: int, bos_id: int | None, *,
+                 progress: Callable[[Progress], None] | None = None) -> list[TokenScores]:
+    """One range of whole chunks (`chunk_tokens`, n * n_ctx tokens) in lockstep: a whole run is the one-range case.
+
+    Groups are `group_size` chunks from the range's start, so a range that starts on a group boundary runs
+    exactly the forward passes a whole run runs there, and `merge_scores` of the ranges equals the whole run.
+    """
+    n = len(chunk_tokens) // n_ctx
+    return evaluate(models, chunk_tokens[:n * n_ctx], n_ctx, n_chunks=n, bos_id=bos_id,
+                    chunks_per_group=group_size(n_ctx, models[0].n_vocab), progress=progress)
+
+
+def merge_scores(parts: Sequence[list[TokenScores]]) -> list[TokenScores]:
+    """Per model, the per-token scores of consecutive chunk ranges, in chunk order (a concatenation: exact)."""
+    def cat(field_name: str, mi: int) -> np.ndarray | None:
+        arrays = [getattr(part[mi], field_name) for part in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
+    return [TokenScores(cat("nll", mi), cat("kld", mi), cat("p_diff", mi), cat("same_top1", mi))
+            for mi in range(len(parts[0]))]
+
+
+def summarize_run(models, scores: list[TokenScores], *, dataset_name: str, n_ctx: int, n_chunks: int,
+                  wall: float, activations: str) -> PerplexityRun:
+    """The statistics of a run from its per-token scores (base first) and the models' files."""
+    summaries = [summarize(s, scores[0] if i else None, path=str(m.weights.path), size_bytes=m.weights.size_bytes,
+                           n_params=m.weights.n_params, bpw=m.weights.bits_per_weight)
+                 for i, (s, m) in enumerate(zip(scores, models))]
+    for summary, m in zip(summaries[1:], models[1:]):
+        predicted = m.weights.value(PREDICTED_KLD_KEY)
+        summary.predicted_kld = float(predicted) if isinstance(predicted, (int, float)) else None
+    return PerplexityRun(dataset=dataset_name, n_ctx=n_ctx, n_chunks=n_chunks,
+                         n_tokens_scored=n_chunks * scored_per_chunk(n_ctx), wall_seconds=wall,
+                         tokens_per_second=len(models) * n_chunks * n_ctx / wall if wall > 0 else 0.0,
+                         activations=activations, models=summaries)
+
+
 def run_perplexity(base_path: str | Path, variant_paths: Sequence[str | Path], text: str, *, dataset_name: str,
                    n_ctx: int = 512, n_chunks: int | None = None, max_memory: int | None = None,
                    activations: str = "llama.cpp",
@@ -346,34 +409,9 @@ def run_perplexity(base_path: str | Path, variant_paths: Sequence[str | Path], t
     `activations`: "llama.cpp" rounds every matrix product's input as llama.cpp's CPU backend does for the
     weight's type (the numbers llama-perplexity prints), "float32" keeps activations exact.
     """
-    from qtool.evaluate.model import Model, Workspace
-    from qtool.evaluate.tokenizer import Tokenizer
-    from qtool.evaluate.weights import GGUFWeights, MemoryBudget
-
-    budget = MemoryBudget(max_memory)
-    paths = [Path(base_path), *map(Path, variant_paths)]
-    shared = Workspace()           # the models run one after another: one set of work buffers for all of them
-    models = [Model(GGUFWeights(p, budget), activations=activations, workspace=shared) for p in paths]
-    for m in models[1:]:
-        check_same_vocab(models[0], m)
-    for m in models:
-        if n_ctx > m.config.context_length:
-            raise QtoolError(f"--ctx {n_ctx} exceeds {m.weights.path.name}'s context length {m.config.context_length}")
-    tokenizer = Tokenizer.from_gguf(models[0].weights.gguf)
-    tokens = np.asarray(tokenizer.encode(text, add_special=True, parse_special=False), dtype=np.int64)
-    n_total = count_chunks(len(tokens), n_ctx, n_chunks)
-    bos = tokenizer.bos_id if tokenizer.add_bos else None
-
+    models = open_models([base_path, *variant_paths], max_memory=max_memory, activations=activations, n_ctx=n_ctx)
+    tokens, n_total, bos = eval_tokens(models[0], text, n_ctx, n_chunks)
     t0 = time.perf_counter()
-    scores = evaluate(models, tokens, n_ctx, n_chunks=n_total, bos_id=bos, progress=progress)
-    wall = time.perf_counter() - t0
-    summaries = [summarize(s, scores[0] if i else None, path=str(m.weights.path), size_bytes=m.weights.size_bytes,
-                           n_params=m.weights.n_params, bpw=m.weights.bits_per_weight)
-                 for i, (s, m) in enumerate(zip(scores, models))]
-    for summary, m in zip(summaries[1:], models[1:]):
-        predicted = m.weights.value(PREDICTED_KLD_KEY)
-        summary.predicted_kld = float(predicted) if isinstance(predicted, (int, float)) else None
-    return PerplexityRun(dataset=dataset_name, n_ctx=n_ctx, n_chunks=n_total,
-                         n_tokens_scored=n_total * scored_per_chunk(n_ctx), wall_seconds=wall,
-                         tokens_per_second=len(models) * n_total * n_ctx / wall if wall > 0 else 0.0,
-                         activations=activations, models=summaries)
+    scores = score_chunks(models, tokens[:n_total * n_ctx], n_ctx, bos, progress=progress)
+    return summarize_run(models, scores, dataset_name=dataset_name, n_ctx=n_ctx, n_chunks=n_total,
+                         wall=time.perf_counter() - t0, activations=activations)

@@ -513,8 +513,12 @@ def ppl(base, variants, dataset, n_ctx, n_chunks, max_memory, activations, json_
 @click.option("--only", type=click.Choice(["export", "convert", "imatrix", "quantize", "eval"]), default=None,
               help="Run just this stage (the ones before it must be done).")
 @click.option("--force", is_flag=True, help="Redo every stage, even when up to date.")
+@click.option("--cluster", "cluster_spec", default=None, metavar="ray|ray://HOST:PORT",
+              help="Run the imatrix, quantize and eval units as Ray tasks: `ray` connects to RAY_ADDRESS (or starts "
+                   "a local Ray instance), or give an address. output.dir must be on storage every node sees; "
+                   "--threads N: N CPUs and threads per task (default 1).")
 @threads_option
-def run_cmd(recipe, sets, only, force, threads):
+def run_cmd(recipe, sets, only, force, cluster_spec, threads):
     """Run a recipe: convert, imatrix, quantize, evaluate, check the gates, write the report. Exit 1 on a failed gate."""
     from qtool.pipeline import run_recipe
     from qtool.recipe import load_recipe
@@ -535,7 +539,15 @@ def run_cmd(recipe, sets, only, force, threads):
                     f"tokens/s")
         return progress
 
-    result = run_recipe(r, only=only, force=force, log=log, progress_factory=chunk_progress)
+    cluster = None
+    if cluster_spec is not None:
+        from qtool.cluster import connect       # only now: without --cluster, Ray is never imported
+        cluster = connect(cluster_spec, log, threads)
+    try:
+        result = run_recipe(r, only=only, force=force, log=log, progress_factory=chunk_progress, cluster=cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
     if result.evaluation is None:
         err.print(f"stages run: {', '.join(result.stages_run) or 'none'}")
         return

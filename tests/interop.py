@@ -14,7 +14,7 @@ import pytest
 from tests.build_llamacpp import tool_path
 from tests.fixtures.smollm2 import smollm2_gguf
 
-SETUP = "set up with `pip install -e \".[test,interop]\" && python tests/setup_interop.py`"
+SETUP = "set up with `pip install -e \".[test,interop,ray]\" && python tests/setup_interop.py`"
 # Set by tests/conftest.py from the command line.
 ALLOW_SKIP = False
 

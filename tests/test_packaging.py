@@ -43,6 +43,7 @@ OPTIONAL_IMPORTS = {
     "torch": ({"convert/qwen35.py"}, "interop", "ssm_a = -exp(A_log) bit for bit as llama.cpp's converter computes it "
                                                  "(torch's float32 exp is not correctly rounded); without it numpy's, "
                                                  "and the converter says the last bit may differ"),
+    "ray": ({"qtool/cluster.py"}, "ray", "qtool run --cluster: imported when --cluster is given, never otherwise"),
 }
 # Imports of qtool's own code that are not dependencies: the benchmark helper's --ggml mode needs the checkout.
 NOT_DEPENDENCIES = {"qtool", "tests"}

