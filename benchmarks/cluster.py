@@ -18,66 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).parent / "ray"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.ray_cluster import Cluster  # noqa: E402
+
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
-
-
-class Cluster:
-    """`ray start` nodes in one temp folder, ended process by process (not `ray stop`: it ends every Ray
-    process of the machine)."""
-
-    def __init__(self, cpus_per_node: list[int]):
-        self.root = Path(tempfile.mkdtemp(prefix="qtray-", dir="/tmp"))
-        self.env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
-        try:
-            for i, cpus in enumerate(cpus_per_node):
-                args = ["--head", "--port", "0", "--include-dashboard", "false"] if i == 0 else ["--address", self.address]
-                r = subprocess.run([str(RAY), "start", *args, "--num-cpus", str(cpus), "--temp-dir",
-                                    str(self.root / f"n{i}"), "--disable-usage-stats"],
-                                   capture_output=True, text=True, timeout=180, env=self.env)
-                if r.returncode != 0:
-                    raise RuntimeError(f"ray start: {r.stderr[-2000:]}")
-                if i == 0:
-                    self.address = re.search(r"--address='([^']+)'", r.stdout + r.stderr).group(1)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        procs = {}
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    procs[int(d.name)] = (int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]),
-                                          (d / "cmdline").read_bytes())
-                except (OSError, ValueError, IndexError):
-                    pass
-        mine = {pid for pid, (_, cmd) in procs.items() if str(self.root).encode() in cmd} - {os.getpid()}
-        while True:
-            more = {pid for pid, (ppid, _) in procs.items() if ppid in mine} - mine
-            if not more:
-                break
-            mine |= more
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in mine:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(3)
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def run(out: Path, args: argparse.Namespace, cluster: Cluster | None) -> float:
@@ -113,7 +66,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True)
     walls = {"local": run(args.workdir / "local", args, None)}
     for name, layout in (("1 node x 2 CPUs", [2]), ("2 nodes x 1 CPU", [1, 1])):
-        cluster = Cluster(layout)
+        cluster = Cluster(tuple(layout))
         try:
             walls[name] = run(args.workdir / name.replace(" ", "_"), args, cluster)
         finally:

@@ -18,10 +18,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +27,8 @@ import pytest
 
 from tests.conftest import SHARED
 from tests.interop import unavailable
+from tests.ray_cluster import RAY, Cluster
 
-RAY = Path(sys.executable).parent / "ray"
 WIKI = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 # ctx 512: 4 chunks per imatrix pass and per evaluation group, so 8 chunks make two ranges of each on two nodes.
 RECIPE = """
@@ -161,95 +159,6 @@ def _need_ray() -> None:
         unavailable('ray is not installed (pip install -e ".[test,interop,ray]")')
 
 
-def _processes() -> dict[int, tuple[int, bytes]]:
-    """pid -> (parent pid, command line) of every process (Linux /proc)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            out[int(d.name)] = (ppid, cmd)
-    return out
-
-
-def _cluster_processes(marker: str) -> set[int]:
-    """The processes whose command line names `marker` (the cluster's temp folder), and their descendants."""
-    procs = _processes()
-    found = {pid for pid, (_, cmd) in procs.items() if marker.encode() in cmd}
-    grown = True
-    while grown:
-        more = {pid for pid, (ppid, _) in procs.items() if ppid in found} - found
-        found |= more
-        grown = bool(more)
-    me, ancestors = os.getpid(), set()
-    while me > 1 and me not in ancestors:
-        ancestors.add(me)
-        me = procs.get(me, (1, b""))[0]
-    return found - ancestors
-
-
-def _end_processes(pids: set[int]) -> None:
-    """SIGTERM each, by pid; SIGKILL those still running 10 s later."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_running(p) for p in pids):
-            time.sleep(0.2)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-class Cluster:
-    """A head and one worker node, 1 CPU each, started with `ray start` in their own temp folders."""
-
-    def __init__(self, hide: Path | None = None):
-        _need_ray()
-        self.root = Path(tempfile.mkdtemp(prefix="qtray-", dir="/tmp"))     # short: Ray's socket paths must fit
-        # Token authentication with a token of its own (Ray 2.60: a token in ~/.ray, which a local ray.init()
-        # writes, would otherwise switch it on for some of the nodes and not others).
-        self.env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
-        try:
-            head = self._start(["--head", "--port", "0", "--include-dashboard", "false"], "head")
-            self.address = re.search(r"--address='([^']+)'", head).group(1)
-            # `hide`: the worker node runs in its own mount namespace with an empty tmpfs over that folder
-            prefix = ["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(hide)] if hide else []
-            self._start(["--address", self.address], "worker", prefix)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start(self, args: list[str], name: str, prefix: list[str] = ()) -> str:
-        r = subprocess.run([*prefix, str(RAY), "start", *args, "--num-cpus", "1", "--temp-dir", str(self.root / name),
-                            "--object-store-memory", "100000000", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=180, env=self.env)
-        assert r.returncode == 0, f"ray start {name}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
-        return r.stdout + r.stderr
-
-    def worker_processes(self) -> dict[int, bytes]:
-        """Ray worker processes of the worker node now running a task ('ray::qtool …' titles)."""
-        procs = _processes()
-        return {pid: procs[pid][1] for pid in _cluster_processes(str(self.root / "worker"))
-                if pid in procs and procs[pid][1].startswith(b"ray::qtool")}
-
-    def stop(self) -> None:
-        _end_processes(_cluster_processes(str(self.root)))
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 def _qtool_run(cluster: Cluster | None, recipe: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-c", "from qtool.cli import main; main()", "run", str(recipe), *args]
@@ -282,6 +191,7 @@ def local_run(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster():
+    _need_ray()
     c = Cluster()
     try:
         yield c
@@ -356,6 +266,7 @@ def test_a_killed_worker_is_retried_and_the_report_is_the_same(workdir, local_ru
 
 @pytest.mark.slow
 def test_a_node_that_cannot_see_the_output_directory_is_one_line(workdir):
+    _need_ray()
     blind = Cluster(hide=workdir)
     try:
         r = _qtool_run(blind, workdir / "recipe.toml", "--set", "output.dir=out-blind")
