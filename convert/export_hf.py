@@ -17,6 +17,10 @@ record is reconstructed from conventions and said in the plan's notes:
   NormHead); HF's NormHead normalises them again on the first forward, which leaves unit rows unchanged.
 * Special ids with no tokenizer-file home (e.g. an unk id on a SentencePiece vocab) go to config.json as
   ``{type}_token_id``, where the converter (and llama.cpp's) reads them.
+* The Qwen3.5 hybrids are written as the text model, ``Qwen3_5(Moe)ForCausalLM`` (a GGUF holds no vision tower),
+  with the MTP layer back under ``mtp.*`` and every tensor through ``qwen35.untransform``, the inverse of the
+  converter's. Norm weights and A_log come back as the float32 values that give the GGUF's 1 + w and -exp(A_log)
+  exactly, which may differ from the original checkpoint's in the last bits those two roundings dropped.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, LlamaFileType
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ROPE_DEPTH, Arch, arch_for_gguf
 from qtool.errors import QtoolError
@@ -39,13 +43,15 @@ from qtool.floats import f32_to_bf16_bits
 from qtool.gguf_io import Progress
 from qtool.model_file import GGUFModel, TensorRef, decode_rows
 
-from .models import (BAICHUAN2_VOCAB_SIZE, expected_hf_tensors, expert_hf_name, hf_name_for_gguf,
+from . import qwen35
+from .models import (BAICHUAN2_VOCAB_SIZE, arch_kvs, expected_hf_tensors, expert_hf_name, hf_name_for_gguf,
                      llama3_rope_factors, model_spec, unpermute_rows)
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9     # transformers' save_pretrained default, "5GB"
 
 # config.json model_type where it is not the GGUF architecture name
-_HF_MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_HF_MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "qwen35": "qwen3_5_text",
+                  "qwen35moe": "qwen3_5_moe_text"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,9 @@ def _hparams(model: GGUFModel, arch: Arch) -> dict[str, Any]:
     tensors = model.tensors
     n_embd, n_head = h.need("n_embd"), h.need("n_head")
     hp = {
-        "n_layer": h.need("n_layer"), "n_embd": n_embd, "n_ff": h.need("n_ff"), "n_head": n_head,
+        # Qwen3.5-MoE has no dense FFN at all
+        "n_layer": h.need("n_layer"), "n_embd": n_embd, "n_ff": h.n_ff if arch.hybrid else h.need("n_ff"),
+        "n_head": n_head,
         "n_head_kv": h.head_count_kv, "n_ctx": h.context_length, "eps": h.need("rms_eps"), "theta": h.rope_base,
         "key_length": h.key_length, "value_length": h.value_length, "rope_dim": h.n_rot,
     }
@@ -121,7 +129,7 @@ def _hparams(model: GGUFModel, arch: Arch) -> dict[str, Any]:
     if hp["value_length"] is not None and hp["value_length"] != hp["head_dim"]:
         raise QtoolError(f"key_length {hp['head_dim']} != value_length {hp['value_length']}: "
                          f"no HF {a} config can express that")
-    if hp["rope_dim"] is not None and hp["rope_dim"] != hp["head_dim"] and a != "baichuan":
+    if hp["rope_dim"] is not None and hp["rope_dim"] != hp["head_dim"] and a != "baichuan" and not arch.hybrid:
         raise QtoolError(f"partial rotary embedding (rope.dimension_count {hp['rope_dim']} < head size "
                          f"{hp['head_dim']}) has no HF {a} equivalent")
     if n_head % hp["n_head_kv"]:
@@ -193,6 +201,8 @@ def _hf_config(kv: dict[str, Any], arch: Arch, hp: dict[str, Any], tensors: dict
     c["max_position_embeddings"] = int(n_ctx) if n_ctx is not None else (2048 if a == "llama" else 32768)
     c["rope_theta"] = _nice_float(hp["theta"]) if hp["theta"] is not None else 10000.0
     c["rope_scaling"] = _rope_scaling(kv, a, notes)
+    if arch.hybrid:
+        return _hybrid_config(kv, arch, hp, c, notes)
     if a == "llama":
         c["attention_bias"] = "blk.0.attn_q.bias" in tensors
         c["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
@@ -242,6 +252,84 @@ def _moe_config(kv: dict[str, Any], arch: Arch, hp: dict[str, Any], tensors: dic
     if arch.shared_expert:
         c["shared_expert_intermediate_size"] = width("expert_shared_feed_forward_length", "blk.0.ffn_gate_shexp.weight")
     return c
+
+
+# what _moe_config writes that Qwen3.5-MoE's config has no field for (it always renormalises the top k)
+_NOT_QWEN35_MOE = ("norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+
+
+def _hybrid_config(kv: dict[str, Any], arch: Arch, hp: dict[str, Any], c: dict[str, Any],
+                   notes: list[str]) -> dict[str, Any]:
+    """A Qwen3_5TextConfig / Qwen3_5MoeTextConfig: the DeltaNet (linear_*), layer_types, MTP and partial
+    interleaved-mrope fields, from the keys convert/qwen35.py's hybrid_kvs writes."""
+    a = arch.gguf_name
+
+    def need(key: str) -> Any:
+        if kv.get(f"{a}.{key}") is None:
+            raise QtoolError(f"GGUF has no {a}.{key}, which a HF {arch.hf_names[0]} needs")
+        return kv[f"{a}.{key}"]
+
+    for key in _NOT_QWEN35_MOE:
+        c.pop(key, None)
+    if hp["n_ff"] is None:
+        if not arch.moe:
+            raise QtoolError(f"GGUF has no {a}.feed_forward_length, which a HF {arch.hf_names[0]} needs")
+        del c["intermediate_size"]
+    n_mtp = int(kv.get(f"{a}.nextn_predict_layers") or 0)
+    n_layer = hp["n_layer"] - n_mtp
+    if n_layer <= 0:
+        raise QtoolError(f"{a}.nextn_predict_layers {n_mtp} leaves no text layers of block_count {hp['n_layer']}")
+    recurrent = need("attention.recurrent_layers")
+    if not isinstance(recurrent, list) or len(recurrent) != hp["n_layer"]:
+        raise QtoolError(f"{a}.attention.recurrent_layers must list one flag per block ({hp['n_layer']})")
+    if any(recurrent[n_layer:]):
+        raise QtoolError(f"{a}.attention.recurrent_layers marks an MTP layer recurrent; HF's MTP layers are full "
+                         "attention")
+    n_k, n_v, inner = int(need("ssm.group_count")), int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
+    if n_v % n_k or inner % n_v:
+        raise QtoolError(f"{a}.ssm.time_step_rank {n_v} must be a multiple of ssm.group_count {n_k}, and "
+                         f"ssm.inner_size {inner} a multiple of it")
+    head_dim, rope_dim = hp["head_dim"], int(need("rope.dimension_count"))
+    partial = rope_dim / head_dim
+    if int(head_dim * partial) != rope_dim:
+        raise QtoolError(f"{a}.rope.dimension_count {rope_dim} is not expressible as a fraction of head size "
+                         f"{head_dim}")
+    if kv.get(f"{a}.rope.scaling.type") not in (None, "none"):
+        raise QtoolError(f"rope scaling {kv[f'{a}.rope.scaling.type']!r} has no HF {arch.hf_names[0]} equivalent")
+    rope: dict[str, Any] = {"mrope_interleaved": True, "partial_rotary_factor": partial, "rope_type": "default",
+                            "rope_theta": c.pop("rope_theta")}
+    # The converter writes a config's own mrope_section before rope.freq_base, and its default (no mrope_section
+    # in config.json) last: the key's place says which it was.
+    keys = list(kv)
+    sections = need("rope.dimension_sections")
+    if keys.index(f"{a}.rope.dimension_sections") < keys.index(f"{a}.rope.freq_base"):
+        rope["mrope_section"] = [int(x) for x in (sections[:3] if len(sections) == 4 and not sections[3]
+                                                  else sections)]
+    elif list(sections) != qwen35.DEFAULT_MROPE_SECTION:
+        raise QtoolError(f"{a}.rope.dimension_sections {list(sections)} written after the ssm keys, where only "
+                         f"the default {qwen35.DEFAULT_MROPE_SECTION} goes")
+    c.pop("rope_scaling")
+    c.update({
+        "attention_bias": False,
+        "full_attention_interval": int(need("full_attention_interval")),
+        "head_dim": head_dim,
+        "layer_types": ["linear_attention" if r else "full_attention" for r in recurrent[:n_layer]],
+        "linear_conv_kernel_dim": int(need("ssm.conv_kernel")),
+        "linear_key_head_dim": int(need("ssm.state_size")),
+        "linear_num_key_heads": n_k,
+        "linear_num_value_heads": n_v,
+        "linear_value_head_dim": inner // n_v,
+        "mtp_num_hidden_layers": n_mtp,
+        "num_hidden_layers": n_layer,
+        "rope_parameters": dict(sorted(rope.items())),
+    })
+    notes.append(f"written as {arch.hf_names[0]}, the text model (a GGUF holds no vision tower)")
+    if n_mtp:
+        notes.append(f"the MTP layer{'s' if n_mtp > 1 else ''} (blk.{n_layer}{'...' if n_mtp > 1 else ''}) written "
+                     "as mtp.*, which transformers does not load")
+    notes.append("norm weights written as w with 1 + w (float32) == the GGUF's, and A_log with -exp(A_log) == "
+                 "ssm_a: the original values only to the precision those roundings kept")
+    return dict(sorted(c.items()))
 
 
 def _rope_scaling(kv: dict[str, Any], a: str, notes: list[str]) -> dict[str, Any] | None:
@@ -335,6 +423,8 @@ def recover_llama3_rope(factors: np.ndarray, check: Callable[[dict[str, Any]], n
 # --- tensors ---------------------------------------------------------------------------------------------------
 
 def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any], model: GGUFModel) -> list[HFTensor]:
+    if arch.hybrid:
+        return _plan_hybrid_tensors(config, model)
     tensors = model.tensors
     spec = model_spec(config, normhead=False)
     expected = expected_hf_tensors(spec)
@@ -399,6 +489,74 @@ def _plan_tensors(arch: Arch, hp: dict[str, Any], config: dict[str, Any], model:
                              f"config needs {list(shape)} for {hf}")
         out.append(t)
     return out
+
+
+def _plan_hybrid_tensors(config: dict[str, Any], model: GGUFModel) -> list[HFTensor]:
+    """Qwen3.5 / Qwen3.5-MoE: the converter's own table (qwen35.expected_tensors) read backwards, in its order; the
+    experts fused as transformers 5 stores them (gate_up_proj = [ffn_gate_exps; ffn_up_exps] per expert)."""
+    tensors = model.tensors
+    spec = model_spec(config)
+    hs = spec.hybrid
+    assert hs is not None
+    expected = qwen35.expected_tensors(spec)
+    if config.get("tie_word_embeddings"):
+        del expected["lm_head.weight"]
+    # GGUF name -> (canonical HF name, the GGUF shape the converter gives that tensor)
+    sources: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for canonical, (g, shape) in expected.items():
+        if canonical.endswith(qwen35.FUSED_GATE_UP):
+            half = (shape[0], shape[1] // 2, shape[2])
+            sources[g] = sources[g.replace("ffn_gate_exps", "ffn_up_exps")] = canonical, half
+        elif canonical.endswith("linear_attn.conv1d.weight"):
+            sources[g] = canonical, (shape[0], shape[2])
+        else:
+            sources[g] = canonical, shape
+    for name, t in tensors.items():
+        if name not in sources:
+            raise QtoolError(f"GGUF tensor {name!r} has no place in a HF {spec.hf_arch} with this config "
+                             "(layer_types and nextn_predict_layers decide which tensors each layer has)")
+        if tuple(t.shape) != sources[name][1]:
+            raise QtoolError(f"GGUF tensor {name!r} has shape {list(t.shape)}, but a {spec.hf_arch} with this "
+                             f"config needs {list(sources[name][1])}")
+    missing = [g for g in sources if g not in tensors]
+    if missing:
+        raise QtoolError(f"GGUF lacks the tensor {missing[0]!r}"
+                         + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+
+    def loader(canonical: str, g: str) -> Callable[[], np.ndarray]:
+        if canonical.endswith(qwen35.FUSED_GATE_UP):
+            up = g.replace("ffn_gate_exps", "ffn_up_exps")
+            return lambda: np.concatenate([model.decode(g), model.decode(up)], axis=1)
+        return lambda: qwen35.untransform(canonical, model.decode(g), hs)
+
+    out = []
+    for canonical, (g, shape) in expected.items():
+        name = qwen35.checkpoint_name(canonical, spec.n_layer, multimodal=False)
+        source = f"{g} + {g.replace('ffn_gate_exps', 'ffn_up_exps')}" if canonical.endswith(qwen35.FUSED_GATE_UP) else g
+        out.append(HFTensor(name, shape, loader(canonical, g), source))
+    return out
+
+
+def _check_hybrid_keys(kv: dict[str, Any], config: dict[str, Any], notes: list[str]) -> None:
+    """The architecture keys qtool convert would write for `config` against the GGUF's: a difference means the
+    round trip does not give back the same file, and is said."""
+    try:
+        ftype = LlamaFileType(int(kv.get("general.file_type", 0)))
+    except ValueError:
+        ftype = LlamaFileType.ALL_F32
+    keys, _ = arch_kvs(model_spec(config), ftype)
+    for k in keys:
+        if k.key == "general.file_type":
+            continue
+        want, got = kv.get(k.key), k.value
+        same = (np.float32(want) == np.float32(got)) if isinstance(got, float) and want is not None else want == got
+        if not same:
+            notes.append(f"warning: config.json converts back to {k.key} = {got}, not the GGUF's {want}")
+    written = {k.key for k in keys}
+    arch_name = kv["general.architecture"]
+    dropped = [k for k in kv if k.startswith(f"{arch_name}.") and k not in written]
+    if dropped:
+        notes.append(f"warning: {', '.join(dropped)} not carried over (no Qwen3.5 config field)")
 
 
 def _expert_loader(model: GGUFModel, name: str, expert: int) -> Callable[[], np.ndarray]:
@@ -849,8 +1007,6 @@ def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
     if arch_name is None:
         raise QtoolError(f"{gguf_path}: no general.architecture")
     arch = arch_for_gguf(arch_name)
-    if arch.hybrid:
-        raise QtoolError(f"{gguf_path}: {arch_name} (Gated DeltaNet hybrid) cannot be exported to HF by qtool yet")
     if not tensors:
         raise QtoolError(f"{gguf_path}: no tensors (a vocab-only file?)")
     if dtype == "auto":
@@ -879,6 +1035,8 @@ def plan_export(gguf_path: str | Path, dtype: str = "auto") -> ExportPlan:
         config["rope_scaling"] = params
         notes.append(note)
     config = dict(sorted(config.items()))
+    if arch.hybrid:
+        _check_hybrid_keys(kv, config, notes)
     hf_tensors = _plan_tensors(arch, hp, config, model)
     quantized = any(t.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
                     for t in tensors.values())

@@ -11,6 +11,10 @@ Qwen3NextModel, _LinearAttentionVReorderBase, _QwenMtpMixin and _Qwen35MRopeMixi
   weight but the DeltaNet output norm as 1 + w (Qwen3.5's norms scale by 1 + w);
 * the MTP block (``mtp.*``) becomes one more layer, blk.{n_layer}, with its nextn.* tensors;
 * the ConditionalGeneration checkpoints keep the text model under ``model.language_model.*`` (vision skipped).
+
+``untransform`` is ``transform``'s inverse (GGUF -> checkpoint, for ``qtool export-hf``): ``transform(untransform(g))``
+gives back ``g`` bit for bit; the checkpoint's own values come back except where 1 + w or -exp(A_log) rounded (see
+``untransform``).
 """
 from __future__ import annotations
 
@@ -190,7 +194,8 @@ def canonical_name(hf_name: str, n_layer: int) -> str | None:
 
 
 def checkpoint_name(canonical: str, n_layer: int, multimodal: bool) -> str:
-    """The inverse of canonical_name, for messages: the name the tensor would have in this checkpoint."""
+    """The inverse of canonical_name: the name the tensor has in a checkpoint of this layout (for messages, and the
+    names export-hf writes, with ``multimodal=False``)."""
     parts = canonical.split(".", 3)
     if len(parts) == 4 and parts[1] == "layers" and int(parts[2]) >= n_layer:
         i, rest = int(parts[2]) - n_layer, parts[3]
@@ -311,6 +316,14 @@ def tile_v_heads(w: np.ndarray, axis: int, n_k_heads: int, head_dim: int) -> np.
     return np.ascontiguousarray(np.swapaxes(w.reshape(split), axis, axis + 1)).reshape(shape)
 
 
+def untile_v_heads(w: np.ndarray, axis: int, n_k_heads: int, head_dim: int) -> np.ndarray:
+    """The inverse of tile_v_heads: tiled V heads -> grouped by key head, along ``axis``."""
+    shape = w.shape
+    r = shape[axis] // (n_k_heads * head_dim)
+    split = shape[:axis] + (r, n_k_heads, head_dim) + shape[axis + 1:]
+    return np.ascontiguousarray(np.swapaxes(w.reshape(split), axis, axis + 1)).reshape(shape)
+
+
 def exp_like_torch(w: np.ndarray) -> np.ndarray:
     """exp as llama.cpp's converter computes it (torch.exp): with torch itself where it is installed.
 
@@ -329,6 +342,11 @@ def exp_like_torch(w: np.ndarray) -> np.ndarray:
 def torch_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("torch") is not None
+
+
+def plus_one(w: np.ndarray) -> np.ndarray:
+    """A Qwen3.5 RMSNorm weight as llama.cpp stores it (these norms scale by 1 + w), in w's own dtype."""
+    return w + w.dtype.type(1)
 
 
 def transform(canonical: str, w: np.ndarray, hs: HybridSpec) -> np.ndarray:
@@ -354,5 +372,61 @@ def transform(canonical: str, w: np.ndarray, hs: HybridSpec) -> np.ndarray:
     elif canonical.endswith("linear_attn.out_proj.weight"):
         w = tile_v_heads(w, 1, nk, vd) if reorder else w
     elif canonical.endswith("norm.weight") and not canonical.endswith("linear_attn.norm.weight"):
-        w = w + w.dtype.type(1)
+        w = plus_one(w)
+    return w
+
+
+def preimage(target: np.ndarray, f: Callable[[np.ndarray], np.ndarray], guess: np.ndarray,
+             max_steps: int = 64) -> np.ndarray:
+    """float32 x with f(x) == target bit for bit, for a non-decreasing float32 function f (called on the whole array,
+    as the converter calls it: torch's exp rounds differently by position and length), searched one float at a time
+    from ``guess``. Where no float gives the target exactly, the x whose f(x) came nearest."""
+    target = np.asarray(target, dtype=np.float32)
+    x = np.array(guess, dtype=np.float32)
+    best, best_err = x.copy(), np.full(x.shape, np.inf)
+    for _ in range(max_steps):
+        y = np.asarray(f(x), dtype=np.float32)
+        err = np.abs(y.astype(np.float64) - target.astype(np.float64))
+        closer = err < best_err
+        best[closer], best_err[closer] = x[closer], err[closer]
+        off = y != target
+        if not off.any():
+            break
+        step = np.where(y[off] < target[off], np.float32(np.inf), np.float32(-np.inf))
+        x[off] = np.nextafter(x[off], step)
+    return best
+
+
+def untransform(canonical: str, w: np.ndarray, hs: HybridSpec) -> np.ndarray:
+    """The inverse of transform: one GGUF tensor's float32 data as the checkpoint stores it (HF shape).
+
+    Two steps of transform round, and are undone by the float32 value that rounds the same way, so that converting
+    again gives back the GGUF's bytes (and transformers, which computes 1 + w and -exp(A_log) in float32 too, sees
+    the same numbers): a norm weight w with 1 + w == the stored value (w's low bits are lost wherever 1 + w has a
+    larger exponent than w), and A_log with -exp(A_log) == ssm_a (several float32 A_log share one exp, so A_log is
+    known only to that precision)."""
+    nk, vd = hs.n_k_heads, hs.v_dim
+    reorder = hs.n_v_heads != nk
+    qk = 2 * nk * hs.k_dim
+    w = np.asarray(w, dtype=np.float32)
+    if canonical.endswith(("linear_attn.in_proj_qkv.weight", "linear_attn.conv1d.weight")):
+        if reorder:
+            w = np.concatenate([w[:qk], untile_v_heads(w[qk:], 0, nk, vd)])
+        if canonical.endswith("conv1d.weight"):
+            w = w.reshape(w.shape[0], 1, w.shape[1])
+    elif canonical.endswith("linear_attn.in_proj_z.weight"):
+        w = untile_v_heads(w, 0, nk, vd) if reorder else w
+    elif canonical.endswith(("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight", "linear_attn.dt_bias")):
+        w = untile_v_heads(w, 0, nk, 1) if reorder else w
+    elif canonical.endswith("linear_attn.A_log"):
+        e = -w
+        if not (e > 0).all():
+            raise QtoolError(f"ssm_a of layer {canonical.split('.')[2]} has a value >= 0 or NaN ({float(w.max())}); "
+                             "it must be -exp(A_log) < 0")
+        w = preimage(e, exp_like_torch, np.log(e))
+        w = untile_v_heads(w, 0, nk, 1) if reorder else w
+    elif canonical.endswith("linear_attn.out_proj.weight"):
+        w = untile_v_heads(w, 1, nk, vd) if reorder else w
+    elif canonical.endswith("norm.weight") and not canonical.endswith("linear_attn.norm.weight"):
+        w = preimage(w, plus_one, w - np.float32(1))
     return w

@@ -33,7 +33,7 @@ class Arch:
     # config.json's norm_topk_prob.
     moe_norm_topk: bool = False
     # Gated DeltaNet hybrid (Qwen3.5): recurrent "linear attention" layers with a gated full-attention layer every
-    # few layers, and an MTP block converted as one more layer (evaluation skips it; export-hf refuses the hybrids).
+    # few layers, and an MTP block converted as one more layer (evaluation skips it; export-hf writes it back as mtp.*).
     hybrid: bool = False
 
 

@@ -1,5 +1,6 @@
 """qtool convert on the Qwen3.5 fixtures (Gated DeltaNet hybrids): per-layer tensors, V-head tiling, keys, the MTP
-layer, the multimodal layout, laziness, bad input, and export-hf's refusal (evaluation: tests/test_eval_qwen35.py).
+layer, the multimodal layout, laziness, bad input, and the inverse transforms export-hf uses (the export itself:
+tests/test_export_hf.py; evaluation: tests/test_eval_qwen35.py).
 
 Byte identity with llama.cpp's converter is tests/test_interop_convert.py's job; here the expected tensors are
 stated independently, from the HF tensors and config.json alone.
@@ -275,14 +276,59 @@ def test_tensors_are_read_one_at_a_time(checkpoint_factory, monkeypatch):
         plan.close()
 
 
-# --- export-hf is not there yet: one clear line -------------------------------------------------------------
+# --- the inverse transforms (export-hf) -----------------------------------------------------------------------
 
-def test_export_hf_refuses_the_hybrid(converted, tmp_path):
-    _, g, _ = converted("qwen35moe", "f16")
-    result = CliRunner().invoke(main, ["export-hf", str(g.path), str(tmp_path / "hf")])
-    assert result.exit_code != 0
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "qwen35moe (Gated DeltaNet hybrid) cannot be exported to HF by qtool yet" in lines[0]
+@pytest.mark.parametrize("axis, head", [(0, 2), (1, 3), (0, 1)])
+def test_untile_v_heads_inverts_tile_v_heads(axis, head):
+    from convert.qwen35 import tile_v_heads, untile_v_heads
+
+    w = np.random.default_rng(axis + head).standard_normal((2 * 3 * head, 2 * 3 * head, 5)).astype(np.float32)
+    tiled = tile_v_heads(w, axis, 2, head)
+    assert not np.array_equal(tiled, w)
+    assert np.array_equal(untile_v_heads(tiled, axis, 2, head), w)
+    assert np.array_equal(tile_v_heads(untile_v_heads(w, axis, 2, head), axis, 2, head), w)
+
+
+def test_untransform_inverts_transform(checkpoint_factory):
+    """For every tensor of the fixture: transform(untransform(g)) == g bit for bit (so the GGUF round-trips), and
+    untransform(transform(w)) == w except for the last bits that 1 + w / -exp(A_log) rounded away; also on norm
+    values far from 1 and A_log values over the real models' range, where those roundings drop the most."""
+    from convert.models import model_spec
+    from convert.qwen35 import canonical_name, transform, untransform
+
+    d = checkpoint_factory("qwen35")
+    c = json.loads((d / "config.json").read_text())
+    spec = model_spec(c)
+    hs = spec.hybrid
+    rng = np.random.default_rng(0)
+    hf = {canonical_name(n, spec.n_layer): w for n, w in read_checkpoint_tensors(d).items()}
+    hf["model.layers.0.input_layernorm.weight"] = rng.standard_normal(4096).astype(np.float32) * np.float32(3)
+    hf["model.layers.2.linear_attn.A_log"] = np.log(rng.uniform(0.01, 16, 4)).astype(np.float32)
+    n_lossy = 0
+    for name, w in hf.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            continue      # split into two GGUF tensors by the converter, fused again by export_hf
+        g = transform(name, w, hs)
+        back = untransform(name, g, hs)
+        assert back.dtype == np.float32 and back.shape == w.shape, name
+        assert np.array_equal(transform(name, back, hs), g), name
+        if name.endswith(("norm.weight", "A_log")) and not name.endswith("linear_attn.norm.weight"):
+            np.testing.assert_allclose(back, w, rtol=2.0 ** -22, atol=2.0 ** -23, err_msg=name)
+            n_lossy += int(np.count_nonzero(back != w))
+        else:
+            assert np.array_equal(back, w), name
+    assert n_lossy > 0
+
+
+def test_norm_preimage_where_no_float_gives_the_stored_value():
+    """A stored 1 + w that no float32 w produces (not from a converter): the nearest one, no endless search."""
+    from convert.qwen35 import HybridSpec, plus_one, untransform
+
+    hs = HybridSpec(["full_attention"], 0, 4, 1, 1, 4, 4, 1, 8, None)
+    stored = np.array([1e-9, 0.3, 2.5], dtype=np.float32)
+    w = untransform("model.norm.weight", stored, hs)
+    assert np.array_equal(plus_one(w)[1:], stored[1:])
+    assert abs(float(plus_one(w)[0]) - 1e-9) <= 2.0 ** -25
 
 
 def test_dry_run_lists_the_plan(checkpoint_factory):

@@ -1,4 +1,8 @@
-"""qtool export-hf: GGUF -> HF checkpoint, checked by converting back and against the original checkpoints."""
+"""qtool export-hf: GGUF -> HF checkpoint, checked by converting back and against the original checkpoints.
+
+The Qwen3.5 hybrids (HYBRIDS) come back as the text model, Qwen3_5(Moe)ForCausalLM: the multimodal fixture's vision
+tower is not in the GGUF, and the per-expert fixture's experts come back fused as transformers 5 stores them.
+"""
 from __future__ import annotations
 
 import functools
@@ -23,12 +27,13 @@ from qtool.convert.models import llama3_rope_factors, model_spec, normhead
 from qtool.errors import QtoolError
 from qtool.gguf_io import GGUFFile, PlannedTensor, read_gguf, write_gguf
 from tests.conftest import SHARED, VOCAB_DIR
-from tests.fixtures.checkpoints import read_checkpoint_tensors
+from tests.fixtures.checkpoints import DROP, read_checkpoint_tensors
 from tests.fixtures.tokenizers import read_test_vectors
 from tests.interop import need_module, need_tool, unavailable
 
 VARIANTS = ["llama-spm", "llama-bpe", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "baichuan-7b", "baichuan-13b",
             "baichuan2"]
+HYBRIDS = ["qwen35", "qwen35moe", "qwen35-vl", "qwen35moe-per-expert"]
 WIKI = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 
 
@@ -83,7 +88,7 @@ def trip(checkpoint_factory, tmp_path_factory):
 
 # --- the round trip --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + HYBRIDS)
 def test_f32_round_trip_is_identical(variant, trip, tmp_path):
     _, gguf, hf = trip(variant)
     a, b = read_gguf(gguf), convert(hf, tmp_path / "back.gguf", "f32")
@@ -99,10 +104,11 @@ def test_f32_round_trip_is_identical(variant, trip, tmp_path):
         assert np.array_equal(a.raw(t), b.raw(u)), name
 
 
-@pytest.mark.parametrize("variant", ["llama-spm", "baichuan-7b", "qwen2moe"])
+@pytest.mark.parametrize("variant", ["llama-spm", "baichuan-7b", "qwen2moe", "qwen35moe"])
 def test_f16_round_trip_rounds_only_the_f32_vectors(variant, trip, tmp_path):
     """F16 GGUF -> --dtype f16 -> convert f16: the F16 matrices come back bit for bit; the F32 norms were
-    stored as float16 (HF checkpoints have one dtype), so they come back rounded to float16."""
+    stored as float16 (HF checkpoints have one dtype), so they come back rounded to float16 (the hybrids' also went
+    through 1 + w and -exp(A_log) in float16: only close)."""
     _, gguf, hf = trip(variant, "f16", "--dtype", "f16")
     a, b = read_gguf(gguf), convert(hf, tmp_path / "back.gguf", "f16")
     assert first_difference(kvs(a), kvs(b)) is None
@@ -113,11 +119,31 @@ def test_f16_round_trip_rounds_only_the_f32_vectors(variant, trip, tmp_path):
         assert (u.shape, u.qtype) == (t.shape, t.qtype), t.name
         if t.qtype == T.F16:
             assert np.array_equal(a.raw(t), b.raw(u)), t.name
+        elif variant.startswith("qwen35"):
+            np.testing.assert_allclose(b.array(u), a.array(t), rtol=2e-3, atol=1e-4, err_msg=t.name)
         else:
             n_vectors += 1
             want = a.array(t).astype(np.float16).astype(np.float32)
             assert np.array_equal(b.array(u), want), t.name
-    assert n_vectors > 0
+    assert n_vectors > 0 or variant.startswith("qwen35")
+
+
+@pytest.mark.parametrize("changes", [
+    # no layer_types (derived from the interval, which the GGUF then holds as 4) and no mrope_section (llama.cpp's
+    # default sections go last): the export leaves mrope_section out so that they go last again
+    dict(layer_types=DROP, rope_parameters={"rope_type": "default", "rope_theta": 5000000}),
+    dict(mtp_num_hidden_layers=DROP),
+    dict(tie_word_embeddings=True),
+], ids=["defaults", "no-mtp", "tied"])
+@pytest.mark.slow
+def test_hybrid_round_trip_keeps_keys_in_order(changes, checkpoint_factory, tmp_path):
+    a = convert(checkpoint_factory("qwen35", **changes), tmp_path / "in.gguf", "f32")
+    hf = export(tmp_path / "in.gguf", tmp_path / "hf")
+    b = convert(hf, tmp_path / "back.gguf", "f32")
+    assert list(kvs(a).items()) == list(kvs(b).items())
+    tb = tensors(b)
+    assert sorted(tb) == sorted(t.name for t in a.tensors)
+    assert all(np.array_equal(a.raw(t), b.raw(tb[t.name])) for t in a.tensors)
 
 
 def test_f16_gguf_exported_as_f32_is_lossless(trip, tmp_path):
@@ -128,10 +154,11 @@ def test_f16_gguf_exported_as_f32_is_lossless(trip, tmp_path):
         assert np.array_equal(a.raw(t), b.raw(tb[t.name])), t.name
 
 
-def test_q8_0_gguf_exported_as_f32_requantizes_to_the_same_bytes(trip, tmp_path):
+@pytest.mark.parametrize("variant", ["baichuan-7b", "qwen35moe"])
+def test_q8_0_gguf_exported_as_f32_requantizes_to_the_same_bytes(variant, trip, tmp_path):
     # dequantized Q8_0 blocks are exact multiples of their scale, so quantizing them again finds the same
     # scale and the same integers
-    _, gguf, hf = trip("baichuan-7b", "q8_0", "--dtype", "f32")
+    _, gguf, hf = trip(variant, "q8_0", "--dtype", "f32")
     a, b = read_gguf(gguf), convert(hf, tmp_path / "back.gguf", "q8_0")
     assert any(t.qtype == T.Q8_0 for t in a.tensors)
     tb = tensors(b)
@@ -152,6 +179,74 @@ def test_exported_tensors_equal_the_original_checkpoint(variant, trip):
     assert sorted(got) == sorted(want)
     for name, w in want.items():
         assert got[name].dtype == np.float32 and np.array_equal(got[name], w), name
+
+
+def hybrid_text_tensors(ckpt: Path) -> dict[str, np.ndarray]:
+    """The original checkpoint's text model under Qwen3_5(Moe)ForCausalLM's names, experts fused."""
+    out = {}
+    for name, w in read_checkpoint_tensors(ckpt).items():
+        if name.startswith("model.visual."):
+            continue
+        out[name.replace("model.language_model.", "model.")] = w
+    for name in [n for n in out if n.endswith("mlp.experts.0.gate_proj.weight")]:
+        p = name[: -len("0.gate_proj.weight")]
+        n_exp = sum(1 for k in out if k.startswith(p) and k.endswith(".gate_proj.weight"))
+        gate, up, down = ([out.pop(f"{p}{x}.{proj}_proj.weight") for x in range(n_exp)]
+                          for proj in ("gate", "up", "down"))
+        out[p + "gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+        out[p + "down_proj"] = np.stack(down)
+    return out
+
+
+@pytest.mark.parametrize("variant", HYBRIDS)
+def test_hybrid_exported_tensors_equal_the_original_checkpoint(variant, trip):
+    """Every tensor equals the original but the (1 + w) norm weights and A_log: where the GGUF's 1 + w or -exp(A_log)
+    rounded away the last bits of w, the export holds the float32 value that gives the same 1 + w / -exp(A_log)
+    (what both converters and transformers compute), within a float32 step of the original."""
+    from qtool.convert import qwen35
+
+    ckpt, _, hf = trip(variant)
+    want, got = hybrid_text_tensors(ckpt), read_checkpoint_tensors(hf)
+    assert sorted(got) == sorted(want)
+    spec = model_spec(json.loads((hf / "config.json").read_text()))
+    rounded = 0
+    for name, w in want.items():
+        assert got[name].dtype == np.float32 and got[name].shape == w.shape, name
+        canonical = qwen35.canonical_name(name, spec.n_layer)        # mtp.* as the converter names it
+        lossy = canonical.endswith(("norm.weight", "A_log")) and not canonical.endswith("linear_attn.norm.weight")
+        if not lossy:
+            assert np.array_equal(got[name], w), name
+            continue
+        assert np.array_equal(qwen35.transform(canonical, got[name], spec.hybrid),
+                              qwen35.transform(canonical, w, spec.hybrid)), name
+        np.testing.assert_allclose(got[name], w, rtol=0, atol=2.0 ** -22, err_msg=name)
+        rounded += int(np.count_nonzero(got[name] != w))
+    assert rounded > 0      # the fixtures' norms sit around 1, so 1 + w does round some of them
+
+
+@pytest.mark.parametrize("variant", ["qwen35", "qwen35moe", "qwen35-vl"])
+def test_hybrid_config_is_the_text_config(variant, trip):
+    ckpt, gguf, hf = trip(variant)
+    orig = json.loads((ckpt / "config.json").read_text())
+    orig = {**orig, **orig.get("text_config", {})}
+    got = json.loads((hf / "config.json").read_text())
+    same = ["hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "head_dim",
+            "layer_types", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
+            "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "mtp_num_hidden_layers",
+            "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "eos_token_id", "attention_bias",
+            "hidden_act", "rope_parameters"]
+    if "moe" in variant:
+        same += ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"]
+        assert "intermediate_size" not in got
+    else:
+        same += ["intermediate_size"]
+    assert {k: got.get(k) for k in same} == {k: orig.get(k) for k in same}
+    moe = "Moe" if "moe" in variant else ""
+    assert got["architectures"] == [f"Qwen3_5{moe}ForCausalLM"]
+    assert got["model_type"] == ("qwen3_5_moe_text" if moe else "qwen3_5_text")
+    notes = plan_export(gguf).notes
+    assert not [n for n in notes if n.startswith("warning")], notes
+    assert any("written as mtp.*" in n for n in notes) and any("no vision tower" in n for n in notes)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -183,22 +278,41 @@ def test_config_has_the_family_fields(variant, trip):
         assert got["auto_map"]["AutoModelForCausalLM"].startswith(repo + "--modeling_baichuan.")
 
 
-@pytest.mark.parametrize("variant", ["qwen2moe", "qwen3moe"])
-def test_moe_export_loads_in_transformers_like_the_original(variant, trip):
-    """transformers loads the exported MoE checkpoint with every weight in place, and its logits are the
-    original checkpoint's, bit for bit (the same float32 weights, per-expert as the real repos ship them)."""
+def assert_same_logits_in_transformers(ckpt: Path, hf: Path) -> list[str]:
+    """Both checkpoints load in transformers with every weight in place and give the same logits bit for bit;
+    returns the two model classes."""
     transformers = need_module("transformers")
     torch = need_module("torch")
-    ckpt, _, hf = trip(variant)
     ids = torch.tensor([[151643, 9707, 11, 1879, 0, 358, 1079, 264, 1273]])
-    logits = []
+    logits, classes = [], []
     for d in (ckpt, hf):
         model, info = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                                          output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         with torch.no_grad():
             logits.append(model.eval()(ids).logits.numpy())
+        classes.append(type(model).__name__)
     assert np.array_equal(logits[0], logits[1])
+    return classes
+
+
+@pytest.mark.parametrize("variant", ["qwen2moe", "qwen3moe"])
+def test_moe_export_loads_in_transformers_like_the_original(variant, trip):
+    """transformers loads the exported MoE checkpoint with every weight in place, and its logits are the
+    original checkpoint's, bit for bit (the same float32 weights, per-expert as the real repos ship them)."""
+    ckpt, _, hf = trip(variant)
+    assert_same_logits_in_transformers(ckpt, hf)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("variant", ["qwen35", "qwen35moe", "qwen35-vl"])
+def test_hybrid_export_runs_in_transformers_like_the_original(variant, trip):
+    """Bit-identical logits although some norm weights and A_log differ from the original's in the last bit:
+    transformers computes 1 + w and -exp(A_log) in float32, which the export reproduces exactly. The multimodal
+    checkpoint is loaded as its text model (AutoModelForCausalLM), as the export is."""
+    ckpt, _, hf = trip(variant)
+    classes = assert_same_logits_in_transformers(ckpt, hf)
+    assert classes[1] == ("Qwen3_5MoeForCausalLM" if "moe" in variant else "Qwen3_5ForCausalLM")
 
 
 def test_generation_config_carries_sampling_and_stop_ids(trip):
@@ -488,10 +602,11 @@ def test_missing_parent_and_bad_dtype(trip, tmp_path):
 
 
 def rewrite_gguf(src: Path, dst: Path, *, drop: tuple[str, ...] = (),
-                 extra: dict[str, np.ndarray] | None = None) -> Path:
-    """A copy of `src` with some tensors dropped and some (F32) added."""
+                 extra: dict[str, np.ndarray] | None = None, drop_keys: tuple[str, ...] = ()) -> Path:
+    """A copy of `src` with some tensors and keys dropped and some (F32) tensors added."""
     g = read_gguf(src)
-    kv = [(k, v.value, v.type, v.sub_type) for k, v in g.kv.items() if k != "general.architecture"]
+    kv = [(k, v.value, v.type, v.sub_type) for k, v in g.kv.items()
+          if k != "general.architecture" and k not in drop_keys]
     planned = [PlannedTensor(t.name, t.shape, t.qtype, lambda t=t: np.array(g.raw(t)).reshape(-1))
                for t in g.tensors if t.name not in drop]
     planned += [PlannedTensor(n, x.shape, T.F32, lambda x=x: x) for n, x in (extra or {}).items()]
@@ -515,6 +630,36 @@ def test_tensor_sets_that_do_not_fit_the_architecture_are_refused(variant, drop,
     with pytest.raises(QtoolError) as e:
         plan_export(bad)
     assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("variant, drop, extra, drop_keys, message", [
+    ("qwen35", ("blk.2.ssm_a",), None, (), "GGUF lacks the tensor 'blk.2.ssm_a'"),
+    ("qwen35", (), {"blk.1.ssm_a": -np.ones(4, np.float32)}, (),
+     "GGUF tensor 'blk.1.ssm_a' has no place in a HF Qwen3_5ForCausalLM with this config"),
+    ("qwen35moe", ("blk.4.ffn_up_exps.weight",), None, (), "GGUF lacks the tensor 'blk.4.ffn_up_exps.weight'"),
+    ("qwen35", (), None, ("qwen35.ssm.group_count",),
+     "GGUF has no qwen35.ssm.group_count, which a HF Qwen3_5ForCausalLM needs"),
+    ("qwen35", (), None, ("qwen35.attention.recurrent_layers",),
+     "GGUF has no qwen35.attention.recurrent_layers, which a HF Qwen3_5ForCausalLM needs"),
+])
+def test_hybrid_tensor_sets_and_keys_that_do_not_fit_are_refused(variant, drop, extra, drop_keys, message, trip,
+                                                                  tmp_path):
+    _, gguf, _ = trip(variant)
+    bad = rewrite_gguf(gguf, tmp_path / "bad.gguf", drop=drop, extra=extra, drop_keys=drop_keys)
+    code, stdout, stderr = run("export-hf", bad, tmp_path / "hf")
+    assert code == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_hybrid_ssm_a_must_be_negative(trip, tmp_path):
+    _, gguf, _ = trip("qwen35")
+    bad = rewrite_gguf(gguf, tmp_path / "bad.gguf", drop=("blk.2.ssm_a",),
+                       extra={"blk.2.ssm_a": np.array([-1.0, 0.5, -2.0, -1.0], np.float32)})
+    code, _, stderr = run("export-hf", bad, tmp_path / "hf")
+    assert code == 2 and stderr.count("\n") == 1
+    assert "ssm_a of layer 2 has a value >= 0 or NaN (0.5)" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
 
 
 def test_split_gguf_exports_like_the_whole_file(trip, tmp_path):
