@@ -248,3 +248,65 @@ def test_fixture_splits_a_layer_across_shards(checkpoint_factory):
     files = {weight_map[f"model.layers.1.mlp.experts.{x}.{p}_proj.weight"]
              for x in range(8) for p in ("gate", "up", "down")}
     assert len(files) == 2
+
+
+# --- with an importance matrix: llama-imatrix's per-expert file, applied as llama-quantize applies it ------------
+
+# Rows of 256 (so that IQ2_XXS runs as itself, not a fallback) on each family's fixture.
+WIDE_MOE = {
+    "qwen3moe": dict(hidden_size=256, head_dim=64, moe_intermediate_size=256),
+    "qwen2moe": dict(hidden_size=256, moe_intermediate_size=256, shared_expert_intermediate_size=256),
+}
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["qwen3moe", "qwen2moe", "qwen35", "qwen35moe"])
+def test_imatrix_type_quantizes_like_llama_quantize(variant, checkpoint_factory, tmp_path):
+    """A type that uses the imatrix, with the one llama-imatrix computed on the same F16 file (one entry per expert
+    for the stacks): byte-identical to llama-quantize's. IQ2_XXS for the MoE families (the expert stacks really are
+    IQ2_XXS). The hybrids' MTP layer never runs, so it has no imatrix entries and both tools refuse IQ2_XXS, naming
+    its first tensor; IQ4_XS (which takes an imatrix where there is one) is compared instead."""
+    import subprocess
+
+    from tests.interop import need_tool
+    from tests.test_convert_qwen35 import WIDE
+    from tests.test_eval_moe import CALIBRATION
+    from tests.test_interop_quantize import assert_same_file
+
+    if variant in WIDE_MOE:
+        overrides = WIDE_MOE[variant]
+    else:
+        overrides = dict(WIDE, **(dict(moe_intermediate_size=256, shared_expert_intermediate_size=256)
+                                  if variant == "qwen35moe" else dict(intermediate_size=256)))
+    d = checkpoint_factory(variant, **overrides)
+    f16 = tmp_path / "f16.gguf"
+    code, _, stderr = run("convert", d, "--outfile", f16, "--outtype", "f16")
+    assert code == 0, stderr
+    imatrix = tmp_path / "imatrix.gguf"
+    proc = subprocess.run([str(need_tool("llama-imatrix")), "-m", str(f16), "-f", str(CALIBRATION), "-c", "128",
+                           "--chunks", "2", "-t", "2", "-o", str(imatrix), "--no-ppl"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def both(ftype: str, check: bool = True):
+        theirs, ours = tmp_path / f"theirs-{ftype}.gguf", tmp_path / f"ours-{ftype}.gguf"
+        proc = subprocess.run([str(need_tool("llama-quantize")), "--imatrix", str(imatrix), str(f16), str(theirs),
+                               ftype, "2"], capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0 or not check, proc.stderr[-2000:]
+        return proc, run("quantize", f16, ours, "--type", ftype, "--imatrix", imatrix), ours, theirs
+
+    hybrid = variant.startswith("qwen35")
+    proc, (code, _, stderr), ours, theirs = both("IQ2_XXS", check=not hybrid)
+    if hybrid:
+        mtp = f"blk.{len([t for t in read_gguf(f16).tensors if t.name.endswith('attn_norm.weight')]) - 1}."
+        assert proc.returncode != 0 and f"Missing importance matrix for tensor {mtp}" in proc.stderr, proc.stderr[-500:]
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and mtp in lines[0] and "needs an imatrix entry" in lines[0], stderr
+        assert not ours.exists()
+        _, (code, _, stderr), ours, theirs = both("IQ4_XS")
+    assert code == 0, stderr
+    assert_same_file(ours, theirs)
+    stacks = [t for t in read_gguf(ours).tensors if "_exps." in t.name]
+    assert variant == "qwen35" or any(t.qtype == (T.IQ4_XS if hybrid else T.IQ2_XXS) for t in stacks), \
+        [(t.name, t.qtype) for t in stacks]
