@@ -16,7 +16,11 @@ import time
 import uuid
 from pathlib import Path
 
+# The `ray` command beside this Python (an environment's own), else the one on PATH (a venv that sees Ray from
+# the system's site-packages has no script of its own).
 RAY = Path(sys.executable).parent / "ray"
+if not RAY.exists() and shutil.which("ray"):
+    RAY = Path(shutil.which("ray"))
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:
