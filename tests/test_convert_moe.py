@@ -216,6 +216,7 @@ def test_tied_qwen2moe_is_refused(checkpoint_factory, tmp_path):
 @pytest.mark.interop
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, ftype", [("qwen3moe", "Q4_K_M"), ("qwen3moe", "Q2_K"), ("qwen2moe", "Q3_K_M"),
+                                            ("qwen3moe", "Q8_0"), ("qwen2moe", "Q8_0"),
                                             ("qwen3moe", "MXFP4_MOE"), ("qwen2moe", "MXFP4_MOE")])
 def test_moe_gguf_quantizes_like_llama_quantize(variant, ftype, converted, tmp_path):
     """qtool quantize and llama-quantize agree byte for byte on an MoE file: the per-tensor rules that count
