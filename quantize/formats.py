@@ -122,7 +122,7 @@ class Format:
         except NotImplementedError:
             if self.load_decoder is None:
                 raise QtoolError(f"cannot decode {self.name} tensors (gguf-py has no decoder for them)") from None
-        # gguf-py has no decoder for this type (Q1_0): ours, a port of ggml's dequantize_row_*
+        # gguf-py has no decoder for this type (Q1_0, Q2_0): ours, a port of ggml's dequantize_row_*
         rows = np.ascontiguousarray(raw.reshape(-1, row_bytes))
         out = np.empty((rows.shape[0], n_per_row), np.float32)
         self.load_decoder(self.name)(rows, out)
@@ -205,10 +205,11 @@ FORMATS: dict[T, Format] = {f.qtype: f for f in (
     _entry(T.Q6_K, (208,), _numba_kernel("kquants", "quantize_q6_k"), decoder="decode_q6_k"),
     _entry(T.IQ4_NL, (0,), _numba_kernel("iq4", "quantize_iq4_nl"), decoder="decode_iq4_nl"),
     _entry(T.IQ4_XS, (0,), _numba_kernel("iq4", "quantize_iq4_xs"), decoder="decode_iq4_xs"),
-    # llama.cpp quantizes these four the same way with or without an importance matrix
+    # llama.cpp quantizes these five the same way with or without an importance matrix
     _entry(T.TQ1_0, (52,), _numba_kernel("lowbit", "quantize_tq1_0"), uses_imatrix=False, decoder="decode_tq1_0"),
     _entry(T.TQ2_0, (64,), _numba_kernel("lowbit", "quantize_tq2_0"), uses_imatrix=False, decoder="decode_tq2_0"),
     _entry(T.Q1_0, (0,), _numba_kernel("lowbit", "quantize_q1_0"), uses_imatrix=False, decoder="decode_q1_0"),
+    _entry(T.Q2_0, (0,), _numba_kernel("lowbit", "quantize_q2_0"), uses_imatrix=False, decoder="decode_q2_0"),
     # IQ3: the grid-search encoders and their decoders share one module (quantize/kernels/iq3.py)
     _entry(T.IQ3_XXS, (0,), _numba_kernel("iq3", "quantize_iq3_xxs"), decoder="decode_iq3_xxs", decoder_module="iq3"),
     _entry(T.IQ3_S, (0,), _numba_kernel("iq3", "quantize_iq3_s"), decoder="decode_iq3_s", decoder_module="iq3"),

@@ -47,7 +47,7 @@ _FILE_TYPE_OF = {T.F32: FileType.F32, T.F16: FileType.F16, T.BF16: FileType.BF16
                  T.Q4_1: FileType.Q4_1, T.Q5_0: FileType.Q5_0, T.Q5_1: FileType.Q5_1, T.Q8_0: FileType.Q8_0,
                  T.Q2_K: FileType.Q2_K, T.Q3_K: FileType.Q3_K_M, T.Q4_K: FileType.Q4_K_M, T.Q5_K: FileType.Q5_K_M,
                  T.Q6_K: FileType.Q6_K, T.IQ4_NL: FileType.IQ4_NL, T.IQ4_XS: FileType.IQ4_XS,
-                 T.TQ1_0: FileType.TQ1_0, T.TQ2_0: FileType.TQ2_0, T.Q1_0: FileType.Q1_0,
+                 T.TQ1_0: FileType.TQ1_0, T.TQ2_0: FileType.TQ2_0, T.Q1_0: FileType.Q1_0, T.Q2_0: FileType.Q2_0,
                  T.MXFP4: FileType.MXFP4_MOE}
 
 

@@ -61,6 +61,7 @@ class FileType(enum.IntEnum):
     TQ2_0 = 37
     MXFP4_MOE = 38
     Q1_0 = 40
+    Q2_0 = 41
     # llama-quantize's COPY copies every tensor unchanged; it sits in ALL_F32's slot (ftype 0) of its table and writes
     # the input's general.file_type. Not a llama_ftype: its value here only keeps it apart from F32.
     COPY = -1
@@ -99,7 +100,8 @@ _DEFAULT_TYPE = {
     FileType.Q4_K_S: T.Q4_K, FileType.Q4_K_M: T.Q4_K,
     FileType.Q5_K_S: T.Q5_K, FileType.Q5_K_M: T.Q5_K,
     FileType.Q6_K: T.Q6_K, FileType.IQ4_NL: T.IQ4_NL, FileType.IQ4_XS: T.IQ4_XS,
-    FileType.TQ1_0: T.TQ1_0, FileType.TQ2_0: T.TQ2_0, FileType.Q1_0: T.Q1_0, FileType.MXFP4_MOE: T.MXFP4,
+    FileType.TQ1_0: T.TQ1_0, FileType.TQ2_0: T.TQ2_0, FileType.Q1_0: T.Q1_0, FileType.Q2_0: T.Q2_0,
+    FileType.MXFP4_MOE: T.MXFP4,
     FileType.IQ2_XXS: T.IQ2_XXS, FileType.IQ2_XS: T.IQ2_XS, FileType.IQ2_S: T.IQ2_XS, FileType.IQ2_M: T.IQ2_S,
     FileType.IQ3_XXS: T.IQ3_XXS, FileType.IQ3_XS: T.IQ3_S, FileType.IQ3_S: T.IQ3_S, FileType.IQ3_M: T.IQ3_S,
     FileType.IQ1_S: T.IQ1_S, FileType.IQ1_M: T.IQ1_M,
@@ -115,6 +117,7 @@ _DISPLAY_NAME = {
     FileType.Q5_K_S: "Q5_K - Small", FileType.Q5_K_M: "Q5_K - Medium", FileType.Q6_K: "Q6_K",
     FileType.IQ4_NL: "IQ4_NL - 4.5 bpw", FileType.IQ4_XS: "IQ4_XS - 4.25 bpw",
     FileType.TQ1_0: "TQ1_0 - 1.69 bpw ternary", FileType.TQ2_0: "TQ2_0 - 2.06 bpw ternary", FileType.Q1_0: "Q1_0",
+    FileType.Q2_0: "Q2_0",
     FileType.IQ2_XXS: "IQ2_XXS - 2.0625 bpw", FileType.IQ2_XS: "IQ2_XS - 2.3125 bpw", FileType.IQ2_S: "IQ2_S - 2.5 bpw",
     FileType.IQ2_M: "IQ2_M - 2.7 bpw", FileType.IQ3_XS: "IQ3_XS - 3.3 bpw", FileType.IQ3_XXS: "IQ3_XXS - 3.0625 bpw",
     FileType.IQ1_S: "IQ1_S - 1.5625 bpw", FileType.IQ1_M: "IQ1_M - 1.75 bpw", FileType.IQ3_S: "IQ3_S - 3.4375 bpw",
@@ -125,6 +128,7 @@ _DISPLAY_NAME = {
 # QUANT_OPTIONS of tools/quantize/quantize.cpp, verbatim, in its order (the order `--list` prints).
 _DESCRIPTION = {
     FileType.Q1_0: " 1.125 bpw quantization",
+    FileType.Q2_0: " 2.25 bpw quantization (group 64)",
     FileType.Q4_0: " 4.34G, +0.4685 ppl @ Llama-3-8B",
     FileType.Q4_1: " 4.78G, +0.4511 ppl @ Llama-3-8B",
     FileType.MXFP4_MOE: " MXFP4 MoE",
@@ -166,7 +170,7 @@ _DESCRIPTION = {
 _GUESSED_FTYPE = {T.F32: 0, T.F16: 1, T.BF16: 32, T.Q4_0: 2, T.Q4_1: 3, T.Q5_0: 8, T.Q5_1: 9, T.Q8_0: 7, T.Q2_K: 10,
                   T.Q3_K: 12, T.Q4_K: 15, T.Q5_K: 17, T.Q6_K: 18, T.TQ1_0: 36, T.TQ2_0: 37, T.IQ2_XXS: 19,
                   T.IQ2_XS: 20, T.IQ2_S: 28, T.IQ3_XXS: 23, T.IQ1_S: 24, T.IQ1_M: 31, T.IQ4_NL: 25, T.IQ4_XS: 30,
-                  T.IQ3_S: 26, T.NVFP4: 39, T.Q1_0: 40}
+                  T.IQ3_S: 26, T.NVFP4: 39, T.Q1_0: 40, T.Q2_0: 41}
 LLAMA_FTYPE_GUESSED = 1024
 
 
@@ -193,9 +197,9 @@ WRITABLE_TYPES = tuple(FORMATS)
 
 def list_file_types() -> list[tuple[str, FileType]]:
     """Every accepted file type name with its FileType, in llama-quantize's QUANT_OPTIONS order (aliases included)."""
-    order = ["Q1_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S",
-             "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K", "IQ3_XS", "Q3_K_S",
-             "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K",
+    order = ["Q1_0", "Q2_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M",
+             "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K", "IQ3_XS",
+             "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K",
              "Q8_0", "F16", "BF16", "F32", "COPY"]
     return [(name, _ALIASES.get(name) or FileType[name]) for name in order if is_writable(_ALIASES.get(name) or FileType[name])]
 
@@ -656,11 +660,11 @@ _IQ_LOW = (FileType.IQ2_XXS, FileType.IQ2_XS, FileType.IQ1_S, FileType.IQ2_S, Fi
 # token_embd of these file types (not tied to the output) takes another type
 _TOKEN_EMBD_OF = {**dict.fromkeys((FileType.IQ2_XXS, FileType.IQ2_XS, FileType.IQ1_S, FileType.IQ1_M), T.Q2_K),
                   **dict.fromkeys((FileType.IQ2_S, FileType.IQ2_M, FileType.IQ3_XXS), T.IQ3_S),
-                  **dict.fromkeys((FileType.TQ1_0, FileType.TQ2_0), T.Q4_K)}
+                  **dict.fromkeys((FileType.TQ1_0, FileType.TQ2_0, FileType.Q2_0), T.Q4_K)}
 
 
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
+             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0, T.Q2_0: T.Q4_0,
              **dict.fromkeys((T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S), T.IQ4_NL)}
 
 

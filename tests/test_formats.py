@@ -89,7 +89,7 @@ def test_imatrix_must_have_one_finite_value_per_column():
         formats.quantize(x, T.Q4_K, w)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.F16, T.BF16, T.F32, T.TQ1_0, T.TQ2_0, T.Q1_0, T.MXFP4],
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.F16, T.BF16, T.F32, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0, T.MXFP4],
                          ids=lambda t: t.name)
 def test_types_that_ignore_the_imatrix_ignore_it(qtype):
     assert not FORMATS[qtype].uses_imatrix
@@ -105,7 +105,8 @@ def test_types_that_ignore_the_imatrix_ignore_it(qtype):
     (T.Q4_K, 1e9, "row 1, block 0: a block scale overflows fp16"),   # d = (1e9/15)/63
     (T.TQ1_0, 7e4, "row 1, block 0: a block scale overflows fp16"),  # d = max|x|
     (T.Q1_0, 1e7, "row 1, block 0: a block scale overflows fp16"),   # d = mean|x| > 1e7/128
-], ids=["F16", "BF16", "Q4_0", "Q4_K", "TQ1_0", "Q1_0"])
+    (T.Q2_0, 7e4, "row 1, block 0: a block scale overflows fp16"),   # d = max|x|
+], ids=["F16", "BF16", "Q4_0", "Q4_K", "TQ1_0", "Q1_0", "Q2_0"])
 def test_scales_beyond_fp16_are_refused_like_llama_quantize_does(qtype, value, where):
     x = gaussian(2, 256, 4)
     x[1, 5] = value
@@ -163,12 +164,12 @@ def test_matches_gguf_py_numpy_quantizers(qtype):
 # max |error| / block absmax on Gaussian data, from the format: Q8_0 d/2 = amax/254; Q4_0 clamps the far
 # side at +7d = 7/8 amax; Q5_0 at 15/16; Q4_1/Q5_1 half a step of (max-min)/15 or /31 <= 2amax/30 or 2amax/62;
 # plus a little for the fp16 rounding of the stored scales.
-# The ternary types: d/2 (d = amax) plus the fp16 rounding of d; Q1_0 (±mean|x|): at most amax, by construction.
+# The ternary types and Q2_0: d/2 (d = amax) plus the fp16 rounding of d; Q1_0 (±mean|x|): at most amax, by construction.
 # MXFP4: amax in [2**E, 2**(E+1)) gets the grid 2**(E-2) * {0, .5, 1, 1.5, 2, 3, 4, 6}, whose top step is 2**(E-1)
 # wide and whose top point 1.5 * 2**E clips the rest: at most amax/4.
 MAX_ERROR_PER_BLOCK_ABSMAX = {T.MXFP4: 0.25, T.F16: 2 ** -11, T.BF16: 2 ** -8, T.Q8_0: 0.0045, T.Q4_0: 0.127, T.Q5_0: 0.0635,
                               T.Q4_1: 0.0685, T.Q5_1: 0.0332, T.TQ1_0: 0.5 + 2 ** -11, T.TQ2_0: 0.5 + 2 ** -11,
-                              T.Q1_0: 1.0 + 2 ** -11}
+                              T.Q1_0: 1.0 + 2 ** -11, T.Q2_0: 0.5 + 2 ** -11}
 # RMSE on N(0, 1) data; the searched types have no closed form: measured values (64x1024, seed 0) + ~10 %:
 # Q2_K 0.296, Q3_K 0.151, Q4_K 0.0714, Q5_K 0.0363, Q6_K 0.0178, IQ4_NL 0.0765, IQ4_XS 0.0770, IQ3_XXS 0.213,
 # IQ3_S 0.166, IQ2_XXS 0.344 and IQ2_XS 0.301 (uniform imatrix), IQ2_S 0.266, IQ1_S 0.487 (uniform imatrix), IQ1_M

@@ -172,8 +172,8 @@ def odd_f16(model_dir) -> Path:
                             vocab=384, seed=8)
 
 
-@pytest.mark.parametrize("ftype", [FileType.TQ1_0, FileType.TQ2_0], ids=lambda f: f.name)
-def test_ternary_fallbacks_identical_to_llama_quantize(llama_quantize, odd_f16, tmp_path, ftype):
+@pytest.mark.parametrize("ftype", [FileType.TQ1_0, FileType.TQ2_0, FileType.Q2_0], ids=lambda f: f.name)
+def test_low_bit_fallbacks_identical_to_llama_quantize(llama_quantize, odd_f16, tmp_path, ftype):
     theirs, ours = tmp_path / "llama.gguf", tmp_path / "qtool.gguf"
     run_llama_quantize(llama_quantize, odd_f16, theirs, ftype)
     report = quantize_model(odd_f16, ours, QuantizeOptions(ftype, threads=THREADS))

@@ -718,7 +718,7 @@ def test_kernel_block_geometry_is_the_format_tables():
         if fmt.name in ("F32", "F16", "BF16"):
             continue
         assert getattr(common, f"{fmt.name}_BYTES") == fmt.type_size, fmt.name
-        kernel_block = {"Q1_0": common.QK1_0}.get(
+        kernel_block = {"Q1_0": common.QK1_0, "Q2_0": common.QK2_0}.get(
             fmt.name, common.QK_K if fmt.block_size == 256 else common.QK)
         assert fmt.block_size == kernel_block, fmt.name
 
@@ -727,7 +727,7 @@ DECODED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K
            "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
            "MXFP4"]
 # Decoded by our kernels but not by gguf-py (tests/test_kernels_lowbit.py checks them against a numpy port of ggml).
-DECODED_WITHOUT_GGUF_PY = ["Q1_0"]
+DECODED_WITHOUT_GGUF_PY = ["Q1_0", "Q2_0"]
 # fp16 scale patterns at the edges: ±0, the smallest and largest subnormals, the smallest normal, ±1, ±65504.
 EDGE_HALVES = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x83FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF],
                        np.uint16)

@@ -1,9 +1,9 @@
-"""quantize/kernels/lowbit.py (TQ1_0, TQ2_0, Q1_0) and their decoders against slow references.
+"""quantize/kernels/lowbit.py (TQ1_0, TQ2_0, Q1_0, Q2_0) and their decoders against slow references.
 
 The references are plain Python over numpy float32 scalars, written from ggml-quants.c's quantize_row_*_ref and
 dequantize_row_* (docs/reference/quantization.md): per block, one value at a time, with C's rounding (lroundf: half
 away from zero; x86-64's conversion of inf/NaN, whose low 32 bits are 0). gguf-py quantizes and decodes TQ1_0 and
-TQ2_0 too (byte-exact by its own test against libggml) and is a second reference for them; it has no Q1_0.
+TQ2_0 too (byte-exact by its own test against libggml) and is a second reference for them; it has no Q1_0 or Q2_0.
 Byte identity with llama.cpp's own C code is checked in test_formats.py (ggml_quantize_chunk, interop) and
 test_interop_quantize.py (whole files from llama-quantize).
 """
@@ -20,9 +20,10 @@ from qtool.quantize.kernels import lowbit
 
 f32 = np.float32
 NO_IMATRIX = np.empty(0, dtype=np.float32)
-KERNELS = {T.TQ1_0: lowbit.quantize_tq1_0, T.TQ2_0: lowbit.quantize_tq2_0, T.Q1_0: lowbit.quantize_q1_0}
-BLOCK = {T.TQ1_0: 256, T.TQ2_0: 256, T.Q1_0: 128}
-BYTES = {T.TQ1_0: 54, T.TQ2_0: 66, T.Q1_0: 18}
+KERNELS = {T.TQ1_0: lowbit.quantize_tq1_0, T.TQ2_0: lowbit.quantize_tq2_0, T.Q1_0: lowbit.quantize_q1_0,
+           T.Q2_0: lowbit.quantize_q2_0}
+BLOCK = {T.TQ1_0: 256, T.TQ2_0: 256, T.Q1_0: 128, T.Q2_0: 64}
+BYTES = {T.TQ1_0: 54, T.TQ2_0: 66, T.Q1_0: 18, T.Q2_0: 18}
 TYPES = list(KERNELS)
 
 
@@ -100,7 +101,26 @@ def ref_q1_0(block) -> bytes:
     return bytes(out)
 
 
-REFERENCE = {T.TQ1_0: ref_tq1_0, T.TQ2_0: ref_tq2_0, T.Q1_0: ref_q1_0}
+def c_roundf_to_int_plus_one(v) -> int:
+    """(int)roundf(v) + 1 on x86-64: roundf rounds half away from zero; inf/NaN convert to INT_MIN."""
+    v = f32(v)
+    if not np.isfinite(v):
+        return -(2 ** 31) + 1
+    return c_lround_plus_one(v)
+
+
+def ref_q2_0(block) -> bytes:
+    d, inv = absmax_and_inverse(block)
+    out = bytearray(18)
+    out[:2] = fp16_bytes(d)
+    with np.errstate(all="ignore"):
+        for j, v in enumerate(block):
+            q = min(max(c_roundf_to_int_plus_one(f32(v * inv)), 0), 3)
+            out[2 + j // 4] |= q << (2 * (j % 4))
+    return bytes(out)
+
+
+REFERENCE = {T.TQ1_0: ref_tq1_0, T.TQ2_0: ref_tq2_0, T.Q1_0: ref_q1_0, T.Q2_0: ref_q2_0}
 
 
 def reference_quantize(qtype, x) -> np.ndarray:
@@ -120,16 +140,26 @@ def half(raw, offset) -> np.float32:
     return f32(np.frombuffer(bytes(raw[offset:offset + 2]), np.float16)[0])
 
 
-def ref_dequantize_q1_0(raw: np.ndarray, n: int) -> np.ndarray:
-    """dequantize_row_q1_0: bit ? d : -d."""
+def ref_dequantize(raw: np.ndarray, n: int, block: int, value) -> np.ndarray:
+    """ggml's dequantize_row_* for a block of an fp16 d and then codes: `value(blk, j, d)` is value j of a block."""
     out = np.empty((raw.shape[0], n), np.float32)
     for r in range(raw.shape[0]):
-        for b in range(n // 128):
+        for b in range(n // block):
             blk = raw[r, 18 * b:18 * (b + 1)]
             d = half(blk, 0)
-            for j in range(128):
-                out[r, 128 * b + j] = d if (blk[2 + j // 8] >> (j % 8)) & 1 else -d
+            for j in range(block):
+                out[r, block * b + j] = value(blk, j, d)
     return out
+
+
+def ref_dequantize_q1_0(raw: np.ndarray, n: int) -> np.ndarray:
+    """dequantize_row_q1_0: bit ? d : -d."""
+    return ref_dequantize(raw, n, 128, lambda blk, j, d: d if (blk[2 + j // 8] >> (j % 8)) & 1 else -d)
+
+
+def ref_dequantize_q2_0(raw: np.ndarray, n: int) -> np.ndarray:
+    """dequantize_row_q2_0: ((int)q - 1) * d."""
+    return ref_dequantize(raw, n, 64, lambda blk, j, d: f32(int((blk[2 + j // 4] >> (2 * (j % 4))) & 3) - 1) * d)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -200,6 +230,7 @@ ZERO_BLOCKS = {
     # five trits "11111" in base 3 = 121, ceil(121*256/243) = 128; four "1111" then one up = 120, -> 127
     T.TQ1_0: bytes([128]) * 48 + bytes([127]) * 4 + bytes(2),
     T.Q1_0: bytes(2) + bytes([0xFF]) * 16,               # 0 >= 0: every sign bit set
+    T.Q2_0: bytes(2) + bytes([0x55]) * 16,               # code 1 (the value 0) in every 2 bits
 }
 
 
@@ -210,11 +241,13 @@ def test_all_zero_block_bytes(qtype):
 
 def test_subnormal_block_stores_zero_codes_like_x86():
     """max|x| subnormal: 1/d = inf, the products ±inf/NaN, and x86's lroundf gives trit 0 for all (the bytes of
-    an all-zero block, but for d itself, which rounds to fp16 +0 too)."""
+    an all-zero block, but for d itself, which rounds to fp16 +0 too). Q2_0's (int)roundf gives INT_MIN: code 0
+    (clamped), and d is fp16 +0: every byte 0."""
     x = np.full((1, 256), f32(1e-41), np.float32)
     x[0, ::2] *= -1
     for qtype in (T.TQ1_0, T.TQ2_0):
         assert kernel_quantize(qtype, x)[0].tobytes() == ZERO_BLOCKS[qtype]
+    assert kernel_quantize(T.Q2_0, x)[0].tobytes() == bytes(4 * 18)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -227,7 +260,7 @@ def test_rows_are_independent_of_how_the_tensor_is_split(qtype):
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_the_imatrix_changes_nothing(qtype):
-    """llama.cpp's quantize_tq*/q1_0 run the _ref path with or without quant_weights."""
+    """llama.cpp's quantize_tq*/q1_0/q2_0 run the _ref path with or without quant_weights."""
     rng = np.random.default_rng(50 + int(qtype))
     x = rng.standard_normal((3, 512)).astype(np.float32)
     w = rng.uniform(0, 10, 512).astype(np.float32)
@@ -267,26 +300,29 @@ def test_ternary_decoders_equal_gguf_py(qtype):
         np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
 
 
-def test_q1_0_decoder_equals_reference():
-    """gguf-py has no Q1_0 decoder: formats.decode and formats.dequantize both use ours; against ggml's loop."""
-    rng = np.random.default_rng(70)
+@pytest.mark.parametrize("qtype, block, reference",
+                         [(T.Q1_0, 128, ref_dequantize_q1_0), (T.Q2_0, 64, ref_dequantize_q2_0)], ids=["Q1_0", "Q2_0"])
+def test_decoders_without_a_gguf_py_one_equal_reference(qtype, block, reference):
+    """gguf-py has no Q1_0/Q2_0 decoder: formats.decode and formats.dequantize both use ours; against ggml's loop."""
+    rng = np.random.default_rng(70 + int(qtype))
+    n = 4 * block
     raw = rng.integers(0, 256, (12, 4 * 18), dtype=np.uint8)
     halves = raw.reshape(12, 4, 18)
     halves[:, :, 1] &= 0x7B                                   # finite scales (no all-ones exponent)
     halves[0, 0, :2] = (0x01, 0x00)                           # the smallest subnormal
     halves[0, 1, :2] = (0x00, 0x80)                           # -0
-    want = ref_dequantize_q1_0(raw, 512)
-    for got in (formats.decode(raw, T.Q1_0, 512), formats.dequantize(raw, T.Q1_0, 512)):
+    want = reference(raw, n)
+    for got in (formats.decode(raw, qtype, n), formats.dequantize(raw, qtype, n)):
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-    strided = np.zeros((12, 1024), np.float32)[:, ::2]
-    formats.decode(raw, T.Q1_0, 512, out=strided)             # a strided buffer goes through Format.dequantize
+    strided = np.zeros((12, 2 * n), np.float32)[:, ::2]
+    formats.decode(raw, qtype, n, out=strided)                # a strided buffer goes through Format.dequantize
     np.testing.assert_array_equal(strided.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_decode_of_encode_is_within_the_format_bound(qtype):
-    """TQ*: each value is round(x/d)·fp16(d), so |x - y| <= d/2 + |d - fp16(d)| (d = block max|x|). Q1_0: the value
-    is ±fp16(mean|x|) with x's sign (x >= 0 positive)."""
+    """TQ*, Q2_0: each value is round(x/d)·fp16(d), so |x - y| <= d/2 + |d - fp16(d)| (d = block max|x|). Q1_0: the
+    value is ±fp16(mean|x|) with x's sign (x >= 0 positive)."""
     rng = np.random.default_rng(80 + int(qtype))
     x = (rng.standard_normal((32, 1024)) * rng.uniform(1e-3, 100, (32, 1))).astype(np.float32)
     y = formats.decode(formats.quantize(x, qtype), qtype, 1024)

@@ -63,9 +63,10 @@ TABLE = {
     FileType.F16: ("F16", "F16", lambda i: "F16", "F16", "F16", "F16", lambda i: "F16", "F16"),
     FileType.BF16: ("BF16", "BF16", lambda i: "BF16", "BF16", "BF16", "BF16", lambda i: "BF16", "BF16"),
     FileType.F32: ("F32", "F32", lambda i: "F32", "F32", "F32", "F32", lambda i: "F32", "F32"),
-    # the ternary file types give an untied token_embd Q4_K; Q1_0 keeps its default there
+    # the ternary file types and Q2_0 give an untied token_embd Q4_K; Q1_0 keeps its default there
     FileType.TQ1_0: ("Q4_K", "Q6_K", lambda i: "TQ1_0", "TQ1_0", "TQ1_0", "TQ1_0", lambda i: "TQ1_0", "TQ1_0"),
     FileType.TQ2_0: ("Q4_K", "Q6_K", lambda i: "TQ2_0", "TQ2_0", "TQ2_0", "TQ2_0", lambda i: "TQ2_0", "TQ2_0"),
+    FileType.Q2_0: ("Q4_K", "Q6_K", lambda i: "Q2_0", "Q2_0", "Q2_0", "Q2_0", lambda i: "Q2_0", "Q2_0"),
     FileType.Q1_0: ("Q1_0", "Q6_K", lambda i: "Q1_0", "Q1_0", "Q1_0", "Q1_0", lambda i: "Q1_0", "Q1_0"),
     # the i-quants (llama-quant.cpp's rules, read independently of quantize/mixtures.py)
     FileType.IQ2_XXS: ("Q2_K", "Q5_K", lambda i: "Q4_K", "IQ2_XXS", "IQ2_XXS", "IQ2_XXS",
@@ -330,7 +331,7 @@ def test_mxfp4_moe_gives_expert_stacks_mxfp4_and_everything_else_q8_0():
                             tensors + [("blk.0.attn_k_b.weight", (8, 64, 128), T.F16)])
     assert bailing["blk.0.ffn_up_exps.weight"] == T.MXFP4 and bailing["blk.0.attn_k_b.weight"] == T.Q8_0
     assert FileType.MXFP4_MOE.display_name == "MXFP4 MoE" and FileType.MXFP4_MOE.description == "MXFP4 MoE"
-    assert [name for name, _ in list_file_types()][2:4] == ["Q4_1", "MXFP4_MOE"]
+    assert [name for name, _ in list_file_types()][3:5] == ["Q4_1", "MXFP4_MOE"]
 
 
 def test_falcon_rules():
@@ -350,7 +351,8 @@ def test_parse_file_type_like_llama_quantize():
     assert parse_file_type("15") is FileType.Q4_K_M and parse_file_type("0") is FileType.F32
     assert parse_file_type("iq2_m") is FileType.IQ2_M and parse_file_type("29") is FileType.IQ2_M
     assert parse_file_type("mxfp4_moe") is FileType.MXFP4_MOE and parse_file_type("38") is FileType.MXFP4_MOE
-    for bad in ("MXFP4", "Q2_0", "Q4_K_X", "", "99"):
+    assert parse_file_type("q2_0") is FileType.Q2_0 and parse_file_type("41") is FileType.Q2_0
+    for bad in ("MXFP4", "Q3_0", "Q4_K_X", "", "99"):
         with pytest.raises(QtoolError, match="file type"):
             parse_file_type(bad)
 
@@ -382,10 +384,12 @@ def test_model_info_from_metadata():
 
 
 @pytest.mark.parametrize("qtype, row, expected", [(T.TQ1_0, 5504, T.Q4_0), (T.TQ2_0, 576, T.Q4_0),
-                                                  (T.TQ2_0, 100, T.F16)])
-def test_ternary_types_fall_back_to_q4_0(qtype, row, expected):
+                                                  (T.TQ2_0, 100, T.F16), (T.Q2_0, 736, T.Q4_0), (T.Q2_0, 100, T.F16)])
+def test_ternary_types_and_q2_0_fall_back_to_q4_0(qtype, row, expected):
     got, why = shape_fallback(qtype, row)
-    assert got == expected and f"row length {row} is not a multiple of 256" in why
+    block = 64 if qtype == T.Q2_0 else 256
+    assert got == expected and f"row length {row} is not a multiple of {block}" in why
+    assert shape_fallback(qtype, 4 * 256) == (qtype, None)
 
 
 def test_q1_0_has_no_fallback_as_in_llama_quantize():

@@ -5,10 +5,10 @@ type; these serve the types quantized models are mostly made of, where its singl
 of every evaluation pass that does not keep a float32 copy.
 
 Every kernel has the signature ``kernel(raw, out)``. Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, Q1_0 (gguf-py has no decoder for Q1_0: tests/test_kernels_lowbit.py checks that one
-against a numpy port of ggml's `dequantize_row_q1_0`). Each value is computed with gguf-py's float32 operations in
-its order: a sub-block scale is ``d * float(scale)`` rounded to float32 first, then multiplied by the code (and the
-min subtracted), never fused.
+IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, Q1_0, Q2_0 (gguf-py has no decoder for Q1_0 and Q2_0: tests/test_kernels_lowbit.py
+checks those against numpy ports of ggml's `dequantize_row_q1_0` / `_q2_0`). Each value is computed with gguf-py's
+float32 operations in its order: a sub-block scale is ``d * float(scale)`` rounded to float32 first, then multiplied
+by the code (and the min subtracted), never fused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, QK, QK1_0, QK_K, Q1_0_BYTES,
+from .common import (F32, IQ4_NL_BYTES, IQ4_XS_BYTES, IQ4NL_VALUES, QK, QK1_0, QK2_0, QK_K, Q1_0_BYTES, Q2_0_BYTES,
                      Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES,
                      Q6_K_BYTES, Q8_0_BYTES, TQ1_0_BYTES, TQ2_0_BYTES, fp16_bits_to_fp32)
 
@@ -319,3 +319,15 @@ def decode_q1_0(raw, out):
             y = out[r, QK1_0 * ib:QK1_0 * (ib + 1)]
             for j in range(QK1_0):
                 y[j] = d if (np.int64(blk[2 + j // 8]) >> (j % 8)) & 1 else -d
+
+
+@njit(parallel=True, cache=True)
+def decode_q2_0(raw, out):
+    rows, n = out.shape
+    for r in prange(rows):
+        for ib in range(n // QK2_0):
+            blk = raw[r, Q2_0_BYTES * ib:Q2_0_BYTES * (ib + 1)]
+            d = _half(blk, 0)
+            y = out[r, QK2_0 * ib:QK2_0 * (ib + 1)]
+            for j in range(QK2_0):
+                y[j] = F32(((np.int64(blk[2 + j // 4]) >> (2 * (j % 4))) & 3) - 1) * d
