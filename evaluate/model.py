@@ -49,6 +49,7 @@ from numba import get_num_threads, njit, prange
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
 from qtool.errors import QtoolError
 from qtool.floats import round_to_bf16
+from qtool.evaluate import qdot
 from qtool.evaluate.deltanet import DeltaNetConfig, DeltaNetState, gated_deltanet
 from qtool.evaluate.weights import MATVEC_MAX_ROWS, GGUFWeights
 from qtool.quantize import formats
@@ -445,6 +446,12 @@ class _Input:
             self._rounded[kind] = round_activations(self.x, kind, self._ws(f"act-{kind}-{self.x.shape[1]}", self.x.shape))
         return self._rounded[kind]
 
+    def q8_k(self) -> qdot.Q8K:
+        """The one row of x as ggml's Q8_K blocks (integer codes), for evaluate/qdot.py's kernels."""
+        if "q8_K codes" not in self._rounded:
+            self._rounded["q8_K codes"] = qdot.quantize_q8_k(self.x[0])
+        return self._rounded["q8_K codes"]
+
 
 _rms_norm_rows_serial = _serial_twin(rms_norm_rows)
 _rope_rows_serial = _serial_twin(rope_rows)
@@ -585,8 +592,12 @@ class Model:
         if self.on_matmul_input is not None:
             self.on_matmul_input(name + ".weight", x.x)
         w = self.weights
-        out = w.matmul(name + ".weight", x.rounded(self._activation_kind(name + ".weight")),
-                       self._ws(role, (x.x.shape[0], w.shape(name + ".weight")[0])))
+        kind = self._activation_kind(name + ".weight")
+        # one token (decoding): K-quant weights multiply its Q8_K codes as integers, as llama.cpp does
+        integer = kind == "q8_K" and x.x.shape[0] == 1 and w.qtype(name + ".weight") in qdot.SUPPORTED
+        q8_k = x.q8_k() if integer else None
+        out = w.matmul(name + ".weight", x.rounded(kind), self._ws(role, (x.x.shape[0], w.shape(name + ".weight")[0])),
+                       q8_k=q8_k)
         if w.has(name + ".bias"):
             out += w.get(name + ".bias")
         return out
@@ -624,18 +635,24 @@ class Model:
         names = [p + f"ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
         kinds = [self._activation_kind(n) for n in names]
         inputs = [h.rounded(kinds[0]), h.rounded(kinds[1])]
+        # one token (decoding): its Q8_K codes for K-quant experts (evaluate/qdot.py)
+        integer = [rows == 1 and kind == "q8_K" and w.qtype(n) in qdot.SUPPORTED for n, kind in zip(names, kinds)]
+        codes = [h.q8_k() if integer[i] else None for i in range(2)]
         hook = self.on_matmul_input
         experts = [(int(e), *np.nonzero(chosen == e)) for e in np.unique(chosen)]
         hidden: dict[int, np.ndarray] = {}               # each expert's down-projection input, for the hook
 
         def expert_ffn(e: int, token: np.ndarray, rank: np.ndarray, tile: np.ndarray | None) -> None:
-            gate = w.matmul(names[0], inputs[0][token], np.empty((len(token), c.n_ff_exp), np.float32), e, tile)
-            up = w.matmul(names[1], inputs[1][token], np.empty_like(gate), e, tile)
+            gate = w.matmul(names[0], inputs[0][token], np.empty((len(token), c.n_ff_exp), np.float32), e, tile,
+                            q8_k=codes[0])
+            up = w.matmul(names[1], inputs[1][token], np.empty_like(gate), e, tile, q8_k=codes[1])
             _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
             if hook is not None:
                 hidden[e] = gate
             down_in = gate if kinds[2] is None else round_activations(gate, kinds[2], np.empty_like(gate))
-            down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), e, tile)
+            down_codes = qdot.quantize_q8_k(gate[0]) if integer[2] else None
+            down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), e, tile,
+                            q8_k=down_codes)
             outputs[token, rank] = down * weights[token, rank][:, None]
 
         n_workers = min(get_num_threads(), len(experts))

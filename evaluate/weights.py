@@ -3,7 +3,8 @@
 No float32 copy of the model is made. Each matrix product `x @ W.T` decodes W a tile of rows at a time into a
 small float32 buffer (parallel numba decoders, `formats.decode`) and multiplies that tile against the whole batch
 with BLAS, tile after tile; a product of a few rows (decoding one token) reads the blocks directly in a mat-vec
-kernel where the type has one (`qtool.evaluate.matvec`). Memory is the file (page cache) plus activations and one
+kernel where the type has one (`qtool.evaluate.matvec`), or, for K-quants and one token's Q8_K codes, multiplies
+the codes as integers (`qtool.evaluate.qdot`). Memory is the file (page cache) plus activations and one
 tile. Small tensors (norms, biases, rope factors) are decoded once and kept.
 
 `--max-memory` (a `MemoryBudget` of bytes) turns on a cache of decoded float32 tensors for those with RAM to
@@ -14,6 +15,7 @@ and a tiled product).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -21,6 +23,9 @@ from gguf import GGMLQuantizationType
 from qtool.errors import QtoolError
 from qtool.model_file import GGUFModel
 from qtool.quantize import formats
+
+if TYPE_CHECKING:
+    from qtool.evaluate.qdot import Q8K
 
 T = GGMLQuantizationType
 # Float32 bytes of one decoded tile: big enough for BLAS to run at full speed on it, small enough to stay in the
@@ -128,12 +133,14 @@ class GGUFWeights:
         return np.array(self.model.decode(name, ids), dtype=np.float32)
 
     def matmul(self, name: str, x: np.ndarray, out: np.ndarray, expert: int | None = None,
-               tile: np.ndarray | None = None) -> np.ndarray:
+               tile: np.ndarray | None = None, q8_k: Q8K | None = None) -> np.ndarray:
         """out = x @ W.T for float32 x (rows, n_in) and the 2-D tensor W (n_out, n_in); out is (rows, n_out).
 
         `expert`: W is that expert's matrix of a 3-D tensor of stacked experts (n_expert, n_out, n_in).
         `tile`: a float32 buffer of at least `tile_elements(name)` for the decoded rows, instead of this object's
-        own (threads running products side by side each bring theirs)."""
+        own (threads running products side by side each bring theirs).
+        `q8_k`: the one row of x as Q8_K codes (x holds their values): stored K-quant weights multiply them as
+        integers (evaluate/qdot.py)."""
         if x.shape[0] == 0:
             return out
         w = self.dense(name)
@@ -144,6 +151,12 @@ class GGUFWeights:
         n_out, n_in = t.shape[-2:]
         if expert is not None:
             raw = raw[expert].reshape(n_out, -1)
+        if q8_k is not None:
+            from qtool.evaluate import qdot
+            kernel = qdot.kernel_for(t.qtype)
+            if kernel is not None:
+                kernel(raw, q8_k, out)
+                return out
         if x.shape[0] <= MATVEC_MAX_ROWS:
             from qtool.evaluate import matvec
             kernel = matvec.kernel_for(t.qtype)

@@ -1,0 +1,171 @@
+"""qtool.evaluate.qdot: K-quant weights times Q8_K activation codes, as integers, against a float64 product.
+
+The bound. Each block's integer sums are exact; a row's result is then a float32 sum over its n/256 blocks of
+(d_x * d_w) * sumi (- (d_x * dmin) * summs), each term rounded a few times, so |error| <= (n/256 + 4) * 2**-24 * S
+with S = sum_j |x_j| |W_rj| (x the codes times their scales, W the decoded weights): 1.2e-6 S at n = 4096. The tests
+use 1e-5 * S, as tests/test_matvec.py does for the float kernels, and check that a changed byte exceeds it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from qtool.evaluate import matvec, qdot
+from qtool.evaluate.model import round_q8_k_
+from qtool.quantize import formats
+
+RELATIVE_BOUND = 1e-5
+TYPES = list(qdot.SUPPORTED)
+FP16_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def _activations(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = (rng.standard_normal(n) * np.exp2(rng.uniform(-4, 4, n // 256).repeat(256))).astype(np.float32)
+    x[:256] = 0.0                                   # an all-zero block: d = 0
+    x[300] = -40.0                                  # a block's largest magnitude gets the code -127:
+    x[n - 12] = 25.0                                # negative or positive
+    return x
+
+
+def _stored(rng: np.random.Generator, qtype: T, n_out: int, n_in: int, random_bytes: bool) -> np.ndarray:
+    """Quantized rows (spread scales, a zero row), or random bytes with finite fp16 scales: every code, scale and
+    min pattern, the extreme ones included (Q6_K scales -128..127, six-bit codes 0 and 63)."""
+    fmt = formats.format_for(qtype)
+    if random_bytes:
+        raw = rng.integers(0, 256, (n_out, fmt.row_bytes(n_in)), dtype=np.uint8)
+        blocks = raw.reshape(n_out, -1, fmt.type_size)
+        for o in FP16_OFFSETS[qtype]:
+            blocks[:, :, o + 1] &= 0x3B                 # positive, finite, at most 2**-1 * 2: no float32 overflow
+    else:
+        w = rng.standard_normal((n_out, n_in)) * np.exp2(rng.uniform(-6, 6, (n_out, 1)))
+        w[1] = 0.0
+        raw = fmt.quantize(w.astype(np.float32))
+    raw = np.ascontiguousarray(raw)
+    raw.setflags(write=False)                           # as memory-mapped rows are
+    return raw
+
+
+def _product(qtype: T, raw: np.ndarray, act: qdot.Q8K) -> np.ndarray:
+    out = np.full((1, raw.shape[0]), np.nan, np.float32)
+    qdot.kernel_for(qtype)(raw, act, out)
+    return out[0]
+
+
+def _reference(qtype: T, raw: np.ndarray, act: qdot.Q8K) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 product of the decoded weights and the codes' values, and S (the bound's scale)."""
+    n = act.q.size
+    w = formats.dequantize(raw, qtype, n).astype(np.float64)
+    x = (act.q.reshape(-1, 256).astype(np.float64) * act.d[:, None].astype(np.float64)).reshape(-1)
+    return w @ x, np.abs(w) @ np.abs(x)
+
+
+def test_q8_k_codes_are_the_rounded_values():
+    """q * d is model.round_q8_k_'s value, bsums the sums of 16 codes; the block's largest magnitude gets -127."""
+    x = _activations(np.random.default_rng(1), 2048)
+    act = qdot.quantize_q8_k(x)
+    rounded = np.empty((1, x.size), np.float32)
+    round_q8_k_(x[None], rounded)
+    values = (act.q.reshape(-1, 256).astype(np.float32) * act.d[:, None]).reshape(-1)
+    np.testing.assert_array_equal(values, rounded[0])
+    np.testing.assert_array_equal(act.bsums, act.q.astype(np.int32).reshape(-1, 16).sum(axis=1))
+    assert act.d[0] == 0 and not act.q[:256].any()
+    assert act.q[300] == act.q[-12] == -127
+    with pytest.raises(ValueError, match="multiple of 256"):
+        qdot.quantize_q8_k(np.zeros(300, np.float32))
+
+
+@pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "random-bytes"])
+@pytest.mark.parametrize("shape", [(96, 512), (384, 4096)], ids=["serial", "parallel"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_the_product_is_the_decoded_weights_times_the_codes(qtype, shape, random_bytes):
+    n_out, n_in = shape
+    rng = np.random.default_rng(int(qtype) + n_in + random_bytes)
+    raw = _stored(rng, qtype, n_out, n_in, random_bytes)
+    act = qdot.quantize_q8_k(_activations(rng, n_in))
+    exact, scale = _reference(qtype, raw, act)
+    got = _product(qtype, raw, act)
+    assert np.isfinite(got).all()
+    assert (np.abs(got - exact) <= RELATIVE_BOUND * scale).all(), np.max(np.abs(got - exact) / scale)
+
+
+SCALE_BYTE = {T.Q4_K: 6, T.Q5_K: 13, T.Q6_K: 200}        # a sub-block scale (Q4_K: with a min's top bits)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_a_changed_byte_changes_the_product(qtype):
+    """One stored byte changed (a quant, a sub-block scale, the high byte of an fp16 scale) moves that row's result
+    by far more than the bound, and no other row: a kernel reading a wrong byte, code or block fails."""
+    rng = np.random.default_rng(100 + int(qtype))
+    raw = _stored(rng, qtype, 96, 1024, random_bytes=False)
+    x = (rng.choice([-1.0, 1.0], 1024) * (1 + rng.random(1024))).astype(np.float32)         # |x| in [1, 2)
+    act = qdot.quantize_q8_k(x)
+    before = _product(qtype, raw, act)
+    size = formats.format_for(qtype).type_size
+    middle = 2 * size                                                            # the third of four blocks
+    offsets = [middle + size - 3, middle + SCALE_BYTE[qtype]] + [middle + h + 1 for h in FP16_OFFSETS[qtype]]
+    _, scale = _reference(qtype, raw, act)
+    for offset in offsets:
+        changed = raw.copy()
+        changed[5, offset] ^= 0x05
+        changed.setflags(write=False)
+        after = _product(qtype, changed, act)
+        assert abs(float(after[5]) - float(before[5])) > 10 * RELATIVE_BOUND * scale[5], offset
+        np.testing.assert_array_equal(np.delete(after, 5), np.delete(before, 5))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_it_agrees_with_the_float_kernel(qtype):
+    """evaluate/matvec.py's float kernel on the same rounded activations: the same product within both bounds."""
+    rng = np.random.default_rng(50 + int(qtype))
+    raw = _stored(rng, qtype, 512, 2048, random_bytes=False)
+    act = qdot.quantize_q8_k(_activations(rng, 2048))
+    x = (act.q.reshape(-1, 256).astype(np.float32) * act.d[:, None]).reshape(1, -1)
+    float_out = np.empty((1, 512), np.float32)
+    matvec.kernel_for(qtype)(raw, x, float_out)
+    _, scale = _reference(qtype, raw, act)
+    assert (np.abs(_product(qtype, raw, act) - float_out[0]) <= 2 * RELATIVE_BOUND * scale).all()
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    raw = np.zeros((4, 2 * 144), np.uint8)
+    act = qdot.quantize_q8_k(np.ones(512, np.float32))
+    kernel = qdot.kernel_for(T.Q4_K)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(raw[:, :144], act, np.empty((1, 4), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(raw, act, np.empty((2, 4), np.float32))
+    assert qdot.kernel_for(T.Q8_0) is None and qdot.kernel_for(T.IQ4_XS) is None
+
+
+PORTABLE_CHECK = """
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from qtool.evaluate import qdot
+from qtool.quantize import formats
+assert not qdot.HAS_AVX2
+rng = np.random.default_rng(3)
+for qtype in qdot.SUPPORTED:
+    raw = rng.integers(0, 256, (8, formats.format_for(qtype).row_bytes(512)), dtype=np.uint8)
+    for o in ((0, 2) if qtype != T.Q6_K else (208,)):
+        raw.reshape(8, 2, -1)[:, :, o + 1] &= 0x3B
+    act = qdot.quantize_q8_k(rng.standard_normal(512).astype(np.float32))
+    out = np.empty((1, 8), np.float32)
+    qdot.kernel_for(qtype)(raw, act, out)
+    w = formats.dequantize(raw, qtype, 512).astype(np.float64)
+    x = (act.q.reshape(-1, 256) * act.d[:, None].astype(np.float64)).reshape(-1)
+    assert (np.abs(out[0] - w @ x) <= 1e-5 * (np.abs(w) @ np.abs(x))).all(), qtype.name
+print("ok")
+"""
+
+
+def test_the_portable_ir_gives_the_same_products(tmp_path):
+    """Where the CPU has no AVX2 the kernels use portable IR for the u8 x s8 products: forced here, in a process
+    with its own (empty) numba cache so that nothing compiled for AVX2 is loaded."""
+    env = dict(os.environ, QTOOL_QDOT_PORTABLE="1", NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
