@@ -23,6 +23,8 @@ Steps (`--steps`), each qtool and llama.cpp as child processes with the same thr
   experts of width 768, top-8) but --moe-layers of its 48 layers (default 4: 2.5 G parameters, 5 GB F16; each layer
   is the same work), the same vocabulary: F16 -> Q4_K_M by both tools (byte comparison), then `ppl` (2 chunks)
   side by side on the Q4_K_M.
+- moe-full: the same shape with all 48 layers (--moe-full-layers) as a Q4_K_M of random blocks (18.6 GB; per-tensor
+  types from llama-quantize's rules, codes random, no F16 and no quantizing): `ppl` (2 chunks) side by side.
 
 Per run: whole-process wall time, peak RSS (the child's high-water mark, file-backed pages of the memory-mapped
 model included; see _measure.py), CPU % (user+sys over wall), and the ratios qtool / llama.cpp. qtool runs under
@@ -56,7 +58,7 @@ from tests.conftest import SHARED  # noqa: E402
 WIKI_RAW = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 CALIBRATION = SHARED / "data" / "calibration" / "groups_merged.txt"
 VOCAB = SHARED / "data" / "vocab" / "ggml-vocab-llama-spm.gguf"
-STEPS = ("quantize", "ppl", "imatrix", "generate", "kld", "moe")
+STEPS = ("quantize", "ppl", "imatrix", "generate", "kld", "moe", "moe-full")
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B)
 MOE_SHAPE = dict(n_embd=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_expert_used=8, n_ff_exp=768,
                  n_ff=6144)
@@ -114,8 +116,13 @@ def write_model(path: Path, n_layer: int) -> None:
     write_gguf(path, "llama", kvs, tensors)
 
 
-def write_moe_model(path: Path, n_layer: int) -> None:
-    """The Qwen3-30B-A3B-shaped F16 GGUF (qwen3moe), streamed tensor by tensor: experts stacked per layer."""
+def write_moe_model(path: Path, n_layer: int, random_blocks: str | None = None) -> None:
+    """The Qwen3-30B-A3B-shaped F16 GGUF (qwen3moe), streamed tensor by tensor: experts stacked per layer.
+
+    `random_blocks` (a file type, e.g. "Q4_K_M"): instead, every tensor in the type llama-quantize's rules give it
+    for that file type (qtool's mixture, the same rules), filled with random blocks (random codes, fp16 scales
+    fixed so that the weights are of the F16 model's size): the whole 48-layer model without its 61 GB F16 and
+    without quantizing it."""
     from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
     from qtool.gguf_io import KV, PlannedTensor, read_gguf, write_gguf
@@ -155,7 +162,50 @@ def write_moe_model(path: Path, n_layer: int) -> None:
         ]
     tensors += [PlannedTensor("output_norm.weight", (n_embd,), T.F32, ones(n_embd)),
                 PlannedTensor("output.weight", (n_vocab, n_embd), T.F16, matrix(2, n_vocab, n_embd))]
+    if random_blocks is not None:
+        tensors, kvs = _as_random_blocks(tensors, kvs, a, n_layer, random_blocks)
     write_gguf(path, a, kvs, tensors)
+
+
+# fp16 block scales of the random blocks: weights of roughly the F16 model's size (std ~0.02)
+_RANDOM_SCALES = {"Q4_K": (8e-5, 6e-4), "Q5_K": (4e-5, 6e-4), "Q6_K": (2e-5,), "Q8_0": (3e-4,), "Q5_0": (2.5e-3,),
+                  "Q4_0": (5e-3,)}
+
+
+def _as_random_blocks(tensors, kvs, arch: str, n_layer: int, file_type: str):
+    from gguf import GGUFValueType as V
+
+    from qtool.gguf_io import KV, PlannedTensor
+    from qtool.quantize import formats
+    from qtool.quantize.mixtures import FileType, ModelInfo, choose_tensor_types
+
+    m = MOE_SHAPE
+    ftype = FileType[file_type]
+    info = ModelInfo(arch, n_layer, m["n_head"], m["n_head_kv"], m["n_expert"])
+    choices = choose_tensor_types([(t.name, t.shape, t.qtype) for t in tensors], ftype, info)
+    by_name = {t.name: t for t in tensors}
+
+    def blocks(name: str, qtype, seed: int):
+        def load() -> np.ndarray:
+            fmt = formats.format_for(qtype)
+            shape = by_name[name].shape
+            raw = np.random.default_rng(seed).integers(0, 256, (int(np.prod(shape[:-1])), fmt.row_bytes(shape[-1])),
+                                                      dtype=np.uint8)
+            cells = raw.reshape(raw.shape[0], -1, fmt.type_size)
+            for offset, scale in zip(fmt.half_offsets, _RANDOM_SCALES[qtype.name]):
+                cells[:, :, offset:offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
+            return raw
+        return load
+
+    out = []
+    for i, c in enumerate(choices):
+        t = by_name[c.name]
+        if c.target_type == t.qtype:
+            out.append(t)
+        else:
+            out.append(PlannedTensor(c.name, t.shape, c.target_type, blocks(c.name, c.target_type, 1000 + i)))
+    kvs = [kv if kv.key != "general.file_type" else KV(kv.key, int(ftype), V.UINT32) for kv in kvs]
+    return out, kvs
 
 
 def digest(path: Path) -> str:
@@ -273,6 +323,22 @@ def run_moe(wd: Path, n_layer: int, threads: int, chunks: int, q_env: dict, l_en
     return out
 
 
+def run_moe_full(wd: Path, n_layer: int, threads: int, chunks: int, q_env: dict, l_env: dict) -> list[Result]:
+    """The whole Qwen3-30B-A3B shape in Q4_K_M, of random blocks (write_moe_model): ppl side by side."""
+    q4 = wd / f"qwen3moe-30b-a3b-{n_layer}L-random-Q4_K_M.gguf"
+    if not q4.exists():
+        t0 = time.perf_counter()
+        write_moe_model(q4, n_layer, random_blocks="Q4_K_M")
+        log(f"wrote {q4} ({q4.stat().st_size / GB:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+    t, js = str(threads), wd / f"ppl-moe-full-{n_layer}L.json"
+    return [run("moe-full ppl", "Q4_K_M", "llama", threads,
+                [str(tool_path("llama-perplexity")), "-m", str(q4), "-f", str(WIKI_RAW), "-c", "512",
+                 "--chunks", str(chunks), "-t", t], l_env, _ppl_llama),
+            run("moe-full ppl", "Q4_K_M", "qtool", threads,
+                qtool_cmd("ppl", str(q4), "--dataset", str(WIKI_RAW), "--ctx", "512", "--chunks", str(chunks),
+                          "--threads", t, "--json", str(js)), q_env, _ppl_qtool(js))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qtool-scale"))
@@ -282,6 +348,8 @@ def main() -> int:
     ap.add_argument("--ppl-models", default="Q4_K_M,Q8_0,F16")
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--moe-layers", type=int, default=4, help="layers of the 30B-A3B shape for the moe step (of 48)")
+    ap.add_argument("--moe-full-layers", type=int, default=48,
+                    help="layers of the 30B-A3B shape for the moe-full step (48: the whole model, 18.6 GB)")
     args = ap.parse_args()
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if set(steps) - set(STEPS):
@@ -302,14 +370,15 @@ def main() -> int:
     log(f"{cores} cores; load average {os.getloadavg()[0]:.2f}; numpy BLAS in qtool's environment: "
         f"{probe.stdout.strip() or probe.stderr.strip()[-300:]}")
 
-    if steps == ["moe"]:
+    moe_only = not set(steps) - {"moe", "moe-full"}
+    if moe_only:
         pass
     elif not files["F16"].exists():
         t0 = time.perf_counter()
         write_model(files["F16"], args.layers)
         log(f"wrote {files['F16']} ({files['F16'].stat().st_size / GB:.2f} GB) in {time.perf_counter() - t0:.0f} s")
     env_all = qtool_env(cores)
-    if steps != ["moe"] and not files["Q8_0"].exists():
+    if not moe_only and not files["Q8_0"].exists():
         subprocess.run(qtool_cmd("quantize", str(files["F16"]), str(files["Q8_0"]), "--type", "Q8_0"),
                        env=env_all, check=True, capture_output=True, timeout=3600)
     results: list[Result] = []
@@ -317,7 +386,7 @@ def main() -> int:
         q_env, l_env = qtool_env(threads), clean_env()
         t = str(threads)
         log(f"\n--- {threads} thread(s) ---")
-        if "quantize" in steps or (not files["Q4_K_M"].exists() and steps != ["moe"]):
+        if "quantize" in steps or (not files["Q4_K_M"].exists() and not moe_only):
             out_l, out_q = wd / "llama-Q4_K_M.gguf", files["Q4_K_M"]
             for p in (out_l, out_q):
                 p.unlink(missing_ok=True)
@@ -361,6 +430,8 @@ def main() -> int:
                                 "-n", "32", "-r", "1", "-t", t, "-o", "json"], l_env, _bench_llama))
         if "moe" in steps:
             results += run_moe(wd, args.moe_layers, threads, args.chunks, q_env, l_env)
+        if "moe-full" in steps:
+            results += run_moe_full(wd, args.moe_full_layers, threads, args.chunks, q_env, l_env)
         if "kld" in steps:
             js = wd / "kld.json"
             results.append(run("kld", "3 models", "qtool", threads,

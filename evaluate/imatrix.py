@@ -364,17 +364,12 @@ def calibration_tokens(weights, dataset: str, n_ctx: int, n_chunks: int | None,
                        parse_special: bool = False) -> tuple[np.ndarray, int, int | None, str]:
     """(tokens of the calibration text, chunks to collect, the BOS that starts each chunk or None, its name)."""
     from qtool.evaluate.datasets import load_eval_text
-    from qtool.evaluate.perplexity import count_chunks
-    from qtool.evaluate.tokenizer import Tokenizer
+    from qtool.evaluate.perplexity import chunked_tokens
 
     text = load_eval_text(dataset)
-    tokenizer = Tokenizer.from_gguf(weights.gguf)
-    tokens = np.asarray(tokenizer.encode(text.text, add_special=True, parse_special=parse_special), np.int64)
-    try:
-        n_total = count_chunks(len(tokens), n_ctx, n_chunks)
-    except QtoolError as e:
-        raise QtoolError(f"calibration text {text.name}: {e}") from None
-    return tokens, n_total, tokenizer.bos_id if tokenizer.add_bos else None, text.name
+    tokens, n_total, bos = chunked_tokens(weights.gguf, text.text, n_ctx, n_chunks, parse_special=parse_special,
+                                          what=f"calibration text {text.name}")
+    return tokens, n_total, bos, text.name
 
 
 def compute_imatrix_file(model_path: str | Path | None, dataset: str | None, output: str | Path, *,

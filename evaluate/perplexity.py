@@ -355,13 +355,22 @@ def open_models(paths: Sequence[str | Path], *, max_memory: int | None = None, a
     return models
 
 
-def eval_tokens(base, text: str, n_ctx: int, n_chunks: int | None) -> tuple[np.ndarray, int, int | None]:
-    """(tokens of `text` in the base's vocabulary, chunks to evaluate, the BOS that starts each chunk or None)."""
+def chunked_tokens(gguf_file, text: str, n_ctx: int, n_chunks: int | None, *, parse_special: bool = False,
+                   what: str | None = None) -> tuple[np.ndarray, int, int | None]:
+    """(tokens of `text` in the vocabulary of the model file `gguf_file`, tokenized as llama-perplexity and
+    llama-imatrix tokenize it, the whole chunks of n_ctx tokens to use, the BOS that starts each chunk or None).
+    `what` names the text in the error for a text too short for one chunk."""
     from qtool.evaluate.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_gguf(base.weights.gguf)
-    tokens = np.asarray(tokenizer.encode(text, add_special=True, parse_special=False), dtype=np.int64)
-    return tokens, count_chunks(len(tokens), n_ctx, n_chunks), tokenizer.bos_id if tokenizer.add_bos else None
+    tokenizer = Tokenizer.from_gguf(gguf_file)
+    tokens = np.asarray(tokenizer.encode(text, add_special=True, parse_special=parse_special), dtype=np.int64)
+    try:
+        n = count_chunks(len(tokens), n_ctx, n_chunks)
+    except QtoolError as e:
+        if what is None:
+            raise
+        raise QtoolError(f"{what}: {e}") from None
+    return tokens, n, tokenizer.bos_id if tokenizer.add_bos else None
 
 
 def score_chunks(models: Sequence[LanguageModel], chunk_tokens: np.ndarray, n_ctx: int, bos_id: int | None, *,
@@ -410,7 +419,7 @@ def run_perplexity(base_path: str | Path, variant_paths: Sequence[str | Path], t
     weight's type (the numbers llama-perplexity prints), "float32" keeps activations exact.
     """
     models = open_models([base_path, *variant_paths], max_memory=max_memory, activations=activations, n_ctx=n_ctx)
-    tokens, n_total, bos = eval_tokens(models[0], text, n_ctx, n_chunks)
+    tokens, n_total, bos = chunked_tokens(models[0].weights.gguf, text, n_ctx, n_chunks)
     t0 = time.perf_counter()
     scores = score_chunks(models, tokens[:n_total * n_ctx], n_ctx, bos, progress=progress)
     return summarize_run(models, scores, dataset_name=dataset_name, n_ctx=n_ctx, n_chunks=n_total,

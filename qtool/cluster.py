@@ -242,12 +242,12 @@ class RayCluster:
     def evaluate(self, base: Path, variants: Sequence[Path], text: str, *, dataset_name: str, n_ctx: int,
                  n_chunks: int | None, units: UnitStore) -> PerplexityRun:
         """`run_perplexity(base, variants, text)`'s numbers, computed as ranges of whole groups of chunks."""
-        from qtool.evaluate.perplexity import (eval_tokens, group_size, merge_scores, open_models, scored_per_chunk,
+        from qtool.evaluate.perplexity import (chunked_tokens, group_size, merge_scores, open_models, scored_per_chunk,
                                                summarize_run)
 
         paths = [Path(base), *map(Path, variants)]
         models = open_models(paths, n_ctx=n_ctx)
-        tokens, n_total, bos = eval_tokens(models[0], text, n_ctx, n_chunks)
+        tokens, n_total, bos = chunked_tokens(models[0].weights.gguf, text, n_ctx, n_chunks)
         group = group_size(n_ctx, models[0].n_vocab)
         logits = 2 * 4 * group * scored_per_chunk(n_ctx) * models[0].n_vocab       # the base's and one variant's
         memory = max(p.stat().st_size for p in paths) + logits + TASK_OVERHEAD_BYTES

@@ -259,8 +259,7 @@ def measure_gains(plan, sens: Sensitivity, calibration: str, *, n_chunks: int, n
     over every position of `n_chunks` calibration chunks, float32 activations."""
     from qtool.evaluate.datasets import load_eval_text
     from qtool.evaluate.model import Model
-    from qtool.evaluate.perplexity import chunk_inputs, count_chunks, kl_divergence, log_softmax_nll
-    from qtool.evaluate.tokenizer import Tokenizer
+    from qtool.evaluate.perplexity import chunk_inputs, chunked_tokens, kl_divergence, log_softmax_nll
     from qtool.evaluate.weights import GGUFWeights
 
     class SwappedWeights(GGUFWeights):
@@ -281,13 +280,8 @@ def measure_gains(plan, sens: Sensitivity, calibration: str, *, n_chunks: int, n
     if n_ctx > model.config.context_length:
         raise QtoolError(f"--ctx {n_ctx} exceeds the model's context length {model.config.context_length}")
     text = load_eval_text(calibration)
-    tokenizer = Tokenizer.from_gguf(weights.gguf)
-    tokens = np.asarray(tokenizer.encode(text.text, add_special=True, parse_special=False), dtype=np.int64)
-    try:
-        n = count_chunks(len(tokens), n_ctx, n_chunks)
-    except QtoolError as e:
-        raise QtoolError(f"calibration text {text.name}: {e}") from None
-    inputs, _ = chunk_inputs(tokens, 0, n, n_ctx, tokenizer.bos_id if tokenizer.add_bos else None)
+    tokens, n, bos = chunked_tokens(weights.gguf, text.text, n_ctx, n_chunks, what=f"calibration text {text.name}")
+    inputs, _ = chunk_inputs(tokens, 0, n, n_ctx, bos)
     sens.calibration, sens.calibration_tokens = text.name, n * n_ctx
     if n < n_chunks:
         sens.notes.append(f"the calibration text has {n} chunks of {n_ctx} tokens; measured on those")
