@@ -66,6 +66,7 @@ def _check(kernel, raw: np.ndarray, qtype: T, x: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow          # numba compiles 8 builds per type (B = 1..4, parallel and serial): ~20-45 s each
 @pytest.mark.parametrize("qtype", matvec.SUPPORTED, ids=lambda t: t.name)
 def test_the_product_is_the_decoded_weights_product(qtype):
     rng = np.random.default_rng(int(qtype))
