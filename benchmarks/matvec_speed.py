@@ -4,7 +4,8 @@ for an 11008x4096 (Llama-2-7B FFN) and a 4096x4096 matrix of each type, seconds 
 after a warm-up), as GB/s of stored bytes read and weights per second. The reference column is what
 GGUFWeights.matmul does for types without a kernel: formats.decode into a float32 buffer, then np.matmul (F32:
 np.matmul on the stored values). Results are checked against that reference (max error over the float32 bound
-sum |x| |W|).
+sum |x| |W|). For the K-quants with one row of x, a last column times qtool.evaluate.qdot (integer products with the
+row's Q8_K codes, what decoding uses) against the float kernel.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/matvec_speed.py [--types Q4_K,Q6_K] [--repeats 5]
     python benchmarks/matvec_speed.py --crossover        # serial vs parallel time on small matrices
@@ -40,7 +41,7 @@ def speed(args) -> int:
     import numba
     from gguf import GGMLQuantizationType as T
 
-    from qtool.evaluate import matvec
+    from qtool.evaluate import matvec, qdot
     from qtool.quantize import formats
 
     print(f"cores {os.cpu_count()}, numba threads {numba.get_num_threads()} ({numba.threading_layer()}), "
@@ -52,7 +53,8 @@ def speed(args) -> int:
     x = rng.standard_normal((args.rows, n_in)).astype(np.float32)
     buffer = np.empty((n_rows, n_in), np.float32)
     print(f"{'type':5s} {'shape':>10s} {'MB':>6s} | {'matvec ms':>9s} {'GB/s':>6s} {'Gw/s':>6s} | "
-          f"{'decode+matmul ms':>16s} {'GB/s':>6s} | {'speedup':>7s} {'max err/bound':>13s}")
+          f"{'decode+matmul ms':>16s} {'GB/s':>6s} | {'speedup':>7s} {'max err/bound':>13s} | {'qdot ms':>7s} "
+          f"{'GB/s':>6s} {'vs matvec':>9s}")
     names = ["F32"] + args.types.split(",")
     for name in names:
         qtype = T[name]
@@ -82,6 +84,11 @@ def speed(args) -> int:
                 exact = x.astype(np.float64) @ dense.T
                 bound = np.abs(x).astype(np.float64) @ np.abs(dense).T
                 line += f"{t_ref / t:6.1f}x {np.max(np.abs(out - exact) / bound):13.1e}"
+            integer = qdot.kernel_for(qtype)
+            if integer is not None and args.rows == 1:
+                act = qdot.quantize_q8_k(x[0])
+                t_int = best(lambda: integer(raw, act, out), args.repeats)
+                line += f" | {t_int * 1e3:7.3f} {raw.nbytes / t_int / 1e9:6.2f} {t / t_int:8.2f}x"
             print(line, flush=True)
     return 0
 
