@@ -4,20 +4,24 @@ llama.cpp's CPU backend rounds a product's input row to Q8_K (per 256 values a f
 the sums of each 16 codes) before multiplying it by K-quant weights, and then multiplies integers: per super-block
 `d_x * d_w * sum_j sc_j * dot(codes_j, q_j)` (minus the mins' term, from the sums). qtool's model rounds the input
 the same way (model.round_q8_k_); the float kernels of evaluate/matvec.py then decode every weight to float32 and
-multiply floats. These kernels multiply the codes as integers instead, 16 pairs per instruction:
+multiply floats. These kernels multiply the codes as integers instead, 64 values per step:
 
     u8 codes x s8 activations, adjacent pairs summed to int16   (vpmaddubsw; the codes are < 64: never saturates)
     int16 sums x the sub-block's scale, pairs summed to int32    (vpmaddwd, fused with the add: vpdpwssd on VNNI)
 
-which on one 11008x4096 Q4_K matrix, one thread, took 1.1 ms against the float kernel's 1.9 ms. Every integer sum
-is exact, so a row's result differs from the exact product of the rounded activations and the decoded weights only
-by the float32 rounding of the per-block terms and of the row's running sum (the tests bound it).
+then, per block, the int32 lanes times d_x * d (the fp16 converted by fpext: vcvtph2ps) into 16 float32 lanes, and
+the mins' term into 8 more, all kept in registers; a row ends with one pairwise sum of the lanes. On one 11008x4096
+matrix, one thread: Q4_K 0.73 ms, Q5_K 0.88, Q6_K 0.97 against the float kernels' 1.9, 2.2, 2.6
+(benchmarks/matvec_speed.py). Every integer sum is exact, so a row's result differs from the exact product of the
+rounded activations and the decoded weights only by the float32 rounding of the per-block terms and of the lanes'
+sums (tests/test_qdot.py bounds it).
 
     kernel = kernel_for(qtype)          # None where there is none (the caller uses evaluate/matvec.py)
     kernel(raw, act, out)               # raw uint8 [n_out, row_bytes], act: quantize_q8_k(x), out float32 [1, n_out]
 
-The vector code is LLVM IR (numba intrinsics): on x86 with AVX2 the first multiply is llvm.x86.avx2.pmadd.ub.sw;
-elsewhere the same integers in portable IR (LLVM picks the instructions). Types: Q4_K, Q5_K, Q6_K.
+The vector code is LLVM IR (numba intrinsics). The u8 x s8 multiply is llvm.x86.avx512.pmaddubs.w.512 with
+AVX-512BW, two llvm.x86.avx2.pmadd.ub.sw with AVX2, elsewhere the same integers in portable IR (LLVM picks the
+instructions). Types: Q4_K, Q5_K, Q6_K.
 """
 from __future__ import annotations
 
