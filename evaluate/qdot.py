@@ -215,7 +215,8 @@ def _k4_block(builder, acc, bp, xp, sp, dx, with_fifth_bit):
                      for h in range(2)]
             low, high = builder.or_(low, fifth[0]), builder.or_(high, fifth[1])
         products = _codes_times_x(builder, _concat(builder, low, high), _load(builder, xp, 64 * g, I8, 64))
-        sums = builder.add(sums, _times_scales(builder, products, _pick(builder, scales, [2 * g] * 16 + [2 * g + 1] * 16)))
+        lanes = [2 * g] * 16 + [2 * g + 1] * 16                                 # sub-blocks 2g, 2g + 1
+        sums = builder.add(sums, _times_scales(builder, products, _pick(builder, scales, lanes)))
     _accumulate(builder, acc, 0, builder.fmul(dx, _fp16(builder, bp, 0)), sums)
     pair_sums = _pairs(builder, _load(builder, sp, 0, I16, 16), 16)              # Q8_K's sums of 32
     min_terms = builder.mul(builder.sext(pair_sums, ir.VectorType(I32, 8)), builder.zext(mins, ir.VectorType(I32, 8)))
