@@ -21,5 +21,5 @@ def foreign_env() -> dict:
     """os.environ without the thread settings qtool added: the environment another program should run in."""
     return {k: v for k, v in _os.environ.items() if k not in THREAD_ENV_APPLIED}
 
-# GGML types the llama.cpp qtool matches has and the installed gguf lacks (Q2_0): added to gguf's tables on import
+# GGML types the pinned llama.cpp has and the installed gguf lacks (Q2_0): added to gguf's tables on import
 from . import ggml_types as _ggml_types  # noqa: E402,F401  (after the thread settings: gguf imports numpy)
