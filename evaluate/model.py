@@ -380,18 +380,11 @@ def round_q8_k_(x: np.ndarray, out: np.ndarray) -> None:
     n_rows, n = x.shape
     for r in prange(n_rows):
         for b in range(0, n, 256):
-            amax = np.float32(0.0)
-            signed_max = np.float32(0.0)
-            for j in range(b, b + 256):
-                if abs(x[r, j]) > amax:
-                    amax = abs(x[r, j])
-                    signed_max = x[r, j]
-            if amax == 0:
+            iscale, d = qdot.q8_k_scale(x[r], b)
+            if d == 0:
                 for j in range(b, b + 256):
                     out[r, j] = 0.0
                 continue
-            iscale = np.float32(-127.0) / signed_max
-            d = np.float32(1.0) / iscale
             for j in range(b, b + 256):
                 out[r, j] = min(np.float32(127.0), np.rint(iscale * x[r, j])) * d
 
