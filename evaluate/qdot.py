@@ -1,23 +1,28 @@
-"""Integer dot products for decoding one token: k-quant weights times 8-bit activations, as llama.cpp multiplies them.
+"""Integer products: k-quant weights times 8-bit activations, as llama.cpp multiplies them.
 
-llama.cpp's CPU backend rounds a product's input row to Q8_K (per 256 values a float scale d and int8 codes q, plus
-the sums of each 16 codes) before multiplying it by K-quant weights, and then multiplies integers: per super-block
-`d_x * d_w * sum_j sc_j * dot(codes_j, q_j)` (minus the mins' term, from the sums). qtool's model rounds the input
-the same way (model.round_q8_k_); the float kernels of evaluate/matvec.py then decode every weight to float32 and
-multiply floats. These kernels multiply the codes as integers instead, 64 values per step:
+llama.cpp's CPU backend rounds a product's input rows to Q8_K (per 256 values a float scale d and int8 codes q, plus
+the sums of each 16 codes) before multiplying them by K-quant weights, and then multiplies integers: per super-block
+`d_x * d_w * sum_j sc_j * dot(codes_j, q_j)` (minus the mins' term, from the sums). These kernels do the same, 64
+values per step:
 
     u8 codes x s8 activations, adjacent pairs summed to int16   (vpmaddubsw; the codes are < 64: never saturates)
     int16 sums x the sub-block's scale, pairs summed to int32    (vpmaddwd, fused with the add: vpdpwssd on VNNI)
 
 then, per block, the int32 lanes times d_x * d (the fp16 converted by fpext: vcvtph2ps) into 16 float32 lanes, and
-the mins' term into 8 more, all kept in registers; a row ends with one pairwise sum of the lanes. On one 11008x4096
-matrix, one thread: Q4_K 0.73 ms, Q5_K 0.88, Q6_K 0.97 against the float kernels' 1.9, 2.2, 2.6
-(benchmarks/matvec_speed.py). Every integer sum is exact, so a row's result differs from the exact product of the
-rounded activations and the decoded weights only by the float32 rounding of the per-block terms and of the lanes'
-sums (tests/test_qdot.py bounds it).
+the mins' term into 8 more, all kept in registers; a row ends with one pairwise sum of the lanes. Every integer sum is
+exact, so a result differs from the exact product of the rounded activations and the decoded weights only by the
+float32 rounding of the per-block terms and of the lanes' sums (tests/test_qdot.py bounds it).
 
-    kernel = kernel_for(qtype)          # None where there is none (the caller uses evaluate/matvec.py)
-    kernel(raw, act, out)               # raw uint8 [n_out, row_bytes], act: quantize_q8_k(x), out float32 [1, n_out]
+One activation row (decoding a token): one weight row per step, parallel over rows. On one 11008x4096 matrix, one
+thread: Q4_K 0.72 ms, Q5_K 0.91, Q6_K 0.93 against the float kernels of evaluate/matvec.py 1.7, 2.1, 2.3
+(benchmarks/matvec_speed.py). Several rows (a prompt, a perplexity chunk): each weight block is unpacked once for
+TOKENS activation rows, whose arithmetic stays each row's own (a row's result is bit for bit its one-row result);
+groups of weight rows in parallel, each group's rows read against every tile of activation rows. On 4096x4096 times
+512 rows, one thread, about 230 GOPS (Q4_K, Q6_K) and 200 (Q5_K), against 210 GFLOP/s for OpenBLAS's sgemm on
+weights decoded beforehand; in a 7B prefill the decode tiles and the float rounding of the activations go too.
+
+    kernel = kernel_for(qtype)          # None where there is none (the caller decodes tiles for BLAS)
+    kernel(raw, act, out)               # raw uint8 [n_out, row_bytes], act = quantize_q8_k(x), out float32 [rows, n_out]
 
 The vector code is LLVM IR (numba intrinsics). The u8 x s8 multiply is llvm.x86.avx512.pmaddubs.w.512 with
 AVX-512BW, two llvm.x86.avx2.pmadd.ub.sw with AVX2, elsewhere the same integers in portable IR (LLVM picks the
@@ -51,6 +56,9 @@ I8, I16, I32, F = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FEATURES = {} if os.environ.get("QTOOL_QDOT_PORTABLE") == "1" else llvm.get_host_cpu_features()
 HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 HAS_AVX512BW = bool(_FEATURES.get("avx512bw", False))
+TOKEN_LANES = 32                # float32 accumulators per token: 16 of d * sums, 8 of -dmin * mins, 8 unused (so
+                                # that every token's lanes start on a cache line)
+TOKENS = 4                      # activation rows the products kernel takes per unpacked weight block
 
 
 @dataclass
@@ -92,13 +100,25 @@ def _quantize_q8_k(x, q, d, bsums):
             bsums[16 * ib + s] = total
 
 
+@njit(parallel=True, cache=True)
+def _quantize_q8_k_rows(x, q, d, bsums):
+    for r in prange(x.shape[0]):
+        _quantize_q8_k(x[r], q[r], d[r], bsums[r])
+
+
 def quantize_q8_k(x: np.ndarray) -> Q8K:
-    """A float32 row (n a multiple of 256) as Q8_K; the values q * d are model.round_q8_k_'s."""
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    if x.size % QK_K:
-        raise ValueError(f"Q8_K needs a multiple of {QK_K} values, got {x.size}")
-    act = Q8K(np.empty(x.size, np.int8), np.empty(x.size // QK_K, np.float32), np.empty(x.size // 16, np.int16))
-    _quantize_q8_k(x, act.q, act.d, act.bsums)
+    """A float32 row (n a multiple of 256) as Q8_K, or each row of a 2-D x (the arrays then 2-D, one row per row);
+    the values q * d are model.round_q8_k_'s."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        x = x.reshape(-1)
+    n = x.shape[-1]
+    if n % QK_K:
+        raise ValueError(f"Q8_K needs a multiple of {QK_K} values, got {n}")
+    lead = x.shape[:-1]
+    act = Q8K(np.empty(x.shape, np.int8), np.empty(lead + (n // QK_K,), np.float32),
+              np.empty(lead + (n // 16,), np.int16))
+    (_quantize_q8_k_rows if x.ndim == 2 else _quantize_q8_k)(x, act.q, act.d, act.bsums)
     return act
 
 
@@ -197,14 +217,16 @@ def _fp16(builder, bp, offset):
     return builder.fpext(builder.load(where, align=1), F)
 
 
-def _k4_block(builder, acc, bp, xp, sp, dx, with_fifth_bit):
-    """acc[0:16] += d * (scale_j * dot(codes_j, x_j) in 16 lanes), acc[16:24] += -dmin * (min_j * sum(x_j)) of a
-    Q4_K (Q5_K) block: sub-blocks 2g, 2g + 1 are the low and high nibbles of qs[32g:32g + 32] (plus bits 2g, 2g + 1
-    of qh[0:32] as bit 4), so one 64-value step takes qs[32g:32g + 32] and x[64g:64g + 64]."""
+def _k4_block(builder, acc, bp, tokens, with_fifth_bit):
+    """Per token t of `tokens` ((xp, sp, dx): its codes, its sums of 16, its scale), acc[32t:32t + 16] += d * (scale_j *
+    dot(codes_j, x_j) in 16 lanes) and acc[32t + 16:32t + 24] += -dmin * (min_j * sum(x_j)) of a Q4_K (Q5_K) block:
+    sub-blocks 2g, 2g + 1 are the low and high nibbles of qs[32g:32g + 32] (plus bits 2g, 2g + 1 of qh[0:32] as bit
+    4), so one 64-value step takes qs[32g:32g + 32] and x[64g:64g + 64]. The weights are unpacked once for all the
+    tokens; each token's arithmetic is the same as when it is alone."""
     scales, mins = _k4_scales_and_mins(builder, bp)
     qs_at = 48 if with_fifth_bit else 16
     qh = _load(builder, bp, 16, I8, 32) if with_fifth_bit else None
-    sums = _vector(I32, 16, 0)
+    sums = [_vector(I32, 16, 0)] * len(tokens)
     for g in range(4):
         qs = _load(builder, bp, qs_at + 32 * g, I8, 32)
         low, high = builder.and_(qs, _vector(I8, 32, 15)), builder.lshr(qs, _vector(I8, 32, 4))
@@ -214,13 +236,18 @@ def _k4_block(builder, acc, bp, xp, sp, dx, with_fifth_bit):
                                                           _vector(I8, 32, 0)), _vector(I8, 32, 16), _vector(I8, 32, 0))
                      for h in range(2)]
             low, high = builder.or_(low, fifth[0]), builder.or_(high, fifth[1])
-        products = _codes_times_x(builder, _concat(builder, low, high), _load(builder, xp, 64 * g, I8, 64))
+        codes = _concat(builder, low, high)
         lanes = [2 * g] * 16 + [2 * g + 1] * 16                                 # sub-blocks 2g, 2g + 1
-        sums = builder.add(sums, _times_scales(builder, products, _pick(builder, scales, lanes)))
-    _accumulate(builder, acc, 0, builder.fmul(dx, _fp16(builder, bp, 0)), sums)
-    pair_sums = _pairs(builder, _load(builder, sp, 0, I16, 16), 16)              # Q8_K's sums of 32
-    min_terms = builder.mul(builder.sext(pair_sums, ir.VectorType(I32, 8)), builder.zext(mins, ir.VectorType(I32, 8)))
-    _accumulate(builder, acc, 16, builder.fneg(builder.fmul(dx, _fp16(builder, bp, 2))), min_terms)
+        block_scales = _pick(builder, scales, lanes)
+        for t, (xp, _, _) in enumerate(tokens):
+            products = _codes_times_x(builder, codes, _load(builder, xp, 64 * g, I8, 64))
+            sums[t] = builder.add(sums[t], _times_scales(builder, products, block_scales))
+    d, dmin = _fp16(builder, bp, 0), _fp16(builder, bp, 2)
+    mins16 = _pick(builder, mins, [j // 2 for j in range(16)])
+    for t, (_, sp, dx) in enumerate(tokens):
+        _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d), sums[t])
+        min_terms = _times_scales(builder, _load(builder, sp, 0, I16, 16), mins16)   # min_j * (sums of 32)
+        _accumulate(builder, acc, TOKEN_LANES * t + 16, builder.fneg(builder.fmul(dx, dmin)), min_terms)
 
 
 def _block_intrinsic(body):
@@ -232,7 +259,7 @@ def _block_intrinsic(body):
             bp = _pointer(context, builder, signature.args[1], args[1])
             xp = _pointer(context, builder, signature.args[2], args[2], args[3])
             sp = _pointer(context, builder, signature.args[4], args[4], args[5])
-            body(builder, args[0], bp, xp, sp, args[6])
+            body(builder, args[0], bp, [(xp, sp, args[6])])
             return context.get_dummy_value()
 
         return types.void(acc, blk, q, q_at, bsums, bsums_at, dx), codegen
@@ -240,17 +267,43 @@ def _block_intrinsic(body):
     return block
 
 
-_q4_k_block = _block_intrinsic(lambda b, acc, bp, xp, sp, dx: _k4_block(b, acc, bp, xp, sp, dx, False))
-_q5_k_block = _block_intrinsic(lambda b, acc, bp, xp, sp, dx: _k4_block(b, acc, bp, xp, sp, dx, True))
+def _tile_intrinsic(body, n_tokens):
+    """As _block_intrinsic for `n_tokens` consecutive rows of 2-D activations: f(acc, block bytes, q, q offset,
+    bsums, bsums offset, d, d offset), the offsets (in elements) those of the first row's block; token t's lanes
+    start at acc[32t]."""
+    @intrinsic
+    def tile(typingctx, acc, blk, q, q_at, bsums, bsums_at, d, d_at):
+        def codegen(context, builder, signature, args):
+            bp = _pointer(context, builder, signature.args[1], args[1])
+            arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (2, 4, 6)]
+            q_row, s_row, d_row = (builder.extract_value(a.strides, 0) for a in arrays)    # bytes per row
+            tokens = []
+            for t in range(n_tokens):
+                shift = [builder.mul(stride, ir.Constant(stride.type, t)) for stride in (q_row, s_row, d_row)]
+                xp = builder.gep(_pointer(context, builder, signature.args[2], args[2], args[3]), [shift[0]])
+                sp = builder.gep(_pointer(context, builder, signature.args[4], args[4], args[5]), [shift[1]])
+                dp = builder.gep(_pointer(context, builder, signature.args[6], args[6], args[7]), [shift[2]])
+                tokens.append((xp, sp, builder.load(builder.bitcast(dp, ir.PointerType(F)))))
+            body(builder, args[0], bp, tokens)
+            return context.get_dummy_value()
+
+        return types.void(acc, blk, q, q_at, bsums, bsums_at, d, d_at), codegen
+
+    return tile
 
 
-def _q6_k_ir(builder, acc, bp, xp, sp, dx):
-    """acc[0:16] += d * (scale_i * dot(codes_i - 32, x_i) in 16 lanes) of a Q6_K block, codes 0..63: per half hf,
-    ql[64hf:], qh[128 + 32hf:], values 128hf + 32t + l (t = 0..3, l < 32) are the low (t < 2) or high nibble of
-    ql[32(t % 2) + l] with bits 2t, 2t + 1 of qh[l] above, in sub-blocks of 16 with scales[8hf + 2t + l // 16];
-    one 64-value step is t = 0, 1 or t = 2, 3 of a half. The 32 is taken off with Q8_K's sums of 16."""
+def _k4_ir(with_fifth_bit):
+    return lambda builder, acc, bp, tokens: _k4_block(builder, acc, bp, tokens, with_fifth_bit)
+
+
+def _q6_k_ir(builder, acc, bp, tokens):
+    """Per token t, acc[32t:32t + 16] += d * (scale_i * dot(codes_i - 32, x_i) in 16 lanes) of a Q6_K block, codes
+    0..63: per half hf, ql[64hf:], qh[128 + 32hf:], values 128hf + 32t + l (t = 0..3, l < 32) are the low (t < 2) or
+    high nibble of ql[32(t % 2) + l] with bits 2t, 2t + 1 of qh[l] above, in sub-blocks of 16 with
+    scales[8hf + 2t + l // 16]; one 64-value step is t = 0, 1 or t = 2, 3 of a half. The 32 is taken off with Q8_K's
+    sums of 16."""
     scales = builder.sext(_load(builder, bp, 192, I8, 16), ir.VectorType(I16, 16))
-    sums = _vector(I32, 16, 0)
+    sums = [_vector(I32, 16, 0)] * len(tokens)
     for hf in range(2):
         low = _load(builder, bp, 64 * hf, I8, 64)
         qh = _load(builder, bp, 128 + 32 * hf, I8, 32)
@@ -259,21 +312,22 @@ def _q6_k_ir(builder, acc, bp, xp, sp, dx):
             high = [builder.and_(builder.lshr(qh, _vector(I8, 32, 2 * t)), _vector(I8, 32, 3))
                     for t in (2 * step, 2 * step + 1)]
             codes = builder.or_(nibbles, builder.shl(_concat(builder, *high), _vector(I8, 64, 4)))
-            products = _codes_times_x(builder, codes, _load(builder, xp, 128 * hf + 64 * step, I8, 64))
             s = 8 * hf + 4 * step
             lanes = [s] * 8 + [s + 1] * 8 + [s + 2] * 8 + [s + 3] * 8
-            sums = builder.add(sums, _times_scales(builder, products, _pick(builder, scales, lanes)))
-    offsets = _times_scales(builder, _load(builder, sp, 0, I16, 16), scales)     # scale_i * sum(x_i), 8 lanes
-    thirty_two = builder.mul(_concat(builder, offsets, _vector(I32, 8, 0)), _vector(I32, 16, 32))
-    _accumulate(builder, acc, 0, builder.fmul(dx, _fp16(builder, bp, 208)), builder.sub(sums, thirty_two))
-
-
-_q6_k_block = _block_intrinsic(_q6_k_ir)
+            step_scales = _pick(builder, scales, lanes)
+            for t, (xp, _, _) in enumerate(tokens):
+                products = _codes_times_x(builder, codes, _load(builder, xp, 128 * hf + 64 * step, I8, 64))
+                sums[t] = builder.add(sums[t], _times_scales(builder, products, step_scales))
+    d = _fp16(builder, bp, 208)
+    for t, (_, sp, dx) in enumerate(tokens):
+        offsets = _times_scales(builder, _load(builder, sp, 0, I16, 16), scales)     # scale_i * sum(x_i), 8 lanes
+        thirty_two = builder.mul(_concat(builder, offsets, _vector(I32, 8, 0)), _vector(I32, 16, 32))
+        _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d), builder.sub(sums[t], thirty_two))
 
 
 # --- kernels: one weight row per iteration, parallel over rows ---------------------------------------------------
-# A template: `_variant` compiles it with its type's block intrinsic and bytes per block as constants.
-_block = None
+# Templates: `_variant` compiles them with their type's block intrinsics and bytes per block as constants.
+_block = _tile = None
 BLOCK_BYTES = 0
 ACC_LANES = 24                  # 16 lanes of d * sums, 8 of -dmin * mins (Q4_K, Q5_K)
 
@@ -297,34 +351,97 @@ def _pairwise8(acc, s):
     return ((acc[s] + acc[s + 4]) + (acc[s + 2] + acc[s + 6])) + ((acc[s + 1] + acc[s + 5]) + (acc[s + 3] + acc[s + 7]))
 
 
-# type -> (bytes per block, block intrinsic)
-_SPECS = {T.Q4_K: (Q4_K_BYTES, _q4_k_block), T.Q5_K: (Q5_K_BYTES, _q5_k_block), T.Q6_K: (Q6_K_BYTES, _q6_k_block)}
+@intrinsic
+def _token_lanes(typingctx):
+    """As matvec._lane_buffer, TOKENS * TOKEN_LANES float32."""
+    def codegen(context, builder, signature, args):
+        buffer = cgutils.alloca_once(builder, ir.FloatType(), size=TOKENS * TOKEN_LANES)
+        buffer.align = 64
+        return buffer
+
+    return types.CPointer(types.float32)(), codegen
+
+
+def _products(raw, q, d, bsums, out, row_group):
+    """out[t, r] for every row t of the activations: per group of `row_group` weight rows (parallel), per tile of
+    TOKENS activation rows, per weight row, the row's blocks each unpacked once for the tile's TOKENS rows (_tile);
+    the rows past the last whole tile one at a time (_block). Each out[t, r] is summed exactly as _rows sums it."""
+    n_out = raw.shape[0]
+    n_tok = q.shape[0]
+    n_blocks = d.shape[1]
+    whole = n_tok // TOKENS * TOKENS
+    for g in prange((n_out + row_group - 1) // row_group):
+        acc_ptr = _token_lanes()
+        acc = carray(acc_ptr, TOKENS * TOKEN_LANES)
+        first = g * row_group
+        last = min(n_out, first + row_group)
+        for t0 in range(0, whole, TOKENS):
+            qt, st, dt = q[t0:], bsums[t0:], d[t0:]
+            for r in range(first, last):
+                for i in range(TOKENS * TOKEN_LANES):
+                    acc[i] = F32(0.0)
+                row = raw[r]
+                for ib in range(n_blocks):
+                    _tile(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], qt, QK_K * ib, st, 16 * ib, dt, ib)
+                for t in range(TOKENS):
+                    s = TOKEN_LANES * t
+                    out[t0 + t, r] = _lane_total(acc, s, 16) + _pairwise8(acc, s + 16)
+        for t in range(whole, n_tok):
+            qt, st, dt = q[t], bsums[t], d[t]
+            for r in range(first, last):
+                for i in range(ACC_LANES):
+                    acc[i] = F32(0.0)
+                row = raw[r]
+                for ib in range(n_blocks):
+                    _block(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], qt, QK_K * ib, st, 16 * ib, dt[ib])
+                out[t, r] = _lane_total(acc, 0, 16) + _pairwise8(acc, 16)
+
+
+# type -> (bytes per block, block IR)
+_SPECS = {T.Q4_K: (Q4_K_BYTES, _k4_ir(False)), T.Q5_K: (Q5_K_BYTES, _k4_ir(True)), T.Q6_K: (Q6_K_BYTES, _q6_k_ir)}
 SUPPORTED = tuple(_SPECS)
+PRODUCT_ROW_GROUP = 16          # weight rows per parallel work item of the products kernel
 
 
 def kernel_for(qtype: GGMLQuantizationType) -> Kernel | None:
-    """The integer kernel for weights of `qtype` times Q8_K activations, or None."""
+    """The integer kernel for weights of `qtype` times Q8_K activations (one row, or 2-D: several), or None."""
     return _kernel(T(qtype)) if qtype in _SPECS else None
 
 
 @cache
+def _intrinsics(qtype: GGMLQuantizationType):
+    type_size, body = _SPECS[qtype]
+    return type_size, _block_intrinsic(body), _tile_intrinsic(body, TOKENS)
+
+
+@cache
 def _kernel(qtype: GGMLQuantizationType) -> Kernel:
-    type_size, block = _SPECS[qtype]
-    consts = {"_block": block, "BLOCK_BYTES": type_size}
+    type_size, block, tile = _intrinsics(qtype)
+    consts = {"_block": block, "_tile": tile, "BLOCK_BYTES": type_size}
     name = f"_{qtype.name.lower()}_q8_k"
     parallel, serial = (_variant(_rows, name, 1, p, consts) for p in (True, False))
+    many = {p: _variant(_products, name, TOKENS, p, consts) for p in (True, False)}
 
     def kernel(raw: np.ndarray, act: Q8K, out: np.ndarray) -> None:
-        """out[0, r] = sum_j (q_j * d) * W[r, j] for the stored rows `raw` of W (see qtool.evaluate.qdot)."""
-        n_in = act.q.shape[0]
+        """out[t, r] = sum_j (q_tj * d_t) * W[r, j] for the stored rows `raw` of W and the Q8_K rows t of `act`
+        (one row: act's arrays 1-D, out (1, n_out); see qtool.evaluate.qdot)."""
+        n_in = act.q.shape[-1]
         n_out = raw.shape[0]
+        lead = act.q.shape[:-1]
+        n_tok = lead[0] if lead else 1
         # The kernels do not check bounds: a wrong shape would read or write outside the arrays.
-        if (raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] * QK_K != n_in * type_size
-                or act.d.shape != (n_in // QK_K,) or act.bsums.shape != (n_in // 16,) or out.shape != (1, n_out)
-                or out.dtype != np.float32 or act.q.dtype != np.int8 or raw.strides[1] != 1):
-            raise ValueError(f"{qtype.name} x Q8_K: raw {raw.dtype}{raw.shape}, {n_in} activations, "
+        if (raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] * QK_K != n_in * type_size or act.q.ndim > 2
+                or act.d.shape != lead + (n_in // QK_K,) or act.bsums.shape != lead + (n_in // 16,)
+                or out.shape != (n_tok, n_out) or out.dtype != np.float32 or act.q.dtype != np.int8
+                or act.d.dtype != np.float32 or act.bsums.dtype != np.int16 or raw.strides[1] != 1
+                or not all(a.flags.c_contiguous for a in (act.q, act.d, act.bsums))):
+            raise ValueError(f"{qtype.name} x Q8_K: raw {raw.dtype}{raw.shape}, activations {act.q.shape}, "
                              f"out {out.dtype}{out.shape} do not fit")
-        (parallel if n_out * n_in >= PARALLEL_MIN_WEIGHTS else serial)(raw, act.q, act.d, act.bsums, out)
+        parallel_call = n_out * n_in * n_tok >= PARALLEL_MIN_WEIGHTS
+        if not lead:
+            (parallel if parallel_call else serial)(raw, act.q, act.d, act.bsums, out)
+        elif n_tok:
+            many[parallel_call](raw, act.q, act.d, act.bsums, out, PRODUCT_ROW_GROUP)
 
     kernel.__name__ = kernel.__qualname__ = f"qdot_{qtype.name.lower()}"
     return kernel

@@ -3,8 +3,8 @@
 No float32 copy of the model is made. Each matrix product `x @ W.T` decodes W a tile of rows at a time into a
 small float32 buffer (parallel numba decoders, `formats.decode`) and multiplies that tile against the whole batch
 with BLAS, tile after tile; a product of a few rows (decoding one token) reads the blocks directly in a mat-vec
-kernel where the type has one (`qtool.evaluate.matvec`), or, for K-quants and one token's Q8_K codes, multiplies
-the codes as integers (`qtool.evaluate.qdot`). Memory is the file (page cache) plus activations and one
+kernel where the type has one (`qtool.evaluate.matvec`). K-quant weights times Q8_K-rounded activations (llama.cpp's
+arithmetic for them) skip both: their codes are multiplied as integers (`qtool.evaluate.qdot`). Memory is the file (page cache) plus activations and one
 tile. Small tensors (norms, biases, rope factors) are decoded once and kept.
 
 `--max-memory` (a `MemoryBudget` of bytes) turns on a cache of decoded float32 tensors for those with RAM to
@@ -139,8 +139,8 @@ class GGUFWeights:
         `expert`: W is that expert's matrix of a 3-D tensor of stacked experts (n_expert, n_out, n_in).
         `tile`: a float32 buffer of at least `tile_elements(name)` for the decoded rows, instead of this object's
         own (threads running products side by side each bring theirs).
-        `q8_k`: the one row of x as Q8_K codes (x holds their values): stored K-quant weights multiply them as
-        integers (evaluate/qdot.py)."""
+        `q8_k`: x's rows as Q8_K codes (evaluate/qdot.quantize_q8_k): stored K-quant weights multiply them as
+        integers (evaluate/qdot.py), and x only gives the number of rows."""
         if x.shape[0] == 0:
             return out
         w = self.dense(name)

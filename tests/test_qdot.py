@@ -131,6 +131,31 @@ def test_it_agrees_with_the_float_kernel(qtype):
     assert (np.abs(_product(qtype, raw, act) - float_out[0]) <= 2 * RELATIVE_BOUND * scale).all()
 
 
+@pytest.mark.parametrize("n_tok", [2, 4, 11])
+@pytest.mark.parametrize("shape", [(40, 512), (272, 4096)], ids=["serial", "parallel"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_several_rows_give_each_rows_own_product(qtype, shape, n_tok):
+    """2-D activations (prefill, perplexity): each row's result is bit for bit the one-row kernel's (the weights are
+    unpacked once for four rows, each row's arithmetic is its own), whole tiles of four rows and the rest alike;
+    and within the bound of the float64 product."""
+    n_out, n_in = shape
+    rng = np.random.default_rng(7 * int(qtype) + n_tok + n_in)
+    raw = _stored(rng, qtype, n_out, n_in, random_bytes=n_tok == 11)
+    x = np.stack([_activations(rng, n_in) for _ in range(n_tok)])
+    act = qdot.quantize_q8_k(x)
+    assert act.q.shape == (n_tok, n_in) and act.d.shape == (n_tok, n_in // 256) and act.bsums.shape == (n_tok, n_in // 16)
+    out = np.full((n_tok, n_out), np.nan, np.float32)
+    qdot.kernel_for(qtype)(raw, act, out)
+    for t in range(n_tok):
+        one = qdot.quantize_q8_k(x[t])
+        np.testing.assert_array_equal(one.q, act.q[t])
+        np.testing.assert_array_equal(one.d, act.d[t])
+        np.testing.assert_array_equal(one.bsums, act.bsums[t])
+        np.testing.assert_array_equal(out[t], _product(qtype, raw, one))
+        exact, scale = _reference(qtype, raw, one)
+        assert (np.abs(out[t] - exact) <= RELATIVE_BOUND * scale).all()
+
+
 def test_shapes_that_do_not_fit_are_refused():
     raw = np.zeros((4, 2 * 144), np.uint8)
     act = qdot.quantize_q8_k(np.ones(512, np.float32))
@@ -139,6 +164,11 @@ def test_shapes_that_do_not_fit_are_refused():
         kernel(raw[:, :144], act, np.empty((1, 4), np.float32))
     with pytest.raises(ValueError, match="do not fit"):
         kernel(raw, act, np.empty((2, 4), np.float32))
+    rows = qdot.quantize_q8_k(np.ones((3, 512), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(raw, rows, np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(raw, qdot.Q8K(rows.q, rows.d[:2], rows.bsums), np.empty((3, 4), np.float32))
     assert qdot.kernel_for(T.Q8_0) is None and qdot.kernel_for(T.IQ4_XS) is None
 
 
@@ -159,6 +189,11 @@ for qtype in qdot.SUPPORTED:
     w = formats.dequantize(raw, qtype, 512).astype(np.float64)
     x = (act.q.reshape(-1, 256) * act.d[:, None].astype(np.float64)).reshape(-1)
     assert (np.abs(out[0] - w @ x) <= 1e-5 * (np.abs(w) @ np.abs(x))).all(), qtype.name
+    rows = qdot.quantize_q8_k(rng.standard_normal((6, 512)).astype(np.float32))
+    out = np.empty((6, 8), np.float32)
+    qdot.kernel_for(qtype)(raw, rows, out)
+    x = (rows.q.reshape(6, -1, 256) * rows.d[:, :, None].astype(np.float64)).reshape(6, -1)
+    assert (np.abs(out - x @ w.T) <= 1e-5 * (np.abs(x) @ np.abs(w).T)).all(), qtype.name
 print("ok")
 """
 
