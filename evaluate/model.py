@@ -649,23 +649,32 @@ class Model:
         outputs = self._ws("expert_out", (rows, k, c.n_embd))
         names = [p + f"ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
         kinds = [self._activation_kind(n) for n in names]
-        inputs = [h.rounded(kinds[0]), h.rounded(kinds[1])]
-        # one token (decoding): its Q8_K codes for K-quant experts (evaluate/qdot.py)
-        integer = [rows == 1 and kind == "q8_K" and w.qtype(n) in qdot.SUPPORTED for n, kind in zip(names, kinds)]
+        # K-quant experts multiply the Q8_K codes of their tokens as integers (evaluate/qdot.py)
+        integer = [kind == "q8_K" and w.qtype(n) in qdot.SUPPORTED and w.dense(n) is None
+                   for n, kind in zip(names, kinds)]
+        inputs = [h.x if integer[i] else h.rounded(kinds[i]) for i in range(2)]
         codes = [h.q8_k() if integer[i] else None for i in range(2)]
+
+        def codes_of(i: int, token: np.ndarray) -> qdot.Q8K | None:
+            act = codes[i]
+            return act if act is None or act.q.ndim == 1 else qdot.Q8K(act.q[token], act.d[token], act.bsums[token])
+
         hook = self.on_matmul_input
         experts = [(int(e), *np.nonzero(chosen == e)) for e in np.unique(chosen)]
         hidden: dict[int, np.ndarray] = {}               # each expert's down-projection input, for the hook
 
         def expert_ffn(e: int, token: np.ndarray, rank: np.ndarray, tile: np.ndarray | None) -> None:
             gate = w.matmul(names[0], inputs[0][token], np.empty((len(token), c.n_ff_exp), np.float32), e, tile,
-                            q8_k=codes[0])
-            up = w.matmul(names[1], inputs[1][token], np.empty_like(gate), e, tile, q8_k=codes[1])
+                            q8_k=codes_of(0, token))
+            up = w.matmul(names[1], inputs[1][token], np.empty_like(gate), e, tile, q8_k=codes_of(1, token))
             _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
             if hook is not None:
                 hidden[e] = gate
-            down_in = gate if kinds[2] is None else round_activations(gate, kinds[2], np.empty_like(gate))
-            down_codes = qdot.quantize_q8_k(gate[0]) if integer[2] else None
+            if integer[2]:
+                down_in, down_codes = gate, qdot.quantize_q8_k(gate[0] if rows == 1 else gate)
+            else:
+                down_in = gate if kinds[2] is None else round_activations(gate, kinds[2], np.empty_like(gate))
+                down_codes = None
             down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), e, tile,
                             q8_k=down_codes)
             outputs[token, rank] = down * weights[token, rank][:, None]

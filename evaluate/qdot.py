@@ -40,7 +40,7 @@ import numpy as np
 import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
 from gguf import GGMLQuantizationType
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -437,7 +437,8 @@ def _kernel(qtype: GGMLQuantizationType) -> Kernel:
                 or not all(a.flags.c_contiguous for a in (act.q, act.d, act.bsums))):
             raise ValueError(f"{qtype.name} x Q8_K: raw {raw.dtype}{raw.shape}, activations {act.q.shape}, "
                              f"out {out.dtype}{out.shape} do not fit")
-        parallel_call = n_out * n_in * n_tok >= PARALLEL_MIN_WEIGHTS
+        # small products, and those of threads that run them side by side (MoE experts), on the calling thread
+        parallel_call = n_out * n_in * n_tok >= PARALLEL_MIN_WEIGHTS and get_num_threads() > 1
         if not lead:
             (parallel if parallel_call else serial)(raw, act.q, act.d, act.bsums, out)
         elif n_tok:
