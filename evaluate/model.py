@@ -66,19 +66,20 @@ YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 # Query rows per causal attention block: smaller skips more masked products, larger keeps BLAS efficient.
 ATTENTION_BLOCK = 128
+ATTEND_FEW_MAX_QUERIES = 4     # queries per sequence up to which attention reads the cache in attend_few_
 
 # Below this many elements a kernel runs on the calling thread: waking the worker threads costs ~100 us, more
 # than the work of one decoding step's row (measured: 150 us -> ~10 us per call for a 576-wide row).
 PARALLEL_MIN_ELEMENTS = 16384
 
 
-def _serial_twin(kernel):
+def _serial_twin(kernel, **options):
     """A single-threaded numba build of a parallel kernel (its own name, so the two don't share a cache entry)."""
     fn = kernel.py_func
     twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     twin.__qualname__ = fn.__qualname__ + "_serial"
     twin.__doc__ = fn.__doc__
-    return njit(cache=True)(twin)
+    return njit(cache=True, **options)(twin)
 
 
 def _sized(parallel, serial, n_elements: int):
@@ -295,6 +296,36 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
     return np.where(h < n2, m0 ** (h + 1), m1 ** (2 * (h - n2) + 1)).astype(np.float32)
 
 
+@njit(inline="always")
+def _query_row(idx: int, n_rows: int, q_start: int, n_group: int) -> tuple[int, int, int, int]:
+    """Flat row idx of (n_kv, n_rows) query-major attention rows: (kv head h, row r, the query's position, its query
+    head): row r is query r // n_group of query head h * n_group + r % n_group."""
+    h = idx // n_rows
+    r = idx - h * n_rows
+    return h, r, q_start + r // n_group, h * n_group + r % n_group
+
+
+@njit(inline="always")
+def _softmax_row_(row: np.ndarray, pos: int, slopes: np.ndarray, head: int) -> None:
+    """row[:pos + 1] = softmax(row[:pos + 1]) in place; with ALiBi `slopes` (per query head, empty otherwise) each
+    score first gets slopes[head] * (key position - pos). Sum in float64."""
+    if slopes.size > 0:
+        slope = slopes[head]
+        for j in range(pos + 1):
+            row[j] += slope * np.float32(j - pos)
+    top = row[0]
+    for j in range(1, pos + 1):
+        top = max(top, row[j])
+    total = 0.0
+    for j in range(pos + 1):
+        e = math.exp(row[j] - top)
+        row[j] = e
+        total += e
+    inv = np.float32(1.0 / total)
+    for j in range(pos + 1):
+        row[j] *= inv
+
+
 @njit(parallel=True, cache=True)
 def causal_softmax_(scores: np.ndarray, q_start: int, slopes: np.ndarray, n_group: int) -> None:
     """Masked softmax in place over attention scores (n_head_kv, n_q * n_group, n_k).
@@ -305,29 +336,45 @@ def causal_softmax_(scores: np.ndarray, q_start: int, slopes: np.ndarray, n_grou
     position), as ggml's soft_max adds slope * mask with mask = -|i - j|. Sums in float64, as ggml.
     """
     n_kv, n_rows, n_k = scores.shape
-    alibi = slopes.size > 0
     for idx in prange(n_kv * n_rows):
-        h = idx // n_rows
-        r = idx - h * n_rows
-        pos = q_start + r // n_group
+        h, r, pos, head = _query_row(idx, n_rows, q_start, n_group)
         row = scores[h, r]
-        if alibi:
-            slope = slopes[h * n_group + r % n_group]
-            for j in range(pos + 1):
-                row[j] += slope * np.float32(j - pos)
-        top = row[0]
-        for j in range(1, pos + 1):
-            top = max(top, row[j])
-        total = 0.0
-        for j in range(pos + 1):
-            e = math.exp(row[j] - top)
-            row[j] = e
-            total += e
-        inv = np.float32(1.0 / total)
-        for j in range(pos + 1):
-            row[j] *= inv
+        _softmax_row_(row, pos, slopes, head)
         for j in range(pos + 1, n_k):
             row[j] = 0.0
+
+
+# The dot products may be summed in any order (vectorized); the softmax is causal_softmax_'s.
+ATTEND_FASTMATH = {"reassoc", "contract"}
+
+
+@njit(parallel=True, cache=True, fastmath=ATTEND_FASTMATH)
+def attend_few_(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, q_start: int, slopes: np.ndarray,
+                n_group: int, out: np.ndarray) -> None:
+    """Attention for a few queries against the KV cache, in one pass over it (decoding): out[h, r] = softmax(q . K)
+    @ V for each kv head h and row r of queries (n_kv, n_rows, d), rows query-major as in causal_softmax_ (query
+    r // n_group at position q_start + r // n_group), keys and values (n_kv, >= positions, d). The cache is read
+    once per row, straight from its rows: no score matrix, no BLAS calls per head; the weights are
+    causal_softmax_'s (ALiBi, float64 sums)."""
+    n_kv, n_rows, d = queries.shape
+    for idx in prange(n_kv * n_rows):
+        h, r, pos, head = _query_row(idx, n_rows, q_start, n_group)
+        q = queries[h, r]
+        p = np.empty(pos + 1, np.float32)
+        for j in range(pos + 1):
+            key = keys[h, j]
+            total = np.float32(0.0)
+            for i in range(d):
+                total += q[i] * key[i]
+            p[j] = total
+        _softmax_row_(p, pos, slopes, head)
+        o = out[h, r]
+        o[:] = 0.0
+        for j in range(pos + 1):
+            weight = p[j]
+            value = values[h, j]
+            for i in range(d):
+                o[i] += weight * value[i]
 
 
 @njit(parallel=True, cache=True)
@@ -452,6 +499,7 @@ _rms_norm_rows_serial = _serial_twin(rms_norm_rows)
 _rope_rows_serial = _serial_twin(rope_rows)
 _causal_softmax_serial = _serial_twin(causal_softmax_)
 _silu_mul_serial = _serial_twin(silu_mul_)
+_attend_few_serial = _serial_twin(attend_few_, fastmath=ATTEND_FASTMATH)
 _round_q8_0_serial = _serial_twin(round_q8_0_)
 _round_q8_k_serial = _serial_twin(round_q8_k_)
 _round_f16_serial = _serial_twin(round_f16_)
@@ -745,6 +793,11 @@ class Model:
             queries = self._ws("queries", (c.n_head_kv, T * G, d))
             queries.reshape(c.n_head_kv, T, G, d)[...] = q[b].reshape(T, c.n_head_kv, G, d).transpose(1, 0, 2, 3)
             context = self._ws("context", (c.n_head_kv, T * G, d))
+            if T <= ATTEND_FEW_MAX_QUERIES:         # decoding: one pass over the cache, no score matrix
+                _sized(attend_few_, _attend_few_serial, c.n_head_kv * T * G * (start + T) * d)(
+                    queries, keys, values, start, self.alibi, G, context)
+                out[b] = context.reshape(c.n_head_kv, T, G, d).transpose(1, 0, 2, 3).reshape(T, -1)
+                continue
             # causal blocks: queries [q0, q1) only need keys [0, start + q1), which skips ~40% of the products
             for q0 in range(0, T, ATTENTION_BLOCK):
                 q1 = min(T, q0 + ATTENTION_BLOCK)

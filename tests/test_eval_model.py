@@ -322,6 +322,20 @@ def test_rope_kernel(style, n_rot):
     np.testing.assert_array_equal(ours[..., n_rot:], x[..., n_rot:])    # dims past n_rot pass through
 
 
+def _reference_softmax(scores: np.ndarray, start: int, slopes: np.ndarray, n_group: int) -> np.ndarray:
+    """float64 causal softmax of scores (n_kv, n_q * n_group, n_k), rows query-major: row r is query r // n_group
+    (at position start + r // n_group) of head (kv head) * n_group + r % n_group."""
+    n_kv, n_rows, n_k = scores.shape
+    ref = scores.reshape(n_kv, n_rows // n_group, n_group, n_k).copy()
+    q_pos = (start + np.arange(n_rows // n_group))[:, None, None]
+    k_pos = np.arange(n_k)[None, None, :]
+    if slopes.size:
+        ref += slopes.reshape(n_kv, 1, n_group, 1) * (k_pos - q_pos)
+    ref = np.where(k_pos > q_pos, -np.inf, ref)
+    ref = np.exp(ref - ref.max(-1, keepdims=True))
+    return (ref / ref.sum(-1, keepdims=True)).reshape(scores.shape)
+
+
 @pytest.mark.parametrize("n_group, start, alibi", [(1, 0, False), (3, 0, False), (2, 4, False), (2, 0, True),
                                                    (1, 3, True)])
 def test_causal_softmax_kernel(n_group, start, alibi):
@@ -331,18 +345,35 @@ def test_causal_softmax_kernel(n_group, start, alibi):
     scores = rng.normal(0, 5, (n_kv, n_q * n_group, n_k)).astype(np.float32)
     scores[0, 1, 0] = 80.0                            # a dominant score
     slopes = alibi_slopes(n_kv * n_group, 8.0) if alibi else np.empty(0, np.float32)
-    # rows are query-major: row r is query r // n_group of head (kv head) * n_group + r % n_group
-    ref = scores.astype(np.float64).reshape(n_kv, n_q, n_group, n_k).copy()
-    q_pos = (start + np.arange(n_q))[:, None, None]
-    k_pos = np.arange(n_k)[None, None, :]
-    if alibi:
-        ref += slopes.reshape(n_kv, 1, n_group, 1) * (k_pos - q_pos)
-    ref = np.where(k_pos > q_pos, -np.inf, ref)
-    ref = np.exp(ref - ref.max(-1, keepdims=True))
-    ref /= ref.sum(-1, keepdims=True)
+    ref = _reference_softmax(scores.astype(np.float64), start, slopes, n_group)
     ours = scores.copy()
     causal_softmax_(ours, start, slopes, n_group)
-    np.testing.assert_allclose(ours, ref.reshape(scores.shape), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_group, start, n_q, alibi", [(1, 0, 1, False), (1, 37, 1, False), (3, 20, 2, False),
+                                                        (2, 9, 4, True), (1, 300, 1, True)])
+@pytest.mark.parametrize("kernel", ["parallel", "serial"])
+def test_attend_few_kernel(n_group, start, n_q, alibi, kernel):
+    """Decoding's attention (one pass over the cache) against float64 softmax(q K^T) V, causal per query; rows
+    query-major as causal_softmax_'s; the cache longer than the positions (its tail must not be read)."""
+    rng = np.random.default_rng(5 + start)
+    n_kv, d = 3, 64
+    n_k = start + n_q
+    q = rng.normal(0, 1, (n_kv, n_q * n_group, d)).astype(np.float32)
+    keys = rng.normal(0, 1, (n_kv, n_k + 7, d)).astype(np.float32)
+    values = rng.normal(0, 1, (n_kv, n_k + 7, d)).astype(np.float32)
+    keys[:, n_k:] = values[:, n_k:] = np.nan                         # past the last position: never read
+    q[0, 0] *= 6.0                                                   # a peaked row
+    slopes = alibi_slopes(n_kv * n_group, 8.0) if alibi else np.empty(0, np.float32)
+    scores = np.einsum("hrd,hkd->hrk", q.astype(np.float64), keys[:, :n_k].astype(np.float64))
+    weights = _reference_softmax(scores, start, slopes, n_group)
+    ref = np.einsum("hrk,hkd->hrd", weights, values[:, :n_k].astype(np.float64))
+    out = np.full_like(q, np.nan)
+    from qtool.evaluate import model as M
+    fn = M.attend_few_ if kernel == "parallel" else M._attend_few_serial
+    fn(q, keys, values, start, slopes, n_group, out)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_silu_mul_kernel():
