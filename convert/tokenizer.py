@@ -100,6 +100,8 @@ KNOWN_CHKHSH = {
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5-3
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embed
     "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4": "qwen35",  # Qwen3.5
+    "1444df51289cfa8063b96f0e62b1125440111bc79a52003ea14b6eac7016fd5f": "qwen35",  # MiniCPM-V-4.6
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
     "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
@@ -137,8 +139,12 @@ _LLAMA3_TAIL = (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_TAIL = (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5: combining marks (\p{M}) inside the letter runs and out of the punctuation runs
+_QWEN35_TAIL = (r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_REGEXES = frozenset(c + _LLAMA3_TAIL for c in _CONTRACTIONS)
 _QWEN2_REGEXES = frozenset(c + _QWEN2_TAIL for c in _CONTRACTIONS)
+_QWEN35_REGEXES = frozenset(c + _QWEN35_TAIL for c in _CONTRACTIONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,6 +709,8 @@ def _structural_pre(hf: _HfTokenizer) -> tuple[str | None, str]:
             return ("llama-bpe" if hf.adds_bos() else "smaug-bpe"), desc
         if split_with(steps[0], _QWEN2_REGEXES):
             return "qwen2", desc
+        if split_with(steps[0], _QWEN35_REGEXES):
+            return "qwen35", desc
     if len(steps) == 1 and byte_level(steps[0], use_regex=True):
         return "gpt-2", desc
     if (len(steps) == 2 and steps[0].get("type") == "Digits"

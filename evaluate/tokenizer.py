@@ -71,7 +71,7 @@ _SPECIAL_ATTRS = _CONTROL | _UNKNOWN
 
 # --- the collapsed alphabet ---------------------------------------------------------------------------------
 # ASCII stays itself; every other code point becomes one of these markers (never ASCII, never in the output).
-_LETTER, _NUMBER, _PUNCT, _SPACE, _OTHER = "\x81", "\x82", "\x84", "\x83", "\x80"
+_LETTER, _NUMBER, _PUNCT, _SPACE, _MARK, _OTHER = "\x81", "\x82", "\x84", "\x83", "\x86", "\x80"
 
 # Unicode White_Space (PropList.txt), which is what llama.cpp's \s means. Python's str.isspace() differs
 # (it includes U+001C..U+001F), so the set is spelled out.
@@ -85,7 +85,7 @@ def _marker(cp: int) -> str:
     if cp in _WHITESPACE:
         return _SPACE
     major = unicodedata.category(chr(cp))[0]
-    return {"L": _LETTER, "N": _NUMBER, "P": _PUNCT}.get(major, _OTHER)
+    return {"L": _LETTER, "N": _NUMBER, "P": _PUNCT, "M": _MARK}.get(major, _OTHER)
 
 
 def collapse(text: str) -> str:
@@ -104,8 +104,8 @@ _L = "A-Za-z" + _LETTER
 _N = "0-9" + _NUMBER
 _P_ASCII = "!-#%-*,\\-./:;?@\\[-\\]_{}"        # ASCII \p{P}: !"#%&'()*,-./:;?@[\]_{}
 
-# The regexes of llama.cpp's pre-tokenizers, rewritten for the collapsed alphabet. The GPT-2, llama3 and qwen2
-# ones replace llama.cpp's hand-written splitters (unicode_regex_split_custom_*), which behave exactly like
+# The regexes of llama.cpp's pre-tokenizers, rewritten for the collapsed alphabet. The GPT-2, llama3, qwen2 and
+# qwen35 ones replace llama.cpp's hand-written splitters (unicode_regex_split_custom_*), which behave exactly like
 # these with leftmost-first alternation; tests/test_eval_tokenizer.py checks them on the vocab test vectors.
 _GPT2 = (f"'s|'t|'re|'ve|'m|'ll|'d| ?[{_L}]+| ?[{_N}]+| ?[^{_WS}{_L}{_N}]+"
          f"|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
@@ -113,12 +113,16 @@ _CONTRACTIONS = "'[sStTmMdD]|'(?:[rR][eE]|[vV][eE]|[lL][lL])"
 _LLAMA3_TAIL = (f"| ?[^{_WS}{_L}{_N}]+[\\r\\n]*|[{_WS}]*[\\r\\n]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 _LLAMA3 = f"{_CONTRACTIONS}|[^\\r\\n{_L}{_N}]?[{_L}]+|[{_N}]{{1,3}}" + _LLAMA3_TAIL
 _QWEN2 = f"{_CONTRACTIONS}|[^\\r\\n{_L}{_N}]?[{_L}]+|[{_N}]" + _LLAMA3_TAIL
+# Qwen3.5: qwen2's, with combining marks (\p{M}) in the letter runs and out of the punctuation runs
+_QWEN35 = (f"{_CONTRACTIONS}|[^\\r\\n{_L}{_N}]?[{_L}{_MARK}]+|[{_N}]| ?[^{_WS}{_L}{_MARK}{_N}]+[\\r\\n]*"
+           f"|[{_WS}]*[\\r\\n]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 
 _REGEXES: dict[str, list[str]] = {
     "default": [f"[{_P_ASCII}{_PUNCT}$+<=>^~|]+", _GPT2, f"[{_N}]+", "[0-9]{3}"],
     "gpt2": [_GPT2],
     "llama3": [_LLAMA3],
     "qwen2": [_QWEN2],
+    "qwen35": [_QWEN35],
     "starcoder": [f"[{_N}]", _GPT2],
 }
 
@@ -136,6 +140,7 @@ SUPPORTED_PRE: dict[str, tuple[str, bool, bool, bool]] = {
     "granite-docling": ("gpt2", False, False, False),
     **{name: ("qwen2", False, False, False) for name in
        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open")},
+    "qwen35": ("qwen35", False, False, False),
     "megrez": ("qwen2", False, False, True),
     "stablelm2": ("qwen2", False, False, True),
     "smollm": ("starcoder", False, False, False),

@@ -361,10 +361,24 @@ def test_user_defined_split_without_parse_special():
     assert tok.encode("a<|im_start|>b", parse_special=True) == a + [151644] + b
 
 
+def test_qwen35_keeps_combining_marks_in_words(tmp_path):
+    """qwen35 differs from qwen2 only where combining marks (\\p{M}) follow letters or punctuation: qwen2 cuts a
+    decomposed "é" (e + U+0301) out of its word, qwen35 keeps the word whole."""
+    path = rewrite_vocab(vocab_path("qwen2"), tmp_path / "qwen35.gguf", pre=("qwen35", GGUFValueType.STRING))
+    qwen35, qwen2 = Tokenizer.from_gguf(read_gguf(path)), load("qwen2")
+    words = ["cafe\u0301", "nai\u0308ve", "क्षत्रिय", "\u0301alone"]
+    assert qwen35._pre_tokenize(" ".join(words)) == ["cafe\u0301", " nai\u0308ve", " क्षत्रिय", " \u0301alone"]
+    assert qwen2._pre_tokenize("cafe\u0301 !\u0301?") == ["cafe", "\u0301", " !\u0301?"]
+    assert qwen35._pre_tokenize("cafe\u0301 !\u0301?") == ["cafe\u0301", " !", "\u0301", "?"]
+    plain = "The quick brown fox, 123 times! I'll"
+    assert qwen35.encode(plain) == qwen2.encode(plain)
+    assert qwen35.decode(qwen35.encode(" ".join(words))) == " ".join(words)
+
+
 def test_collapse_classes():
     text = "aZ9 \t\n\r\x0b\x0c\x85\xa0\u3000é中٣½!¡—€😀\u0301\x1c\U000e0001"
     got = tokmod.collapse(text)
-    assert got == "aZ9 \t\n\r\x0b\x0c" + "\x83\x83\x83" + "\x81\x81\x82\x82" + "!\x84\x84" + "\x80\x80\x80\x1c\x80"
+    assert got == "aZ9 \t\n\r\x0b\x0c" + "\x83\x83\x83" + "\x81\x81\x82\x82" + "!\x84\x84" + "\x80\x80\x86\x1c\x80"
     assert len(got) == len(text)
 
 
@@ -477,6 +491,8 @@ VARIANTS = {
     "llama-bpe as smaug-bpe": ("llama-bpe", {"pre": ("smaug-bpe", GGUFValueType.STRING)}),
     "qwen2 as deepseek-r1-qwen": ("qwen2", {"pre": ("deepseek-r1-qwen", GGUFValueType.STRING),
                                             "add_bos_token": (True, GGUFValueType.BOOL)}),
+    # Qwen3.5's pre-tokenizer (combining marks inside letter runs) on the Qwen2 vocabulary
+    "qwen2 as qwen35": ("qwen2", {"pre": ("qwen35", GGUFValueType.STRING)}),
     "llama-spm without space prefix": ("llama-spm", {"add_space_prefix": (False, GGUFValueType.BOOL),
                                                      "add_eos_token": (True, GGUFValueType.BOOL)}),
 }
@@ -515,7 +531,7 @@ def test_character_classes_match_llama_cpp_tables():
     ws_text = source.split("unicode_set_whitespace", 1)[1].split("};", 1)[0]
     whitespace = {int(c, 16) for c in re.findall(r"0x([0-9A-F]+)", ws_text)}
     assert whitespace == set(tokmod._WHITESPACE)
-    by_flag = {0x04: "\x81", 0x02: "\x82", 0x20: "\x84"}
+    by_flag = {0x04: "\x81", 0x02: "\x82", 0x20: "\x84", 0x10: "\x86"}
     undefined = 0x01
     for (start, flags), (end, _) in zip(ranges, ranges[1:]):
         for cp in range(max(start, 0x80), end):

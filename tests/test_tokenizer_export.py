@@ -369,6 +369,28 @@ def test_smollm_detected_from_structure(gpt2_dir, tmp_path):
         del tokmod.KNOWN_CHKHSH[hsh]
 
 
+@pytest.mark.parametrize("contractions", [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+                                          r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"])
+def test_qwen35_detected_from_structure(gpt2_dir, tmp_path, contractions):
+    # Qwen3.5's tokenizer.json: Qwen2's Split with combining marks (\p{M}) in the letter runs
+    d = _gpt2_copy(gpt2_dir, tmp_path)
+    regex = (contractions + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    _edit_tokenizer_json(d, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]})
+    kv, log = _export(d, "bpe")
+    assert kv[_P].value == "qwen35"
+    assert any(line.startswith("pre-tokenizer: qwen35 (identified from tokenizer.json") for line in log)
+    # one mark less in the letter runs is Qwen2's regex, another model
+    _edit_tokenizer_json(d, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex.replace(r"[\p{L}\p{M}]+", r"\p{L}+", 1)
+                                      .replace(r"\p{L}\p{M}\p{N}", r"\p{L}\p{N}")},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]})
+    assert _export(d, "bpe")[0][_P].value == "qwen2"
+
+
 def test_known_hash_with_unfamiliar_structure(gpt2_dir, tmp_path):
     # GPT-2's regex written out as a Split: tokenizes like GPT-2, so llama.cpp's hash names it
     d = _gpt2_copy(gpt2_dir, tmp_path)
