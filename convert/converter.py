@@ -66,12 +66,12 @@ class ConversionPlan:
 
 def plan_conversion(model_dir: Path, outtype: str = "auto", *, pre: str | None = None,
                     normhead_override: bool | None = None, model_name: str | None = None,
-                    vocab_only: bool = False) -> ConversionPlan:
+                    vocab_only: bool = False, no_mtp: bool = False) -> ConversionPlan:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise QtoolError(f"{model_dir}: not a directory")
     config = read_config(model_dir)
-    spec = model_spec(config, normhead=normhead_override, model_dir=model_dir)
+    spec = model_spec(config, normhead=normhead_override, model_dir=model_dir, no_mtp=no_mtp)
     notes: list[str] = []
 
     ckpt = None if vocab_only else Checkpoint(model_dir)
@@ -212,10 +212,13 @@ def _plan_hybrid_tensors(spec: ModelSpec, ckpt: Checkpoint, notes: list[str]) ->
     per_expert = spec.arch.moe and qwen35.per_expert_layout(c for c in canonical_names.values() if c)
     expected = qwen35.expected_tensors(spec, per_expert)
     present: dict[str, str] = {}           # canonical name -> checkpoint name
-    skipped = 0
+    skipped = left_out = 0
     for n, canonical in canonical_names.items():
         if canonical is None:
             skipped += 1
+            continue
+        if hs.no_mtp and qwen35.is_mtp(n):
+            left_out += 1
             continue
         if canonical not in expected:
             raise QtoolError(f"unexpected tensor {n!r} in {ckpt.part_of(n).name} (not part of a {spec.hf_arch} "
@@ -236,6 +239,8 @@ def _plan_hybrid_tensors(spec: ModelSpec, ckpt: Checkpoint, notes: list[str]) ->
                              f"{list(expected[canonical][1])}")
     if skipped:
         notes.append(f"{skipped} vision tensor(s) skipped: this is the text model only")
+    if left_out:
+        notes.append(f"{left_out} MTP tensor(s) left out (--no-mtp)")
     if not qwen35.torch_available():
         notes.append("torch is not installed: ssm_a = -exp(A_log) computed with numpy, which can differ from "
                      "llama.cpp's converter (torch) in the last bit of some values")

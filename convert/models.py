@@ -105,7 +105,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: Path | None = None) -> ModelSpec:
+def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: Path | None = None,
+               no_mtp: bool = False) -> ModelSpec:
     archs = config.get("architectures")
     if not archs or not isinstance(archs, list):
         raise QtoolError(f"config.json has no 'architectures' list; supported: {', '.join(supported_hf_architectures())}")
@@ -151,7 +152,9 @@ def model_spec(config: dict[str, Any], normhead: bool | None = None, model_dir: 
     if arch.moe:
         _moe_spec(spec, need)
     if arch.hybrid:
-        spec.hybrid = qwen35.hybrid_spec(hp, n_layer, head_dim, need)
+        spec.hybrid = qwen35.hybrid_spec(hp, n_layer, head_dim, need, no_mtp)
+    elif no_mtp:
+        raise QtoolError(f"--no-mtp applies only to Qwen3.5 checkpoints, not {hf_arch}")
     if arch.gguf_name == "baichuan":
         spec.is_baichuan2 = _looks_like_baichuan2(n_vocab, model_dir) if normhead is None else normhead
     elif normhead:

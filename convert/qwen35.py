@@ -63,6 +63,7 @@ class HybridSpec:
     full_attention_interval: int
     rope_dim: int
     mrope_section: list[int] | None
+    no_mtp: bool = False            # the checkpoint's MTP tensors are left out (n_mtp is then 0)
 
     @property
     def conv_channels(self) -> int:
@@ -104,7 +105,9 @@ def _rope_parameters(hp: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
-def hybrid_spec(hp: dict[str, Any], n_layer: int, head_dim: int, need: Callable[..., int]) -> HybridSpec:
+def hybrid_spec(hp: dict[str, Any], n_layer: int, head_dim: int, need: Callable[..., int],
+                no_mtp: bool = False) -> HybridSpec:
+    """The DeltaNet half of the config; `no_mtp`: the MTP layers are left out (llama.cpp's --no-mtp)."""
     types = hp["layer_types"]
     if not isinstance(types, list) or any(t not in ("linear_attention", "full_attention") for t in types):
         raise QtoolError("config.json: layer_types must list 'linear_attention' or 'full_attention' per layer")
@@ -125,9 +128,9 @@ def hybrid_spec(hp: dict[str, Any], n_layer: int, head_dim: int, need: Callable[
     nk, nv = need("linear_num_key_heads"), need("linear_num_value_heads")
     if nv % nk:
         raise QtoolError(f"config.json: linear_num_value_heads {nv} is not a multiple of linear_num_key_heads {nk}")
-    return HybridSpec(list(types), n_mtp, need("linear_conv_kernel_dim"), nk, nv, need("linear_key_head_dim"),
-                      need("linear_value_head_dim"), interval,
-                      int(head_dim * rope.get("partial_rotary_factor", 0.25)), section)
+    return HybridSpec(list(types), 0 if no_mtp else n_mtp, need("linear_conv_kernel_dim"), nk, nv,
+                      need("linear_key_head_dim"), need("linear_value_head_dim"), interval,
+                      int(head_dim * rope.get("partial_rotary_factor", 0.25)), section, no_mtp)
 
 
 def hybrid_kvs(spec: Any, ftype: LlamaFileType) -> list[KV]:
@@ -175,6 +178,12 @@ def hybrid_kvs(spec: Any, ftype: LlamaFileType) -> list[KV]:
 # ----------------------------------------------------------------------------------------------------------------
 # tensor names
 # ----------------------------------------------------------------------------------------------------------------
+
+def is_mtp(hf_name: str) -> bool:
+    """Whether a checkpoint tensor belongs to the MTP block (mtp.*, model.mtp.*, or under language_model.)."""
+    name = hf_name.replace("language_model.", "")
+    return name.startswith(("mtp.", "model.mtp."))
+
 
 def canonical_name(hf_name: str, n_layer: int) -> str | None:
     """The checkpoint name as llama.cpp's converter sees it (model.layers.* for text, MTP and multimodal layouts

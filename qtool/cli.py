@@ -70,12 +70,14 @@ def _note(msg: str) -> None:
 @click.option("--pre", default=None, help="Force the BPE pre-tokenizer name (e.g. llama-bpe, qwen2, smollm, gpt-2).")
 @click.option("--normhead/--no-normhead", default=None,
               help="Force Baichuan2's NormHead on/off (default: detect by vocab size 125696).")
+@click.option("--no-mtp", "--no-nextn", "no_mtp", is_flag=True,
+              help="Qwen3.5: leave the multi-token prediction (MTP) layer out, as llama.cpp's --no-mtp.")
 @click.option("--revision", default=None, help="Hub revision when MODEL is a repo id.")
 @click.option("--model-name", default=None, help="general.name to write (default: from README/config/dir).")
 @click.option("--dry-run", is_flag=True, help="List tensors, shapes, types and metadata; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @threads_option
-def convert(model, outfile, outtype, vocab_only, split_max_size, split_max_tensors, pre, normhead, revision,
+def convert(model, outfile, outtype, vocab_only, split_max_size, split_max_tensors, pre, normhead, no_mtp, revision,
             model_name, dry_run, force, threads):
     """Convert a HuggingFace checkpoint (directory or Hub repo id) to GGUF."""
     from qtool.convert import hub
@@ -90,7 +92,8 @@ def convert(model, outfile, outtype, vocab_only, split_max_size, split_max_tenso
     if not model_dir.exists():
         raise QtoolError(f"{model}: no such directory")
     plan = plan_conversion(model_dir, outtype, pre=pre, normhead_override=normhead,
-                           model_name=model_name or (model if from_hub else None), vocab_only=vocab_only)
+                           model_name=model_name or (model if from_hub else None), vocab_only=vocab_only,
+                           no_mtp=no_mtp)
     try:
         path = output_path(plan, outfile, vocab_only=vocab_only, default_dir=Path.cwd() if from_hub else None)
         if dry_run:

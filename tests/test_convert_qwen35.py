@@ -349,6 +349,33 @@ def test_checkpoint_without_mtp(checkpoint_factory, tmp_path):
     assert not any("nextn" in t.name or t.name.startswith("blk.4.") for t in g.tensors)
 
 
+@pytest.mark.parametrize("flag", ["--no-mtp", "--no-nextn"])
+def test_no_mtp_leaves_the_mtp_layer_out(flag, checkpoint_factory, tmp_path):
+    """--no-mtp (llama.cpp's flag, alias --no-nextn): the text layers alone, as from a checkpoint without MTP, the
+    left-out tensors said; the same file as with the MTP layer otherwise, less that layer."""
+    d = checkpoint_factory("qwen35moe-vl")
+    code, _, stderr = run("convert", d, "--outfile", tmp_path / "m.gguf", flag)
+    assert code == 0, stderr
+    assert "MTP tensor(s) left out (--no-mtp)" in stderr
+    g = read_gguf(tmp_path / "m.gguf")
+    assert g.kv["qwen35moe.block_count"].value == 4 and "qwen35moe.nextn_predict_layers" not in g.kv
+    assert len(g.kv["qwen35moe.attention.recurrent_layers"].value) == 4
+    assert not any("nextn" in t.name or t.name.startswith("blk.4.") for t in g.tensors)
+    code, _, stderr = run("convert", d, "--outfile", tmp_path / "full.gguf")
+    assert code == 0, stderr
+    full = read_gguf(tmp_path / "full.gguf")
+    kept = {t.name: t for t in full.tensors if not t.name.startswith("blk.4.")}
+    assert [t.name for t in g.tensors] == list(kept)
+    for t in g.tensors:
+        assert np.array_equal(g.raw(t), full.raw(kept[t.name])), t.name
+
+
+def test_no_mtp_is_refused_for_other_architectures(checkpoint_factory, tmp_path):
+    code, _, stderr = run("convert", checkpoint_factory("qwen2"), "--outfile", tmp_path / "m.gguf", "--no-mtp")
+    assert code != 0 and not (tmp_path / "m.gguf").exists()
+    assert "--no-mtp applies only to Qwen3.5 checkpoints" in stderr and "Traceback" not in stderr
+
+
 def test_tied_checkpoint_has_no_output_tensor(checkpoint_factory, tmp_path):
     d = checkpoint_factory("qwen35-vl", tie_word_embeddings=True)
     code, _, stderr = run("convert", d, "--outfile", tmp_path / "m.gguf")

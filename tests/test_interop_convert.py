@@ -107,6 +107,19 @@ def test_llamacpp_converter_fails_on_qwen35_without_mtp_and_qtool_does_not(check
     assert (tmp_path / "ours.gguf").read_bytes() == Path(theirs).read_bytes()
 
 
+@pytest.mark.parametrize("variant", ["qwen35", "qwen35moe-vl"])
+def test_no_mtp_identical_to_llamacpp(variant, checkpoint_factory, tmp_path):
+    """--no-mtp on a checkpoint with an MTP block: the same file as llama.cpp's converter with --no-mtp."""
+    d = tmp_path / variant
+    shutil.copytree(checkpoint_factory(variant), d)
+    theirs = run_llamacpp_convert(d, tmp_path / "theirs.gguf", "f16", ["--no-mtp"])
+    result = CliRunner().invoke(main, ["convert", str(d), "--outfile", str(tmp_path / "ours.gguf"), "--outtype", "f16",
+                                       "--no-mtp"])
+    assert result.exit_code == 0, result.stderr
+    assert not any("nextn" in t.name for t in GGUFReader(tmp_path / "ours.gguf").tensors)
+    assert (tmp_path / "ours.gguf").read_bytes() == Path(theirs).read_bytes()
+
+
 def test_llamacpp_converter_fails_on_baichuan_and_qtool_does_not(checkpoint_factory, tmp_path):
     """The reason qtool converts Baichuan itself: llama.cpp's converter recurses forever on it."""
     d = checkpoint_factory("baichuan-13b")
