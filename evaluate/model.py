@@ -344,7 +344,8 @@ def causal_softmax_(scores: np.ndarray, q_start: int, slopes: np.ndarray, n_grou
             row[j] = 0.0
 
 
-# The dot products may be summed in any order (vectorized); the softmax is causal_softmax_'s.
+# Its sums (the dot products, the softmax's float64 total) may be taken in any order (vectorized): the result is
+# causal_softmax_ + BLAS's within float rounding, not bit for bit.
 ATTEND_FASTMATH = {"reassoc", "contract"}
 
 
@@ -355,7 +356,7 @@ def attend_few_(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, q_sta
     @ V for each kv head h and row r of queries (n_kv, n_rows, d), rows query-major as in causal_softmax_ (query
     r // n_group at position q_start + r // n_group), keys and values (n_kv, >= positions, d). The cache is read
     once per row, straight from its rows: no score matrix, no BLAS calls per head; the weights are
-    causal_softmax_'s (ALiBi, float64 sums)."""
+    causal_softmax_'s formula (ALiBi, float64 sums, summed in any order)."""
     n_kv, n_rows, d = queries.shape
     for idx in prange(n_kv * n_rows):
         h, r, pos, head = _query_row(idx, n_rows, q_start, n_group)
