@@ -18,6 +18,10 @@ SETUP = "set up with `pip install -e \".[test,interop,ray]\" && python tests/set
 # Set by tests/conftest.py from the command line.
 ALLOW_SKIP = False
 
+# llama.cpp's context options for float32 attention, as qtool computes it. Its defaults work in half precision there:
+# an F16 K/V cache, and flash attention (on by default on the CPU), which rounds even with an F32 cache.
+LLAMA_FLOAT32 = ("-ctk", "f32", "-ctv", "f32", "-fa", "off")
+
 
 def unavailable(message: str) -> NoReturn:
     if ALLOW_SKIP:

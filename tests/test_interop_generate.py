@@ -46,12 +46,13 @@ def smollm2(tmp_path_factory):
     return smollm2_files(tmp_path_factory.mktemp("smollm2"), ("F16", "Q8_0"))
 
 
-def llama_greedy(model_path, prompt: str) -> tuple[bytes, int, bool]:
-    """(bytes of the generated pieces, tokens sampled, stopped at end of generation) from llama-completion."""
+def llama_greedy(model_path, prompt: str, options: tuple[str, ...] = ()) -> tuple[bytes, int, bool]:
+    """(bytes of the generated pieces, tokens sampled, stopped at end of generation) from llama-completion, with
+    more command-line options if given."""
     exe = need_tool("llama-completion")
     proc = subprocess.run([str(exe), "-m", str(model_path), "-p", prompt, "-n", str(N_TOKENS), "--temp", "0",
                            "--seed", "1", "-t", str(THREADS), "-c", "512", "-no-cnv", "--no-display-prompt",
-                           "--no-warmup", "--no-repack"], capture_output=True, timeout=1800)
+                           "--no-warmup", "--no-repack", *options], capture_output=True, timeout=1800)
     stderr = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 0, stderr[-3000:]
     text = proc.stdout
@@ -101,7 +102,7 @@ class FollowLlamaCpp:
         return best
 
 
-def follow_llama_cpp(path, prompts, gap_tol: float) -> tuple[list[str], int, int]:
+def follow_llama_cpp(path, prompts, gap_tol: float, options: tuple[str, ...] = ()) -> tuple[list[str], int, int]:
     """llama.cpp's greedy 32 tokens for each prompt, fed back through qtool: (problems, steps where llama.cpp's
     token was also our best, steps). A problem is a prompt that ended early, a token of theirs outside our top 50,
     or one more than gap_tol below our best."""
@@ -110,7 +111,7 @@ def follow_llama_cpp(path, prompts, gap_tol: float) -> tuple[list[str], int, int
     model = Model(weights)
     problems, agree, total = [], 0, 0
     for prompt in prompts:
-        theirs, n_sampled, eog = llama_greedy(path, prompt)
+        theirs, n_sampled, eog = llama_greedy(path, prompt, options)
         # the acceptance asks for 32 tokens: a prompt that ends early would test less
         assert n_sampled == N_TOKENS and not eog, f"{prompt!r}: llama.cpp stopped after {n_sampled} tokens"
         follow = FollowLlamaCpp(tok, theirs)

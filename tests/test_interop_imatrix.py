@@ -24,7 +24,7 @@ from qtool.cli import main
 from qtool.gguf_io import read_gguf
 from qtool.quantize.imatrix_file import read_imatrix
 from tests.conftest import SHARED
-from tests.interop import need_tool, smollm2_files
+from tests.interop import LLAMA_FLOAT32, need_tool, smollm2_files
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -90,7 +90,7 @@ def test_f16_sums_and_counts_match_llama_imatrix(f16_pair):
 
 def test_f32_sums_match_llama_imatrix_computing_in_f32(smollm2, tmp_path):
     _run(need_tool("llama-imatrix"), "-m", smollm2["F32"], "-f", CALIBRATION, "--chunks", 4, "-c", 512,
-         "-t", THREADS, "--no-ppl", "-ctk", "f32", "-ctv", "f32", "-fa", "off", "-o", tmp_path / "theirs.gguf")
+         "-t", THREADS, "--no-ppl", *LLAMA_FLOAT32, "-o", tmp_path / "theirs.gguf")
     _qtool(smollm2["F32"], "--dataset", CALIBRATION, "--chunks", 4, "-o", tmp_path / "ours.gguf")
     for name, (per_column, _, total_rel) in _relative_differences(tmp_path / "ours.gguf",
                                                                   tmp_path / "theirs.gguf").items():
