@@ -397,28 +397,13 @@ def silu_mul_(gate: np.ndarray, up: np.ndarray) -> None:
 ACTIVATION_MODES = ("llama.cpp", "float32")
 
 
-@njit(cache=True)
-def _round_to_f16(v: float) -> np.float32:
-    """The float16 nearest to v >= 0 (ties to even), as float32."""
-    if v == 0.0:
-        return np.float32(0.0)
-    m, e = math.frexp(v)                  # v = m * 2^e, 0.5 <= m < 1
-    if e >= -13:                          # a normal float16: 11 significant bits
-        return np.float32(math.ldexp(np.rint(m * 2048.0), e - 11))
-    return np.float32(np.rint(math.ldexp(v, 24)) * 2.0 ** -24)    # subnormal: steps of 2^-24
-
-
 @njit(parallel=True, cache=True)
 def round_q8_0_(x: np.ndarray, out: np.ndarray) -> None:
     """Values of ggml's quantize_row_q8_0 (x86): per 32 values d = amax/127 stored as F16, q = rint(x * 127/amax)."""
     n_rows, n = x.shape
     for r in prange(n_rows):
         for b in range(0, n, 32):
-            amax = np.float32(0.0)
-            for j in range(b, b + 32):
-                amax = max(amax, abs(x[r, j]))
-            d = _round_to_f16(amax / np.float32(127.0))
-            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            inv, d = qdot.q8_0_scale(x[r], b)
             for j in range(b, b + 32):
                 out[r, j] = np.rint(x[r, j] * inv) * d
 
@@ -494,6 +479,12 @@ class _Input:
         if "q8_K codes" not in self._rounded:
             self._rounded["q8_K codes"] = qdot.quantize_q8_k(self.x[0] if self.x.shape[0] == 1 else self.x)
         return self._rounded["q8_K codes"]
+
+    def q8_0(self) -> qdot.Q80:
+        """The one row of x as ggml's Q8_0 blocks (integer codes), for evaluate/qdot.py's kernels."""
+        if "q8_0 codes" not in self._rounded:
+            self._rounded["q8_0 codes"] = qdot.quantize_q8_0(self.x[0])
+        return self._rounded["q8_0 codes"]
 
 
 _rms_norm_rows_serial = _serial_twin(rms_norm_rows)
@@ -655,11 +646,14 @@ class Model:
         w = self.weights
         weight = name + ".weight"
         kind = self._activation_kind(weight)
-        # stored K-quant weights multiply the input's Q8_K codes as integers, as llama.cpp does (evaluate/qdot.py)
-        integer = kind == "q8_K" and w.qtype(weight) in qdot.SUPPORTED and w.dense(weight) is None
+        qtype, stored = w.qtype(weight), w.dense(weight) is None
         out = self._ws(role, (x.x.shape[0], w.shape(weight)[0]))
-        if integer:
+        # stored weights multiply the input's 8-bit codes as integers, as llama.cpp does (evaluate/qdot.py): K-quants
+        # Q8_K codes, blocks of 32 (one row: decoding) Q8_0 codes
+        if kind == "q8_K" and qtype in qdot.SUPPORTED and stored:
             out = w.matmul(weight, x.x, out, q8_k=x.q8_k())
+        elif kind == "q8_0" and qtype in qdot.SUPPORTED_Q8_0 and stored and x.x.shape[0] == 1:
+            out = w.matmul(weight, x.x, out, q8_0=x.q8_0())
         else:
             out = w.matmul(weight, x.rounded(kind), out)
         if w.has(name + ".bias"):

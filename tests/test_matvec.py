@@ -110,10 +110,11 @@ def test_a_changed_byte_changes_the_product(qtype):
         np.testing.assert_array_equal(np.delete(after, 5, axis=1), np.delete(before, 5, axis=1))
 
 
-def test_f16_widening_is_exact_for_every_pattern():
-    """The kernels' branch-free F16 conversions (scalar, and four at once for legacy block scales) against qtool's
-    reference, common.fp16_bits_to_fp32, bit for bit over all 65536 patterns: zeros, subnormals, normals,
-    infinities, NaN payloads."""
+def widening_differences() -> int:
+    """The fp16 patterns whose widening by the kernels (scalar, and four at once for legacy block scales) differs
+    from qtool's reference, common.fp16_bits_to_fp32, over all 65536 patterns: zeros, subnormals, normals,
+    infinities, NaN payloads. Bit for bit, but where the kernels convert with F16C (matvec.HAS_F16C) a signalling
+    NaN comes back quiet, as vcvtph2ps returns it; any other difference counts."""
     from numba import njit
 
     from qtool.quantize.kernels.common import fp16_bits_to_fp32
@@ -130,8 +131,14 @@ def test_f16_widening_is_exact_for_every_pattern():
     halves = np.arange(1 << 16, dtype=np.uint16)
     reference, scalar, vector = (np.empty(1 << 16, np.float32) for _ in range(3))
     widen_all(halves, reference, scalar, vector)
-    np.testing.assert_array_equal(scalar.view(np.uint32), reference.view(np.uint32))
-    np.testing.assert_array_equal(vector.view(np.uint32), reference.view(np.uint32))
+    quiet = np.where(np.isnan(reference), np.uint32(0x00400000) if matvec.HAS_F16C else np.uint32(0), np.uint32(0))
+    want = reference.view(np.uint32) | quiet
+    return int(np.count_nonzero(scalar.view(np.uint32) != want) + np.count_nonzero(vector.view(np.uint32) != want))
+
+
+def test_f16_widening_is_exact_for_every_pattern():
+    """On this CPU; tests/test_qdot.py's portable check runs it without F16C."""
+    assert widening_differences() == 0
 
 
 def test_types_without_a_kernel():

@@ -10,18 +10,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from qtool.evaluate import matvec, qdot
-from qtool.evaluate.model import round_q8_k_
+from qtool.evaluate.model import round_q8_0_, round_q8_k_
 from qtool.quantize import formats
 
 RELATIVE_BOUND = 1e-5
-TYPES = list(qdot.SUPPORTED)
-FP16_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+TYPES = list(qdot.SUPPORTED)                    # times Q8_K codes (any rows)
+LEGACY = list(qdot.SUPPORTED_Q8_0)              # blocks of 32 times Q8_0 codes (one row)
+FP16_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q8_0: (0,), T.Q4_0: (0,), T.Q5_0: (0,),
+                T.Q4_1: (0, 2), T.Q5_1: (0, 2)}
 
 
 def _activations(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -50,60 +53,83 @@ def _stored(rng: np.random.Generator, qtype: T, n_out: int, n_in: int, random_by
     return raw
 
 
-def _product(qtype: T, raw: np.ndarray, act: qdot.Q8K) -> np.ndarray:
+def _codes(qtype: T, x: np.ndarray) -> qdot.Q8K | qdot.Q80:
+    """x as the codes the kernel for `qtype` takes."""
+    return qdot.quantize_q8_k(x) if qtype in TYPES else qdot.quantize_q8_0(x)
+
+
+def _product(qtype: T, raw: np.ndarray, act: qdot.Q8K | qdot.Q80) -> np.ndarray:
     out = np.full((1, raw.shape[0]), np.nan, np.float32)
-    qdot.kernel_for(qtype)(raw, act, out)
+    (qdot.kernel_for(qtype) if qtype in TYPES else qdot.kernel_for_q8_0(qtype))(raw, act, out)
     return out[0]
 
 
-def _reference(qtype: T, raw: np.ndarray, act: qdot.Q8K) -> tuple[np.ndarray, np.ndarray]:
+def _values(act: qdot.Q8K | qdot.Q80) -> np.ndarray:
+    """The codes' values q * d (float64), one row."""
+    block = 256 if isinstance(act, qdot.Q8K) else 32
+    return (act.q.reshape(-1, block).astype(np.float64) * act.d[:, None].astype(np.float64)).reshape(-1)
+
+
+def _reference(qtype: T, raw: np.ndarray, act: qdot.Q8K | qdot.Q80) -> tuple[np.ndarray, np.ndarray]:
     """The float64 product of the decoded weights and the codes' values, and S (the bound's scale)."""
-    n = act.q.size
-    w = formats.dequantize(raw, qtype, n).astype(np.float64)
-    x = (act.q.reshape(-1, 256).astype(np.float64) * act.d[:, None].astype(np.float64)).reshape(-1)
+    w = formats.dequantize(raw, qtype, act.q.size).astype(np.float64)
+    x = _values(act)
     return w @ x, np.abs(w) @ np.abs(x)
 
 
-def test_q8_k_codes_are_the_rounded_values():
-    """q * d is model.round_q8_k_'s value, bsums the sums of 16 codes; the block's largest magnitude gets -127."""
+@pytest.mark.parametrize("kind", ["q8_K", "q8_0"])
+def test_codes_are_the_rounded_values(kind):
+    """q * d is model.round_q8_k_'s (round_q8_0_'s) value; an all-zero block has d = 0 and zero codes; a block's
+    largest magnitude gets -127 in Q8_K, +-127 by its sign in Q8_0; Q8_K's bsums are the sums of 16 codes."""
+    quantize, round_, block = ((qdot.quantize_q8_k, round_q8_k_, 256) if kind == "q8_K" else
+                               (qdot.quantize_q8_0, round_q8_0_, 32))
     x = _activations(np.random.default_rng(1), 2048)
-    act = qdot.quantize_q8_k(x)
+    act = quantize(x)
     rounded = np.empty((1, x.size), np.float32)
-    round_q8_k_(x[None], rounded)
-    values = (act.q.reshape(-1, 256).astype(np.float32) * act.d[:, None]).reshape(-1)
-    np.testing.assert_array_equal(values, rounded[0])
-    np.testing.assert_array_equal(act.bsums, act.q.astype(np.int32).reshape(-1, 16).sum(axis=1))
-    assert act.d[0] == 0 and not act.q[:256].any()
-    assert act.q[300] == act.q[-12] == -127
-    with pytest.raises(ValueError, match="multiple of 256"):
-        qdot.quantize_q8_k(np.zeros(300, np.float32))
+    round_(x[None], rounded)
+    np.testing.assert_array_equal(_values(act).astype(np.float32), rounded[0])     # q * d is exact in float64
+    assert not act.d[:256 // block].any() and not act.q[:256].any()
+    assert act.q[300] == -127 and act.q[-12] == (-127 if kind == "q8_K" else 127)
+    if kind == "q8_K":
+        np.testing.assert_array_equal(act.bsums, act.q.astype(np.int32).reshape(-1, 16).sum(axis=1))
+    else:
+        assert act.q.dtype == np.int16 and np.abs(act.q).max() == 127
+    with pytest.raises(ValueError, match=f"multiple of {block}"):
+        quantize(np.zeros(300, np.float32))
+
+
+SHAPES = {"serial": (96, 512), "parallel": (384, 4096), "576-wide": (1536, 576)}
 
 
 @pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "random-bytes"])
-@pytest.mark.parametrize("shape", [(96, 512), (384, 4096)], ids=["serial", "parallel"])
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype,shape", [(t, name) for t in TYPES + LEGACY for name in SHAPES
+                                         if SHAPES[name][1] % formats.block_size(t) == 0],
+                         ids=lambda v: v.name if isinstance(v, T) else v)
 def test_the_product_is_the_decoded_weights_times_the_codes(qtype, shape, random_bytes):
-    n_out, n_in = shape
+    """Blocks of 32 also at SmolLM2's width, 576, which K-quant rows cannot have."""
+    n_out, n_in = SHAPES[shape]
     rng = np.random.default_rng(int(qtype) + n_in + random_bytes)
     raw = _stored(rng, qtype, n_out, n_in, random_bytes)
-    act = qdot.quantize_q8_k(_activations(rng, n_in))
+    x = _activations(rng, n_in) if n_in % 256 == 0 else rng.standard_normal(n_in).astype(np.float32)
+    act = _codes(qtype, x)
     exact, scale = _reference(qtype, raw, act)
     got = _product(qtype, raw, act)
     assert np.isfinite(got).all()
     assert (np.abs(got - exact) <= RELATIVE_BOUND * scale).all(), np.max(np.abs(got - exact) / scale)
 
 
-SCALE_BYTE = {T.Q4_K: 6, T.Q5_K: 13, T.Q6_K: 200}        # a sub-block scale (Q4_K: with a min's top bits)
+# a sub-block scale (Q4_K: with a min's top bits); blocks of 32: a byte of the fifth bits, or the first quant byte
+SCALE_BYTE = {T.Q4_K: 6, T.Q5_K: 13, T.Q6_K: 200, T.Q5_0: 3, T.Q5_1: 5, T.Q8_0: 2, T.Q4_0: 2, T.Q4_1: 4}
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES + LEGACY, ids=lambda t: t.name)
 def test_a_changed_byte_changes_the_product(qtype):
     """One stored byte changed (a quant, a sub-block scale, the high byte of an fp16 scale) moves that row's result
     by far more than the bound, and no other row: a kernel reading a wrong byte, code or block fails."""
     rng = np.random.default_rng(100 + int(qtype))
     raw = _stored(rng, qtype, 96, 1024, random_bytes=False)
     x = (rng.choice([-1.0, 1.0], 1024) * (1 + rng.random(1024))).astype(np.float32)         # |x| in [1, 2)
-    act = qdot.quantize_q8_k(x)
+    act = _codes(qtype, x)
     before = _product(qtype, raw, act)
     size = formats.format_for(qtype).type_size
     middle = 2 * size                                                            # the third of four blocks
@@ -111,20 +137,23 @@ def test_a_changed_byte_changes_the_product(qtype):
     _, scale = _reference(qtype, raw, act)
     for offset in offsets:
         changed = raw.copy()
-        changed[5, offset] ^= 0x05
+        # the quant byte's high bits (a Q8_0 code moving by 5 would stay within the bound: 5 of 127 * 1024), all 8
+        # fifth bits of a Q5_0 / Q5_1 byte
+        flips = {offsets[0]: 0x50, offsets[1]: 0xFF if qtype in (T.Q5_0, T.Q5_1) else 0x05}
+        changed[5, offset] ^= flips.get(offset, 0x05)
         changed.setflags(write=False)
         after = _product(qtype, changed, act)
         assert abs(float(after[5]) - float(before[5])) > 10 * RELATIVE_BOUND * scale[5], offset
         np.testing.assert_array_equal(np.delete(after, 5), np.delete(before, 5))
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES + LEGACY, ids=lambda t: t.name)
 def test_it_agrees_with_the_float_kernel(qtype):
     """evaluate/matvec.py's float kernel on the same rounded activations: the same product within both bounds."""
     rng = np.random.default_rng(50 + int(qtype))
     raw = _stored(rng, qtype, 512, 2048, random_bytes=False)
-    act = qdot.quantize_q8_k(_activations(rng, 2048))
-    x = (act.q.reshape(-1, 256).astype(np.float32) * act.d[:, None]).reshape(1, -1)
+    act = _codes(qtype, _activations(rng, 2048))
+    x = _values(act).astype(np.float32)[None]
     float_out = np.empty((1, 512), np.float32)
     matvec.kernel_for(qtype)(raw, x, float_out)
     _, scale = _reference(qtype, raw, act)
@@ -170,37 +199,46 @@ def test_shapes_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         kernel(raw, qdot.Q8K(rows.q, rows.d[:2], rows.bsums), np.empty((3, 4), np.float32))
     assert qdot.kernel_for(T.Q8_0) is None and qdot.kernel_for(T.IQ4_XS) is None
+    kernel = qdot.kernel_for_q8_0(T.Q8_0)
+    act = qdot.quantize_q8_0(np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(np.zeros((4, 34), np.uint8), act, np.empty((1, 4), np.float32))        # one block per row, not two
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(np.zeros((4, 68), np.uint8), act, np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(np.zeros((4, 68), np.uint8), qdot.Q80(act.q.astype(np.int8), act.d), np.empty((1, 4), np.float32))
+    assert qdot.kernel_for_q8_0(T.Q4_K) is None and qdot.kernel_for_q8_0(T.F16) is None
 
 
 PORTABLE_CHECK = """
 import numpy as np
-from gguf import GGMLQuantizationType as T
-from qtool.evaluate import qdot
+from qtool.evaluate import matvec, qdot
 from qtool.quantize import formats
-assert not qdot.HAS_AVX2
+from tests.test_matvec import widening_differences
+from tests.test_qdot import LEGACY, RELATIVE_BOUND, TYPES, _codes, _product, _reference, _stored
+assert not qdot.HAS_AVX2 and not matvec.HAS_F16C
+assert widening_differences() == 0
 rng = np.random.default_rng(3)
-for qtype in qdot.SUPPORTED:
-    raw = rng.integers(0, 256, (8, formats.format_for(qtype).row_bytes(512)), dtype=np.uint8)
-    for o in ((0, 2) if qtype != T.Q6_K else (208,)):
-        raw.reshape(8, 2, -1)[:, :, o + 1] &= 0x3B
-    act = qdot.quantize_q8_k(rng.standard_normal(512).astype(np.float32))
-    out = np.empty((1, 8), np.float32)
-    qdot.kernel_for(qtype)(raw, act, out)
-    w = formats.dequantize(raw, qtype, 512).astype(np.float64)
-    x = (act.q.reshape(-1, 256) * act.d[:, None].astype(np.float64)).reshape(-1)
-    assert (np.abs(out[0] - w @ x) <= 1e-5 * (np.abs(w) @ np.abs(x))).all(), qtype.name
-    rows = qdot.quantize_q8_k(rng.standard_normal((6, 512)).astype(np.float32))
-    out = np.empty((6, 8), np.float32)
-    qdot.kernel_for(qtype)(raw, rows, out)
-    x = (rows.q.reshape(6, -1, 256) * rows.d[:, :, None].astype(np.float64)).reshape(6, -1)
-    assert (np.abs(out - x @ w.T) <= 1e-5 * (np.abs(x) @ np.abs(w).T)).all(), qtype.name
+for qtype in TYPES + LEGACY:
+    raw = _stored(rng, qtype, 8, 512, random_bytes=True)
+    act = _codes(qtype, rng.standard_normal(512).astype(np.float32))
+    exact, scale = _reference(qtype, raw, act)
+    assert (np.abs(_product(qtype, raw, act) - exact) <= RELATIVE_BOUND * scale).all(), qtype.name
+    if qtype in TYPES:
+        rows = qdot.quantize_q8_k(rng.standard_normal((6, 512)).astype(np.float32))
+        out = np.empty((6, 8), np.float32)
+        qdot.kernel_for(qtype)(raw, rows, out)
+        w = formats.dequantize(raw, qtype, 512).astype(np.float64)
+        x = (rows.q.reshape(6, -1, 256) * rows.d[:, :, None].astype(np.float64)).reshape(6, -1)
+        assert (np.abs(out - x @ w.T) <= RELATIVE_BOUND * (np.abs(x) @ np.abs(w).T)).all(), qtype.name
 print("ok")
 """
 
 
 def test_the_portable_ir_gives_the_same_products(tmp_path):
-    """Where the CPU has no AVX2 the kernels use portable IR for the u8 x s8 products: forced here, in a process
-    with its own (empty) numba cache so that nothing compiled for AVX2 is loaded."""
+    """Where the CPU has no AVX2 the kernels use portable IR for the u8 x s8 products, and matvec widens fp16 without
+    F16C: forced here, in a process with its own (empty) numba cache so that nothing compiled for AVX2 is loaded."""
     env = dict(os.environ, QTOOL_QDOT_PORTABLE="1", NUMBA_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
