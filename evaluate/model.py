@@ -639,15 +639,15 @@ class Model:
             return None
         return formats.activation_kind(self.weights.qtype(weight_name))
 
-    def _linear(self, name: str, x: _Input, role: str) -> np.ndarray:
-        """x @ W.T (+ bias) into the work buffer `role`; `name` is the tensor name without '.weight'."""
+    def _linear(self, name: str, x: _Input, role: str = "", out: np.ndarray | None = None) -> np.ndarray:
+        """x @ W.T (+ bias) into the work buffer `role` (or `out`); `name` is the tensor name without '.weight'."""
         if self.on_matmul_input is not None:
             self.on_matmul_input(name + ".weight", x.x)
         w = self.weights
         weight = name + ".weight"
         kind = self._activation_kind(weight)
         qtype, stored = w.qtype(weight), w.dense(weight) is None
-        out = self._ws(role, (x.x.shape[0], w.shape(weight)[0]))
+        out = self._ws(role, (x.x.shape[0], w.shape(weight)[0])) if out is None else out
         # stored weights multiply the input's 8-bit codes as integers, as llama.cpp does (evaluate/qdot.py): K-quants
         # Q8_K codes, blocks of 32 (one row: decoding) Q8_0 codes
         if kind == "q8_K" and qtype in qdot.SUPPORTED and stored:
@@ -877,11 +877,6 @@ class Model:
         return logits[0] if squeeze else logits
 
     def _output(self, h: np.ndarray) -> np.ndarray:
-        if self.on_matmul_input is not None:
-            self.on_matmul_input(self.output_name, h)
-        kind = self._activation_kind(self.output_name)
-        hr = h if kind is None else round_activations(h, kind, np.empty_like(h))
-        logits = self.weights.matmul(self.output_name, hr, np.empty((h.shape[0], self.config.n_vocab), np.float32))
-        if self.weights.has("output.bias"):
-            logits += self.weights.get("output.bias")
-        return logits
+        """The logits, in a new array."""
+        return self._linear(self.output_name.removesuffix(".weight"), _Input(h, self._ws),
+                            out=np.empty((h.shape[0], self.config.n_vocab), np.float32))

@@ -7,6 +7,7 @@ range to float32 through the format table (`quantize/formats.py`'s `decode`, the
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -149,7 +150,7 @@ class TensorRef:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.info.shape, dtype=np.int64))
+        return math.prod(self.info.shape)
 
     @property
     def nbytes(self) -> int:
