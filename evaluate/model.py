@@ -473,18 +473,16 @@ class _Input:
             self._rounded[kind] = round_activations(self.x, kind, self._ws(f"act-{kind}-{self.x.shape[1]}", self.x.shape))
         return self._rounded[kind]
 
-    def q8_k(self) -> qdot.Q8K:
-        """The rows of x as ggml's Q8_K blocks (integer codes; 1-D arrays for one row), for evaluate/qdot.py's
-        kernels."""
-        if "q8_K codes" not in self._rounded:
-            self._rounded["q8_K codes"] = qdot.quantize_q8_k(self.x[0] if self.x.shape[0] == 1 else self.x)
-        return self._rounded["q8_K codes"]
-
-    def q8_0(self) -> qdot.Q80:
-        """The one row of x as ggml's Q8_0 blocks (integer codes), for evaluate/qdot.py's kernels."""
-        if "q8_0 codes" not in self._rounded:
-            self._rounded["q8_0 codes"] = qdot.quantize_q8_0(self.x[0])
-        return self._rounded["q8_0 codes"]
+    def codes(self, kind: str | None) -> qdot.Q8K | qdot.Q80 | None:
+        """The rows of x as ggml's Q8_K blocks (kind "q8_K"; 1-D arrays for one row) or its one row as Q8_0 blocks
+        ("q8_0"): integer codes for evaluate/qdot.py's kernels, made once per kind; None for kind None."""
+        if kind is None:
+            return None
+        key = f"{kind} codes"
+        if key not in self._rounded:
+            rows = self.x[0] if self.x.shape[0] == 1 else self.x
+            self._rounded[key] = qdot.quantize_q8_k(rows) if kind == "q8_K" else qdot.quantize_q8_0(self.x[0])
+        return self._rounded[key]
 
 
 _rms_norm_rows_serial = _serial_twin(rms_norm_rows)
@@ -639,6 +637,18 @@ class Model:
             return None
         return formats.activation_kind(self.weights.qtype(weight_name))
 
+    def _integer_codes(self, weight: str, kind: str | None, rows: int) -> str | None:
+        """Which codes of its input the stored weight multiplies as integers, as llama.cpp does (evaluate/qdot.py):
+        "q8_K" (K-quants), "q8_0" (blocks of 32, one row: decoding), or None (rounded floats)."""
+        w = self.weights
+        if w.dense(weight) is not None:
+            return None
+        if kind == "q8_K" and w.qtype(weight) in qdot.SUPPORTED:
+            return "q8_K"
+        if kind == "q8_0" and rows == 1 and w.qtype(weight) in qdot.SUPPORTED_Q8_0:
+            return "q8_0"
+        return None
+
     def _linear(self, name: str, x: _Input, role: str = "", out: np.ndarray | None = None) -> np.ndarray:
         """x @ W.T (+ bias) into the work buffer `role` (or `out`); `name` is the tensor name without '.weight'."""
         if self.on_matmul_input is not None:
@@ -646,14 +656,10 @@ class Model:
         w = self.weights
         weight = name + ".weight"
         kind = self._activation_kind(weight)
-        qtype, stored = w.qtype(weight), w.dense(weight) is None
         out = self._ws(role, (x.x.shape[0], w.shape(weight)[0])) if out is None else out
-        # stored weights multiply the input's 8-bit codes as integers, as llama.cpp does (evaluate/qdot.py): K-quants
-        # Q8_K codes, blocks of 32 (one row: decoding) Q8_0 codes
-        if kind == "q8_K" and qtype in qdot.SUPPORTED and stored:
-            out = w.matmul(weight, x.x, out, q8_k=x.q8_k())
-        elif kind == "q8_0" and qtype in qdot.SUPPORTED_Q8_0 and stored and x.x.shape[0] == 1:
-            out = w.matmul(weight, x.x, out, q8_0=x.q8_0())
+        codes = x.codes(self._integer_codes(weight, kind, x.x.shape[0]))
+        if codes is not None:
+            out = w.matmul(weight, x.x, out, codes=codes)
         else:
             out = w.matmul(weight, x.rounded(kind), out)
         if w.has(name + ".bias"):
@@ -692,13 +698,12 @@ class Model:
         outputs = self._ws("expert_out", (rows, k, c.n_embd))
         names = [p + f"ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
         kinds = [self._activation_kind(n) for n in names]
-        # K-quant experts multiply the Q8_K codes of their tokens as integers (evaluate/qdot.py)
-        integer = [kind == "q8_K" and w.qtype(n) in qdot.SUPPORTED and w.dense(n) is None
-                   for n, kind in zip(names, kinds)]
+        # experts multiply their tokens' 8-bit codes as integers where `_integer_codes` says so (evaluate/qdot.py)
+        integer = [self._integer_codes(n, kind, rows) for n, kind in zip(names, kinds)]
         inputs = [h.x if integer[i] else h.rounded(kinds[i]) for i in range(2)]
-        codes = [h.q8_k() if integer[i] else None for i in range(2)]
+        codes = [h.codes(integer[i]) for i in range(2)]
 
-        def codes_of(i: int, token: np.ndarray) -> qdot.Q8K | None:
+        def codes_of(i: int, token: np.ndarray) -> qdot.Q8K | qdot.Q80 | None:
             act = codes[i]
             return act if act is None or act.q.ndim == 1 else qdot.Q8K(act.q[token], act.d[token], act.bsums[token])
 
@@ -708,18 +713,20 @@ class Model:
 
         def expert_ffn(e: int, token: np.ndarray, rank: np.ndarray, tile: np.ndarray | None) -> None:
             gate = w.matmul(names[0], inputs[0][token], np.empty((len(token), c.n_ff_exp), np.float32), e, tile,
-                            q8_k=codes_of(0, token))
-            up = w.matmul(names[1], inputs[1][token], np.empty_like(gate), e, tile, q8_k=codes_of(1, token))
+                            codes=codes_of(0, token))
+            up = w.matmul(names[1], inputs[1][token], np.empty_like(gate), e, tile, codes=codes_of(1, token))
             _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
             if hook is not None:
                 hidden[e] = gate
-            if integer[2]:
+            if integer[2] == "q8_K":
                 down_in, down_codes = gate, qdot.quantize_q8_k(gate[0] if rows == 1 else gate)
+            elif integer[2] == "q8_0":
+                down_in, down_codes = gate, qdot.quantize_q8_0(gate[0])
             else:
                 down_in = gate if kinds[2] is None else round_activations(gate, kinds[2], np.empty_like(gate))
                 down_codes = None
             down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), e, tile,
-                            q8_k=down_codes)
+                            codes=down_codes)
             outputs[token, rank] = down * weights[token, rank][:, None]
 
         n_workers = min(get_num_threads(), len(experts))

@@ -133,16 +133,15 @@ class GGUFWeights:
         return np.array(self.model.decode(name, ids), dtype=np.float32)
 
     def matmul(self, name: str, x: np.ndarray, out: np.ndarray, expert: int | None = None,
-               tile: np.ndarray | None = None, q8_k: Q8K | None = None, q8_0: Q80 | None = None) -> np.ndarray:
+               tile: np.ndarray | None = None, codes: Q8K | Q80 | None = None) -> np.ndarray:
         """out = x @ W.T for float32 x (rows, n_in) and the 2-D tensor W (n_out, n_in); out is (rows, n_out).
 
         `expert`: W is that expert's matrix of a 3-D tensor of stacked experts (n_expert, n_out, n_in).
         `tile`: a float32 buffer of at least `tile_elements(name)` for the decoded rows, instead of this object's
         own (threads running products side by side each bring theirs).
-        `q8_k`: x's rows as Q8_K codes (evaluate/qdot.quantize_q8_k): stored K-quant weights multiply them as
-        integers (evaluate/qdot.py), and x only gives the number of rows.
-        `q8_0`: x's one row as Q8_0 codes (qdot.quantize_q8_0): the same for stored Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1
-        weights."""
+        `codes`: x's rows as Q8_K codes (evaluate/qdot.quantize_q8_k), or its one row as Q8_0 codes
+        (qdot.quantize_q8_0): stored K-quant weights (Q8_K), or Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights (Q8_0),
+        multiply them as integers (evaluate/qdot.py), and x only gives the number of rows."""
         if x.shape[0] == 0:
             return out
         w = self.dense(name)
@@ -153,11 +152,11 @@ class GGUFWeights:
         n_out, n_in = t.shape[-2:]
         if expert is not None:
             raw = raw[expert].reshape(n_out, -1)
-        if q8_k is not None or q8_0 is not None:
+        if codes is not None:
             from qtool.evaluate import qdot
-            kernel = qdot.kernel_for(t.qtype) if q8_k is not None else qdot.kernel_for_q8_0(t.qtype)
+            kernel = qdot.kernel_for(t.qtype) if isinstance(codes, qdot.Q8K) else qdot.kernel_for_q8_0(t.qtype)
             if kernel is not None:
-                kernel(raw, q8_k if q8_k is not None else q8_0, out)
+                kernel(raw, codes, out)
                 return out
         if x.shape[0] <= MATVEC_MAX_ROWS:
             from qtool.evaluate import matvec

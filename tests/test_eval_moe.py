@@ -92,6 +92,42 @@ def test_experts_side_by_side_equal_experts_in_turn(family, gguf_of):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_one_token_q8_0_experts_multiply_codes_as_integers(family, gguf_of, tmp_path, monkeypatch):
+    """Decoding (one token) through Q8_0 experts takes the integer kernels (Q8_0 codes, evaluate/qdot.py) for each
+    routed expert's Q8_0 matrices, and gives the float kernels' result on the same rounded activations within float32
+    rounding (the router, F32, routes both alike)."""
+    from qtool.evaluate import qdot
+    from qtool.quantize.mixtures import parse_file_type
+    from qtool.quantize.quantizer import QuantizeOptions, quantize_model
+
+    from qtool.evaluate import weights as weights_mod
+
+    _, path = gguf_of(family)
+    quantize_model(path, tmp_path / "q8.gguf", QuantizeOptions(parse_file_type("Q8_0")))
+    monkeypatch.setattr(weights_mod, "SMALL_TENSOR_ELEMENTS", 0)    # the tiny fixture's experts stay stored
+    model = Model(GGUFWeights(tmp_path / "q8.gguf"))
+    q8_0 = [part for part in ("gate", "up", "down")
+            if model.weights.qtype(f"blk.0.ffn_{part}_exps.weight").name == "Q8_0"]   # (rows too short: F16)
+    assert {"gate", "up"} <= set(q8_0)
+    x = np.random.default_rng(6).normal(0, 1, (1, model.config.n_embd)).astype(np.float32)
+    calls: list[str] = []
+    kernel_for_q8_0 = qdot.kernel_for_q8_0
+
+    def counting(qtype):
+        kernel = kernel_for_q8_0(qtype)
+        return lambda raw, act, out: (calls.append(qtype.name), kernel(raw, act, out))
+
+    monkeypatch.setattr(qdot, "kernel_for_q8_0", counting)
+    integer = model._moe("blk.0.", _Input(x, Workspace()))
+    shared = [part for part in ("gate", "up", "down") if model.weights.has(f"blk.0.ffn_{part}_shexp.weight")
+              and model.weights.qtype(f"blk.0.ffn_{part}_shexp.weight").name == "Q8_0"]  # the shared expert's too
+    assert len(calls) == len(q8_0) * model.config.n_expert_used + len(shared) and set(calls) == {"Q8_0"}
+    monkeypatch.setattr(qdot, "SUPPORTED_Q8_0", ())
+    floats = model._moe("blk.0.", _Input(x, Workspace()))
+    np.testing.assert_allclose(integer, floats, rtol=0, atol=1e-5 * np.abs(floats).max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_imatrix_counts_and_sums_per_expert(family, gguf_of):
     """Each expert's entry counts the (token, slot) pairs routed to it and sums their squared inputs; the counts of
     an expert tensor add up to tokens x experts used; dense weights keep one count."""
