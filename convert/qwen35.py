@@ -179,10 +179,15 @@ def hybrid_kvs(spec: Any, ftype: LlamaFileType) -> list[KV]:
 # tensor names
 # ----------------------------------------------------------------------------------------------------------------
 
+def _text_name(hf_name: str) -> str:
+    """The name without the multimodal layout's language_model. and with the MTP block as mtp.*."""
+    name = hf_name.replace("language_model.", "")
+    return name[len("model."):] if name.startswith("model.mtp.") else name
+
+
 def is_mtp(hf_name: str) -> bool:
     """Whether a checkpoint tensor belongs to the MTP block (mtp.*, model.mtp.*, or under language_model.)."""
-    name = hf_name.replace("language_model.", "")
-    return name.startswith(("mtp.", "model.mtp."))
+    return _text_name(hf_name).startswith("mtp.")
 
 
 def canonical_name(hf_name: str, n_layer: int) -> str | None:
@@ -190,9 +195,7 @@ def canonical_name(hf_name: str, n_layer: int) -> str | None:
     alike), or None for a tensor a text conversion skips (the vision tower)."""
     if any(part in hf_name for part in _VISION_PARTS):
         return None
-    name = hf_name.replace("language_model.", "")
-    if name.startswith("model.mtp."):
-        name = name[len("model."):]
+    name = _text_name(hf_name)
     if name.startswith("mtp."):
         parts = name.split(".", 3)
         if len(parts) == 4 and parts[1] == "layers" and parts[2].isdecimal():

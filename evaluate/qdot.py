@@ -547,7 +547,6 @@ def kernel_for(qtype: GGMLQuantizationType) -> Kernel | None:
     return _kernel(T(qtype)) if qtype in _SPECS else None
 
 
-@cache
 def _intrinsics(qtype: GGMLQuantizationType):
     type_size, body = _SPECS[qtype]
     return type_size, _block_intrinsic(body), _tile_intrinsic(body, TOKENS)
