@@ -26,6 +26,7 @@ Steps (`--steps`), each qtool and llama.cpp as child processes with the same thr
 - moe-full: the same shape with all 48 layers (--moe-full-layers) as a Q4_K_M of random blocks (18.6 GB; per-tensor
   types from llama-quantize's rules, codes random, no F16 and no quantizing): `ppl` (2 chunks) side by side.
 
+Before each run the GGUF files it reads are read once (warm_page_cache), so both tools start from a warm page cache.
 Per run: whole-process wall time, peak RSS (the child's high-water mark, file-backed pages of the memory-mapped
 model included; see _measure.py), CPU % (user+sys over wall), and the ratios qtool / llama.cpp. qtool runs under
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` with --threads N; the BLAS kernel in use is printed
@@ -231,7 +232,21 @@ class Result:
     extra: dict
 
 
+def warm_page_cache(cmd: list[str]) -> None:
+    """Read every GGUF the command reads (not one it writes: after -o) once, so that each tool starts with the
+    model in the page cache. Otherwise whichever tool runs first would also time the disk reads (llama-bench's
+    warm-up run hides them from its rates; qtool generate's prompt eval includes them)."""
+    for i, arg in enumerate(cmd):
+        path = Path(arg)
+        if arg.endswith(".gguf") and (i == 0 or cmd[i - 1] != "-o") and path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                buffer = bytearray(16 << 20)
+                while f.readinto(buffer):
+                    pass
+
+
 def run(step: str, model: str, tool: str, threads: int, cmd: list[str], env: dict, parse=None) -> Result:
+    warm_page_cache(cmd)
     m = measure(cmd, env)
     extra = {}
     ok = m.rc == 0

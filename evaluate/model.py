@@ -474,15 +474,21 @@ class _Input:
         return self._rounded[kind]
 
     def codes(self, kind: str | None) -> qdot.Q8K | qdot.Q80 | None:
-        """The rows of x as ggml's Q8_K blocks (kind "q8_K"; 1-D arrays for one row) or its one row as Q8_0 blocks
-        ("q8_0"): integer codes for evaluate/qdot.py's kernels, made once per kind; None for kind None."""
-        if kind is None:
-            return None
+        """`integer_codes` of x, made once per kind for all products sharing it."""
         key = f"{kind} codes"
         if key not in self._rounded:
-            rows = self.x[0] if self.x.shape[0] == 1 else self.x
-            self._rounded[key] = qdot.quantize_q8_k(rows) if kind == "q8_K" else qdot.quantize_q8_0(self.x[0])
+            self._rounded[key] = integer_codes(self.x, kind)
         return self._rounded[key]
+
+
+def integer_codes(x: np.ndarray, kind: str | None) -> qdot.Q8K | qdot.Q80 | None:
+    """The rows of x as ggml's Q8_K blocks (kind "q8_K"; 1-D arrays for one row) or its one row as Q8_0 blocks
+    ("q8_0"): integer codes for evaluate/qdot.py's kernels; None for kind None."""
+    if kind is None:
+        return None
+    if kind == "q8_K":
+        return qdot.quantize_q8_k(x[0] if x.shape[0] == 1 else x)
+    return qdot.quantize_q8_0(x[0])
 
 
 _rms_norm_rows_serial = _serial_twin(rms_norm_rows)
@@ -718,13 +724,11 @@ class Model:
             _sized(silu_mul_, _silu_mul_serial, gate.size)(gate, up)
             if hook is not None:
                 hidden[e] = gate
-            if integer[2] == "q8_K":
-                down_in, down_codes = gate, qdot.quantize_q8_k(gate[0] if rows == 1 else gate)
-            elif integer[2] == "q8_0":
-                down_in, down_codes = gate, qdot.quantize_q8_0(gate[0])
+            down_codes = integer_codes(gate, integer[2])     # fresh arrays, not the shared workspace: threads
+            if down_codes is not None or kinds[2] is None:
+                down_in = gate
             else:
-                down_in = gate if kinds[2] is None else round_activations(gate, kinds[2], np.empty_like(gate))
-                down_codes = None
+                down_in = round_activations(gate, kinds[2], np.empty_like(gate))
             down = w.matmul(names[2], down_in, np.empty((len(token), c.n_embd), np.float32), e, tile,
                             codes=down_codes)
             outputs[token, rank] = down * weights[token, rank][:, None]

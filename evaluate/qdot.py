@@ -19,7 +19,9 @@ thread: Q4_K 0.72 ms, Q5_K 0.91, Q6_K 0.93 against the float kernels of evaluate
 TOKENS activation rows, whose arithmetic stays each row's own (a row's result is bit for bit its one-row result);
 groups of weight rows in parallel, each group's rows read against every tile of activation rows. On 4096x4096 times
 512 rows, one thread, about 230 GOPS (Q4_K, Q6_K) and 200 (Q5_K), against 210 GFLOP/s for OpenBLAS's sgemm on
-weights decoded beforehand; in a 7B prefill the decode tiles and the float rounding of the activations go too.
+weights decoded beforehand; in a 7B prefill the decode tiles and the float rounding of the activations go too. On a
+Zen 3 (AVX2, 16 vector registers) 42 / 39 / 43 GMAC/s (Q4_K / Q5_K / Q6_K), 40 / 36 / 41 before _in_order kept
+LLVM from unpacking all of a block's codes at once and spilling them.
 
     kernel = kernel_for(qtype)          # None where there is none (the caller decodes tiles for BLAS)
     kernel(raw, act, out)               # raw uint8 [n_out, row_bytes], act = quantize_q8_k(x), out float32 [rows, n_out]
@@ -273,6 +275,28 @@ def _fp16(builder, bp, offset):
     return builder.fpext(builder.load(where, align=1), F)
 
 
+def _in_order(builder, values):
+    """`values` unchanged, passed through an empty asm statement with side effects (AVX2 without AVX-512): LLVM then
+    unpacks a 64-value step's codes only after the previous step's sums, instead of unpacking every step's codes
+    first and spilling them to the stack (measured: 47 ymm moves, most of them spills, in a Q4_K block of 4
+    tokens). Nothing else changes: the results are bit for bit the same."""
+    if not HAS_AVX2 or HAS_AVX512BW:
+        return values
+    # 256-bit pieces: one ymm register each
+    pieces = [[_half_of(builder, v, 0), _half_of(builder, v, 1)] if v.type.count * v.type.element.width > 256
+              else [v] for v in values]
+    flat = [p for group in pieces for p in group]
+    ty = ir.LiteralStructType([p.type for p in flat])
+    constraint = ",".join(["=x"] * len(flat) + [str(i) for i in range(len(flat))])
+    packed = builder.asm(ir.FunctionType(ty, [p.type for p in flat]), "", constraint, flat, True)
+    out, i = [], 0
+    for group in pieces:
+        parts = [builder.extract_value(packed, i + k) for k in range(len(group))]
+        out.append(parts[0] if len(parts) == 1 else _concat(builder, *parts))
+        i += len(group)
+    return out
+
+
 def _k4_block(builder, acc, bp, tokens, with_fifth_bit):
     """Per token t of `tokens` ((xp, sp, dx): its codes, its sums of 16, its scale), acc[32t:32t + 16] += d * (scale_j *
     dot(codes_j, x_j) in 16 lanes) and acc[32t + 16:32t + 24] += -dmin * (min_j * sum(x_j)) of a Q4_K (Q5_K) block:
@@ -284,7 +308,7 @@ def _k4_block(builder, acc, bp, tokens, with_fifth_bit):
     qh = _load(builder, bp, 16, I8, 32) if with_fifth_bit else None
     sums = [_vector(I32, 16, 0)] * len(tokens)
     for g in range(4):
-        qs = _load(builder, bp, qs_at + 32 * g, I8, 32)
+        qs, *sums = _in_order(builder, [_load(builder, bp, qs_at + 32 * g, I8, 32), *sums])
         low, high = builder.and_(qs, _vector(I8, 32, 15)), builder.lshr(qs, _vector(I8, 32, 4))
         if with_fifth_bit:
             # bit 4 of the code where bit j of qh is set: a test and a select (x86 has no byte shifts)
@@ -361,9 +385,11 @@ def _q6_k_ir(builder, acc, bp, tokens):
     scales = builder.sext(_load(builder, bp, 192, I8, 16), ir.VectorType(I16, 16))
     sums = [_vector(I32, 16, 0)] * len(tokens)
     for hf in range(2):
-        low = _load(builder, bp, 64 * hf, I8, 64)
-        qh = _load(builder, bp, 128 + 32 * hf, I8, 32)
         for step in range(2):
+            low0, low1, qh, *sums = _in_order(builder, [_load(builder, bp, 64 * hf, I8, 32),
+                                                        _load(builder, bp, 64 * hf + 32, I8, 32),
+                                                        _load(builder, bp, 128 + 32 * hf, I8, 32), *sums])
+            low = _concat(builder, low0, low1)
             nibbles = builder.and_(low, _vector(I8, 64, 15)) if step == 0 else builder.lshr(low, _vector(I8, 64, 4))
             high = [builder.and_(builder.lshr(qh, _vector(I8, 32, 2 * t)), _vector(I8, 32, 3))
                     for t in (2 * step, 2 * step + 1)]
@@ -462,12 +488,12 @@ def _products(raw, q, d, bsums, out, row_group):
 # kernel of evaluate/matvec.py.
 
 def _block32_codes(builder, bp, qtype):
-    """(<32 x i8> codes, the fp16 scale's byte offset, the fp16 min's byte offset or None) of a block at bp:
+    """(<32 x i8> codes, the fp16 min's byte offset or None) of a block at bp (its fp16 scale is at byte 0):
     Q8_0 the stored bytes (signed); Q4_0 / Q4_1 the low nibbles of qs[0:16] (0..15) then the high ones; Q5_0 /
     Q5_1 the same with bit j of the 32-bit qh as bit 4 of value j (0..31). Q4_0's and Q5_0's offsets (8, 16) are
     the caller's."""
     if qtype == T.Q8_0:
-        return _load(builder, bp, 2, I8, 32), 0, None
+        return _load(builder, bp, 2, I8, 32), None
     with_min = qtype in (T.Q4_1, T.Q5_1)
     qh_at = {T.Q5_0: 2, T.Q5_1: 4}.get(qtype)
     qs_at = {T.Q4_0: 2, T.Q4_1: 4, T.Q5_0: 6, T.Q5_1: 8}[qtype]
@@ -480,7 +506,7 @@ def _block32_codes(builder, bp, qtype):
         fifth = builder.select(builder.icmp_unsigned("!=", bit, _vector(I8, 32, 0)), _vector(I8, 32, 16),
                                _vector(I8, 32, 0))
         codes = builder.or_(codes, fifth)
-    return codes, 0, 2 if with_min else None
+    return codes, 2 if with_min else None
 
 
 def _fold_halves(builder, vec):
@@ -492,7 +518,7 @@ def _block32_ir(qtype):
     def body(builder, acc, bp, xp, dx):
         """acc[0:8] += d_w * d_x * (pair sums of codes_w * codes_x, folded to 8 lanes); with a min, acc[8:16] +=
         m_w * d_x * (pair sums of codes_x, folded)."""
-        codes, d_at, m_at = _block32_codes(builder, bp, qtype)
+        codes, m_at = _block32_codes(builder, bp, qtype)
         x = _load(builder, xp, 0, I16, 32)
         if qtype == T.Q8_0:
             wide = builder.sext(codes, ir.VectorType(I16, 32))
@@ -500,7 +526,7 @@ def _block32_ir(qtype):
             wide = builder.sub(builder.zext(codes, ir.VectorType(I16, 32)),
                                _vector(I16, 32, {T.Q4_0: 8, T.Q5_0: 16}.get(qtype, 0)))
         dots = _fold_halves(builder, _times_scales(builder, wide, x))
-        _accumulate(builder, acc, 0, builder.fmul(_fp16(builder, bp, d_at), dx), dots)
+        _accumulate(builder, acc, 0, builder.fmul(_fp16(builder, bp, 0), dx), dots)
         if m_at is not None:
             sums = _fold_halves(builder, _times_scales(builder, x, _vector(I16, 32, 1)))
             _accumulate(builder, acc, 8, builder.fmul(_fp16(builder, bp, m_at), dx), sums)
