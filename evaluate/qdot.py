@@ -8,8 +8,8 @@ values per step:
     u8 codes x s8 activations, adjacent pairs summed to int16   (vpmaddubsw; the codes are < 64: never saturates)
     int16 sums x the sub-block's scale, pairs summed to int32    (vpmaddwd, fused with the add: vpdpwssd on VNNI)
 
-then, per block, the int32 lanes times d_x * d (the fp16 converted by fpext: vcvtph2ps) into 16 float32 lanes, and
-the mins' term into 8 more, all kept in registers; a row ends with one pairwise sum of the lanes. Every integer sum is
+then, per block, 8 int32 lanes times d_x * d (the fp16 converted by fpext: vcvtph2ps) into 8 float32 lanes, and the
+mins' term into the same lanes, kept in registers; a row ends with one pairwise sum of the lanes. Every integer sum is
 exact, so a result differs from the exact product of the rounded activations and the decoded weights only by the
 float32 rounding of the per-block terms and of the lanes' sums (tests/test_qdot.py bounds it).
 
@@ -18,10 +18,10 @@ thread: Q4_K 0.72 ms, Q5_K 0.91, Q6_K 0.93 against the float kernels of evaluate
 (benchmarks/matvec_speed.py). Several rows (a prompt, a perplexity chunk): each weight block is unpacked once for
 TOKENS activation rows, whose arithmetic stays each row's own (a row's result is bit for bit its one-row result);
 groups of weight rows in parallel, each group's rows read against every tile of activation rows. On 4096x4096 times
-512 rows, one thread, about 230 GOPS (Q4_K, Q6_K) and 200 (Q5_K), against 210 GFLOP/s for OpenBLAS's sgemm on
-weights decoded beforehand; in a 7B prefill the decode tiles and the float rounding of the activations go too. On a
-Zen 3 (AVX2, 16 vector registers) 42 / 39 / 43 GMAC/s (Q4_K / Q5_K / Q6_K), 40 / 36 / 41 before _in_order kept
-LLVM from unpacking all of a block's codes at once and spilling them.
+512 rows, one thread, about 230 GOPS (Q4_K, Q6_K) and 200 (Q5_K) on a Zen 5 (AVX-512), against 210 GFLOP/s for
+OpenBLAS's sgemm on weights decoded beforehand; in a 7B prefill the decode tiles and the float rounding of the
+activations go too. On a Zen 3 (AVX2) 49 / 46 / 47 GMAC/s (Q4_K / Q5_K / Q6_K; 40 / 36 / 41 before the steps were
+kept in order by _in_order, which stopped the codes' spills).
 
     kernel = kernel_for(qtype)          # None where there is none (the caller decodes tiles for BLAS)
     kernel(raw, act, out)               # raw uint8 [n_out, row_bytes], act = quantize_q8_k(x), out float32 [rows, n_out]
@@ -66,8 +66,11 @@ I8, I16, I32, F = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FEATURES = {} if os.environ.get("QTOOL_QDOT_PORTABLE") == "1" else llvm.get_host_cpu_features()
 HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 HAS_AVX512BW = bool(_FEATURES.get("avx512bw", False))
-TOKEN_LANES = 32                # float32 accumulators per token: 16 of d * sums, 8 of -dmin * mins, 8 unused (so
-                                # that every token's lanes start on a cache line)
+TOKEN_LANES = 8                 # float32 accumulators per token: d * sums - dmin * mins, 8 lanes
+# A block's integer sums go to 8 int32 lanes per token. With AVX-512 they are kept in 16 (one register) and folded
+# once per block; with AVX2 (16 registers of 8 lanes) they are folded at every 64-value step, so that the unpacked
+# codes, their scales and every token's sums stay in registers. Integer sums are exact: the results are the same.
+FOLD_EACH_STEP = not HAS_AVX512BW
 TOKENS = 4                      # activation rows the products kernel takes per unpacked weight block
 
 
@@ -275,38 +278,39 @@ def _fp16(builder, bp, offset):
     return builder.fpext(builder.load(where, align=1), F)
 
 
+def _step_sums(builder, total, part):
+    """total + part, part an <16 x i32>: total has 8 lanes (the halves of part added) where FOLD_EACH_STEP."""
+    return builder.add(total, _fold_halves(builder, part) if FOLD_EACH_STEP else part)
+
+
+def _block_sums(builder, total):
+    """A block's integer sums in 8 lanes."""
+    return total if FOLD_EACH_STEP else _fold_halves(builder, total)
+
+
 def _in_order(builder, values):
-    """`values` unchanged, passed through an empty asm statement with side effects (AVX2 without AVX-512): LLVM then
-    unpacks a 64-value step's codes only after the previous step's sums, instead of unpacking every step's codes
-    first and spilling them to the stack (measured: 47 ymm moves, most of them spills, in a Q4_K block of 4
-    tokens). Nothing else changes: the results are bit for bit the same."""
-    if not HAS_AVX2 or HAS_AVX512BW:
+    """`values` unchanged, passed through an empty asm statement with side effects where FOLD_EACH_STEP (AVX2): LLVM
+    then computes a 64-value step's codes only after the previous step's sums, instead of unpacking every step's
+    codes first and spilling them (measured: 47 ymm moves, most of them spills, in a Q4_K block of 4 tokens)."""
+    if not (FOLD_EACH_STEP and HAS_AVX2):
         return values
-    # 256-bit pieces: one ymm register each
-    pieces = [[_half_of(builder, v, 0), _half_of(builder, v, 1)] if v.type.count * v.type.element.width > 256
-              else [v] for v in values]
-    flat = [p for group in pieces for p in group]
-    ty = ir.LiteralStructType([p.type for p in flat])
-    constraint = ",".join(["=x"] * len(flat) + [str(i) for i in range(len(flat))])
-    packed = builder.asm(ir.FunctionType(ty, [p.type for p in flat]), "", constraint, flat, True)
-    out, i = [], 0
-    for group in pieces:
-        parts = [builder.extract_value(packed, i + k) for k in range(len(group))]
-        out.append(parts[0] if len(parts) == 1 else _concat(builder, *parts))
-        i += len(group)
-    return out
+    ty = ir.LiteralStructType([v.type for v in values])
+    n = len(values)
+    constraint = ",".join(["=x"] * n + [str(i) for i in range(n)])
+    packed = builder.asm(ir.FunctionType(ty, [v.type for v in values]), "", constraint, values, True)
+    return [builder.extract_value(packed, i) for i in range(n)]
 
 
 def _k4_block(builder, acc, bp, tokens, with_fifth_bit):
-    """Per token t of `tokens` ((xp, sp, dx): its codes, its sums of 16, its scale), acc[32t:32t + 16] += d * (scale_j *
-    dot(codes_j, x_j) in 16 lanes) and acc[32t + 16:32t + 24] += -dmin * (min_j * sum(x_j)) of a Q4_K (Q5_K) block:
+    """Per token t of `tokens` ((xp, sp, dx): its codes, its sums of 16, its scale), acc[8t:8t + 8] += d * (scale_j *
+    dot(codes_j, x_j) in 8 lanes), then += -dmin * (min_j * sum(x_j)) of a Q4_K (Q5_K) block:
     sub-blocks 2g, 2g + 1 are the low and high nibbles of qs[32g:32g + 32] (plus bits 2g, 2g + 1 of qh[0:32] as bit
     4), so one 64-value step takes qs[32g:32g + 32] and x[64g:64g + 64]. The weights are unpacked once for all the
     tokens; each token's arithmetic is the same as when it is alone."""
     scales, mins = _k4_scales_and_mins(builder, bp)
     qs_at = 48 if with_fifth_bit else 16
     qh = _load(builder, bp, 16, I8, 32) if with_fifth_bit else None
-    sums = [_vector(I32, 16, 0)] * len(tokens)
+    sums = [_vector(I32, 8 if FOLD_EACH_STEP else 16, 0)] * len(tokens)
     for g in range(4):
         qs, *sums = _in_order(builder, [_load(builder, bp, qs_at + 32 * g, I8, 32), *sums])
         low, high = builder.and_(qs, _vector(I8, 32, 15)), builder.lshr(qs, _vector(I8, 32, 4))
@@ -321,13 +325,13 @@ def _k4_block(builder, acc, bp, tokens, with_fifth_bit):
         block_scales = _pick(builder, scales, lanes)
         for t, (xp, _, _) in enumerate(tokens):
             products = _codes_times_x(builder, codes, _load(builder, xp, 64 * g, I8, 64))
-            sums[t] = builder.add(sums[t], _times_scales(builder, products, block_scales))
+            sums[t] = _step_sums(builder, sums[t], _times_scales(builder, products, block_scales))
     d, dmin = _fp16(builder, bp, 0), _fp16(builder, bp, 2)
     mins16 = _pick(builder, mins, [j // 2 for j in range(16)])
     for t, (_, sp, dx) in enumerate(tokens):
-        _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d), sums[t])
+        _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d), _block_sums(builder, sums[t]))
         min_terms = _times_scales(builder, _load(builder, sp, 0, I16, 16), mins16)   # min_j * (sums of 32)
-        _accumulate(builder, acc, TOKEN_LANES * t + 16, builder.fneg(builder.fmul(dx, dmin)), min_terms)
+        _accumulate(builder, acc, TOKEN_LANES * t, builder.fneg(builder.fmul(dx, dmin)), min_terms)
 
 
 def _block_intrinsic(body):
@@ -377,13 +381,13 @@ def _k4_ir(with_fifth_bit):
 
 
 def _q6_k_ir(builder, acc, bp, tokens):
-    """Per token t, acc[32t:32t + 16] += d * (scale_i * dot(codes_i - 32, x_i) in 16 lanes) of a Q6_K block, codes
+    """Per token t, acc[8t:8t + 8] += d * (scale_i * dot(codes_i - 32, x_i) in 8 lanes) of a Q6_K block, codes
     0..63: per half hf, ql[64hf:], qh[128 + 32hf:], values 128hf + 32t + l (t = 0..3, l < 32) are the low (t < 2) or
     high nibble of ql[32(t % 2) + l] with bits 2t, 2t + 1 of qh[l] above, in sub-blocks of 16 with
     scales[8hf + 2t + l // 16]; one 64-value step is t = 0, 1 or t = 2, 3 of a half. The 32 is taken off with Q8_K's
     sums of 16."""
     scales = builder.sext(_load(builder, bp, 192, I8, 16), ir.VectorType(I16, 16))
-    sums = [_vector(I32, 16, 0)] * len(tokens)
+    sums = [_vector(I32, 8 if FOLD_EACH_STEP else 16, 0)] * len(tokens)
     for hf in range(2):
         for step in range(2):
             low0, low1, qh, *sums = _in_order(builder, [_load(builder, bp, 64 * hf, I8, 32),
@@ -399,23 +403,24 @@ def _q6_k_ir(builder, acc, bp, tokens):
             step_scales = _pick(builder, scales, lanes)
             for t, (xp, _, _) in enumerate(tokens):
                 products = _codes_times_x(builder, codes, _load(builder, xp, 128 * hf + 64 * step, I8, 64))
-                sums[t] = builder.add(sums[t], _times_scales(builder, products, step_scales))
+                sums[t] = _step_sums(builder, sums[t], _times_scales(builder, products, step_scales))
     d = _fp16(builder, bp, 208)
     for t, (_, sp, dx) in enumerate(tokens):
         offsets = _times_scales(builder, _load(builder, sp, 0, I16, 16), scales)     # scale_i * sum(x_i), 8 lanes
-        thirty_two = builder.mul(_concat(builder, offsets, _vector(I32, 8, 0)), _vector(I32, 16, 32))
-        _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d), builder.sub(sums[t], thirty_two))
+        thirty_two = builder.mul(offsets, _vector(I32, 8, 32))
+        _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d),
+                    builder.sub(_block_sums(builder, sums[t]), thirty_two))
 
 
 # --- kernels: one weight row per iteration, parallel over rows ---------------------------------------------------
 # Templates: `_variant` compiles them with their type's block intrinsics and bytes per block as constants.
 _block = _tile = None
 BLOCK_BYTES = 0
-ACC_LANES = 24                  # 16 lanes of d * sums, 8 of -dmin * mins (Q4_K, Q5_K)
+ACC_LANES = TOKEN_LANES
 
 
 def _rows(raw, q, d, bsums, out):
-    """out[0, r] = the sum over row r's blocks of each block's terms, accumulated in 24 float32 lanes (registers)."""
+    """out[0, r] = the sum over row r's blocks of each block's terms, accumulated in 8 float32 lanes (registers)."""
     n_out = raw.shape[0]
     for r in prange(n_out):
         acc_ptr = _lane_buffer()
@@ -425,7 +430,7 @@ def _rows(raw, q, d, bsums, out):
         row = raw[r]
         for ib in range(d.shape[0]):
             _block(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], q, QK_K * ib, bsums, 16 * ib, d[ib])
-        out[0, r] = _lane_total(acc, 0, 16) + _pairwise8(acc, 16)
+        out[0, r] = _pairwise8(acc, 0)
 
 
 @njit(inline="always")
@@ -467,7 +472,7 @@ def _products(raw, q, d, bsums, out, row_group):
                     _tile(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], qt, QK_K * ib, st, 16 * ib, dt, ib)
                 for t in range(TOKENS):
                     s = TOKEN_LANES * t
-                    out[t0 + t, r] = _lane_total(acc, s, 16) + _pairwise8(acc, s + 16)
+                    out[t0 + t, r] = _pairwise8(acc, s)
         for t in range(whole, n_tok):
             qt, st, dt = q[t], bsums[t], d[t]
             for r in range(first, last):
@@ -476,7 +481,7 @@ def _products(raw, q, d, bsums, out, row_group):
                 row = raw[r]
                 for ib in range(n_blocks):
                     _block(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], qt, QK_K * ib, st, 16 * ib, dt[ib])
-                out[t, r] = _lane_total(acc, 0, 16) + _pairwise8(acc, 16)
+                out[t, r] = _pairwise8(acc, 0)
 
 
 # --- blocks of 32 times Q8_0 activations: one activation row ----------------------------------------------------

@@ -1,10 +1,16 @@
 """`qtool ppl` against llama-perplexity on a real model: SmolLM2-135M (F16 from the shipped Q4_1, and a
-Q4_K_M of it made by llama-quantize), 20 chunks of 512 tokens of wiki.test.raw, 2 threads.
+Q4_K_M of it made by llama-quantize), 80 chunks of 512 tokens of wiki.test.raw, 2 threads.
 
 llama.cpp multiplies F16 weights with F16 activations and quantized weights with 8-bit activations (Q8_0, Q8_K);
 the numbers agree closely but not exactly: qtool rounds each matrix product's input like llama.cpp does (its
-default `--activations llama.cpp`), which leaves F16 within 0.01% and Q4_K_M within 0.2% (8-bit rounding
-flips differently on inputs that differ in the last float32 bit); the acceptance bound is 0.3%.
+default `--activations llama.cpp`), which leaves F16 within 0.01%; the acceptance bound is 0.3%.
+
+Why 80 chunks: Q4_K_M's number is chaotic on SmolLM2. Its activations reach about 300, so a Q8_K block holding one
+has a step near 2.4, and a product that differs in the last float32 bit (another summation order) flips codes
+downstream. Measured: each chunk's mean NLL then moves by about 0.009 between two summation orders, with no
+systematic sign, so over 20 chunks the two tools' PPL differ by chance with a standard error near 0.2% (qdot's
+kernels with 8 float lanes gave -0.49% at 20 chunks, -0.10% at 80); over 80 chunks the standard error is about 0.08%,
+and 0.3% is a test of agreement again rather than of the summation order's luck.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from tests.interop import need_tool, smollm2_files
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 WIKI_RAW = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
-CHUNKS = 20
+CHUNKS = 80
 THREADS = 2
 
 
@@ -51,8 +57,12 @@ def _number(pattern: str, log: str) -> float:
 def llamacpp(smollm2, tmp_path_factory):
     """llama-perplexity's numbers: the F16 run saves its logits, the Q4_K_M run compares against them."""
     logits = tmp_path_factory.mktemp("kld") / "f16.kld"
-    base = _llama_perplexity("-m", str(smollm2["F16"]), "-f", str(WIKI_RAW), "--kl-divergence-base", str(logits))
-    variant = _llama_perplexity("-m", str(smollm2["Q4_K_M"]), "--kl-divergence-base", str(logits), "--kl-divergence")
+    try:
+        base = _llama_perplexity("-m", str(smollm2["F16"]), "-f", str(WIKI_RAW), "--kl-divergence-base", str(logits))
+        variant = _llama_perplexity("-m", str(smollm2["Q4_K_M"]), "--kl-divergence-base", str(logits),
+                                    "--kl-divergence")
+    finally:
+        logits.unlink(missing_ok=True)      # 16-bit log-probs of every scored token: about 25 MB a chunk
     return {"f16_ppl": _number(r"Final estimate: PPL = ([\d.]+)", base),
             "q4_ppl": _number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", variant),
             "q4_kld": _number(r"Mean\s+KLD:\s*([\d.]+)", variant),
@@ -81,7 +91,7 @@ def test_kl_divergence_agrees_with_llama_perplexity(ours, llamacpp):
     q4 = ours["models"][1]
     print(f"Q4_K_M vs F16: qtool KLD {q4['kld_mean']:.5f}, same top {q4['same_top1_pct']:.2f}%; llama-perplexity "
           f"KLD {llamacpp['q4_kld']:.5f}, same top {llamacpp['q4_same_top']:.2f}%")
-    # measured: KLD 0.05866 vs 0.05829 (+0.6%), same top 84.57% vs 84.92%; llama.cpp's base log-probs are
+    # measured (80 chunks): KLD 0.05549 vs 0.05549, same top 86.56% vs 86.43%; llama.cpp's base log-probs are
     # 16-bit and cut at e^-16, and 8-bit activation rounding flips differently on slightly different inputs
     assert q4["kld_mean"] == pytest.approx(llamacpp["q4_kld"], rel=0.03)
     assert q4["same_top1_pct"] == pytest.approx(llamacpp["q4_same_top"], abs=1.0)
