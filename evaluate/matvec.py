@@ -67,10 +67,11 @@ Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 HAS_F16C = os.environ.get("QTOOL_QDOT_PORTABLE") != "1" and bool(llvm.get_host_cpu_features().get("f16c", False))
 MAX_ROWS = 4                     # activation rows one call handles (the B = 1..4 specializations)
 # Below this many weights a product runs on the calling thread. benchmarks/matvec_speed.py --crossover (2 cores,
-# qtool's OMP_WAIT_POLICY=passive, so the workers sleep between calls): a parallel call costs 30-40 us more than a
-# serial one, which reads about 20 weights per ns; Q4_K and Q8_0 break even near 1M weights (885K: serial 40 us,
-# parallel 47; 1M: 49 and 42).
-PARALLEL_MIN_WEIGHTS = 1 << 20
+# AVX2, with qtool's GOMP_SPINCOUNT, so the workers spin a little before they sleep): a parallel call costs a few
+# us more than a serial one; every type breaks even between 16K weights (64x256: F16 serial 2.4 us, parallel 3.0;
+# Q4_0 3.2 and 4.8) and 64K (128x512: F16 5.9 and 5.2, Q8_0 13.4 and 9.5). Passive workers (no spinning) cost
+# 30-40 us a call and moved it to 1M.
+PARALLEL_MIN_WEIGHTS = 1 << 16
 LANE_BUFFER = MAX_ROWS * 32      # float32 accumulators per call frame: 32 lanes (or 16) per activation row
 # Weight rows per parallel work item for B >= 3 (B <= 2: one). The same machine code, reading the same bytes in the
 # same order, ran B = 3, 4 up to 1.5x faster with groups of 64 (Q4_K, Q8_0, F16; Q6_K 10-15% slower) and B = 2 2x
