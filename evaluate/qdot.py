@@ -53,7 +53,7 @@ from numba import carray, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qtool.evaluate.matvec import PARALLEL_MIN_WEIGHTS, _lane_buffer, _lane_total, _variant
+from qtool.evaluate.matvec import PARALLEL_MIN_WEIGHTS, _lane_buffer, _variant
 from qtool.quantize.kernels.common import (F32, QK_K, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES,
                                            Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES)
 
