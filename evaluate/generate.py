@@ -19,6 +19,9 @@ uniform_real_distribution<double>(0, 1) draw per sampled token, made of two 32-b
 generate_canonical combines them. Given the same logits and seed, a step picks the token llama.cpp picks; our
 float32 logits differ from llama.cpp's in the last bits, so long sampled runs agree only for a while.
 
+The KV cache holds keys and values as float16 by default, as llama.cpp's does (`cache_type="f32"`: float32): a
+decoded token reads half the bytes, and its attention sees the values llama.cpp's sees.
+
 Streaming: each token's bytes (llama_token_to_piece, special tokens as empty text, as llama-cli prints them) go
 through an incremental UTF-8 decoder, so a character split over two byte tokens is emitted once it is whole.
 """
@@ -40,6 +43,7 @@ from qtool.evaluate.tokenizer import Tokenizer
 from qtool.evaluate.weights import GGUFWeights, MemoryBudget
 
 TextCallback = Callable[[str], None]
+CACHE_TYPES = ("f16", "f32")        # the KV cache's element type (llama.cpp: --cache-type-k / -v, default f16)
 
 # 2^32 and 2^64 as doubles: generate_canonical<double, 53> over a 32-bit engine takes two draws.
 _TWO_32 = 4294967296.0
@@ -297,17 +301,23 @@ class Step:
 
 
 def decode_steps(model: Model, prompt: list[int], choose: Callable[[np.ndarray], int], max_new_tokens: int,
-                 stop_ids: Iterable[int] = (), timings: Timings | None = None) -> Iterator[Step]:
+                 stop_ids: Iterable[int] = (), timings: Timings | None = None,
+                 cache_type: str = "f16") -> Iterator[Step]:
     """Prefill `prompt` in one pass, then feed back each chosen token through the KV cache.
 
     Yields every chosen token (a stop token too, after which it ends) and at most `max_new_tokens` of them;
     the cache holds exactly prompt + max_new_tokens - 1 positions, since the last token is never fed back.
+    `cache_type`: "f16" keeps keys and values as float16, as llama.cpp does by default (its --cache-type-k/-v);
+    "f32" as float32.
     """
+    if cache_type not in CACHE_TYPES:
+        raise QtoolError(f"cache type must be one of {', '.join(CACHE_TYPES)}, not {cache_type!r}")
     timings = timings if timings is not None else Timings()
     if max_new_tokens <= 0:
         return
     stop = set(stop_ids)
-    cache = KVCache.allocate(model.config, batch=1, max_len=len(prompt) + max_new_tokens - 1)
+    cache = KVCache.allocate(model.config, batch=1, max_len=len(prompt) + max_new_tokens - 1,
+                             f16=cache_type == "f16")
     t0 = time.perf_counter()
     logits = model.forward(np.asarray([prompt], dtype=np.int64), output_from=len(prompt) - 1, cache=cache)[0, -1]
     timings.prompt_tokens = len(prompt)
@@ -338,7 +348,7 @@ class GenerationResult:
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: list[int], n_predict: int, sampler: Sampler,
-             on_text: TextCallback | None = None) -> GenerationResult:
+             on_text: TextCallback | None = None, cache_type: str = "f16") -> GenerationResult:
     """Generate up to `n_predict` tokens (-1: until an end-of-generation token or the context is full)."""
     if not prompt:
         raise QtoolError("the prompt is empty (and the vocabulary adds no BOS token)")
@@ -355,7 +365,7 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: list[int], n_predict: i
 
     stream, timings = TextStream(tokenizer), Timings()
     tokens, pieces, stop_reason = [], [], "eog"
-    for step in decode_steps(model, prompt, sampler, budget, tokenizer.eot_ids, timings):
+    for step in decode_steps(model, prompt, sampler, budget, tokenizer.eot_ids, timings, cache_type):
         if step.token in tokenizer.eot_ids:
             stop_reason = "eog"
             break
@@ -384,7 +394,7 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str, chat_template: str | None) 
 
 def generate_text(path: str | Path, prompt: str, *, n_predict: int = 128, sampling: SamplingParams = SamplingParams(),
                   chat: bool = False, on_text: TextCallback | None = None,
-                  max_memory: int | None = None) -> GenerationResult:
+                  max_memory: int | None = None, cache_type: str = "f16") -> GenerationResult:
     """Open a GGUF model and generate a continuation of `prompt` (with `chat`: the answer to it as a user turn)."""
     weights = GGUFWeights(path, MemoryBudget(max_memory) if max_memory is not None else None)
     tokenizer = Tokenizer.from_gguf(weights.gguf)
@@ -397,10 +407,10 @@ def generate_text(path: str | Path, prompt: str, *, n_predict: int = 128, sampli
     model = Model(weights)
     if tokenizer.n_vocab != model.n_vocab:
         raise QtoolError(f"{path}: the vocabulary has {tokenizer.n_vocab} tokens but token_embd has {model.n_vocab} rows")
-    result = generate(model, tokenizer, ids, n_predict, Sampler(sampling), on_text)
+    result = generate(model, tokenizer, ids, n_predict, Sampler(sampling), on_text, cache_type)
     return result
 
 
-__all__ = ["Candidates", "GenerationResult", "LlamaRng", "Sampler", "SamplingParams", "Step", "TextStream",
+__all__ = ["CACHE_TYPES", "Candidates", "GenerationResult", "LlamaRng", "Sampler", "SamplingParams", "Step", "TextStream",
            "Timings", "apply_chat_template", "decode_steps", "generate", "generate_text", "min_p",
            "prompt_tokens", "sample_distribution", "softmax", "temperature", "top_k", "top_p"]

@@ -46,12 +46,15 @@ from typing import Callable
 import numpy as np
 import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
 from numba import get_num_threads, njit, prange
+from numba import types as nb_types
+from numba.extending import intrinsic
 
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
 from qtool.errors import QtoolError
 from qtool.floats import round_to_bf16
 from qtool.evaluate import qdot
 from qtool.evaluate.deltanet import DeltaNetConfig, DeltaNetState, gated_deltanet
+from qtool.evaluate.matvec import _as_i32, _widen_ir
 from qtool.evaluate.weights import MATVEC_MAX_ROWS, GGUFWeights
 from qtool.quantize import formats
 from qtool.threads import single_threaded_blas, worker_pool
@@ -349,6 +352,19 @@ def causal_softmax_(scores: np.ndarray, q_start: int, slopes: np.ndarray, n_grou
 ATTEND_FASTMATH = {"reassoc", "contract"}
 
 
+@intrinsic
+def _kv(typingctx, x):
+    """A KV cache value as float32: a float32 as it is, an fp16 bit pattern (uint16, an F16 cache) widened exactly
+    (matvec._widen_ir: vcvtph2ps, 8 at a time, in a vectorized loop)."""
+    if isinstance(x, nb_types.Float):
+        return nb_types.float32(x), lambda context, builder, sig, args: context.cast(builder, args[0], sig.args[0],
+                                                                                     nb_types.float32)
+    if isinstance(x, nb_types.Integer):
+        return nb_types.float32(x), lambda context, builder, sig, args: _widen_ir(
+            builder, _as_i32(builder, args[0], sig.args[0]), 1)
+    return None
+
+
 @njit(parallel=True, cache=True, fastmath=ATTEND_FASTMATH)
 def attend_few_(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, q_start: int, slopes: np.ndarray,
                 n_group: int, out: np.ndarray) -> None:
@@ -356,7 +372,8 @@ def attend_few_(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, q_sta
     @ V for each kv head h and row r of queries (n_kv, n_rows, d), rows query-major as in causal_softmax_ (query
     r // n_group at position q_start + r // n_group), keys and values (n_kv, >= positions, d). The cache is read
     once per row, straight from its rows: no score matrix, no BLAS calls per head; the weights are
-    causal_softmax_'s formula (ALiBi, float64 sums, summed in any order)."""
+    causal_softmax_'s formula (ALiBi, float64 sums, summed in any order). keys and values are float32, or the fp16
+    bit patterns (uint16) of an F16 cache, read as float32."""
     n_kv, n_rows, d = queries.shape
     for idx in prange(n_kv * n_rows):
         h, r, pos, head = _query_row(idx, n_rows, q_start, n_group)
@@ -366,7 +383,7 @@ def attend_few_(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, q_sta
             key = keys[h, j]
             total = np.float32(0.0)
             for i in range(d):
-                total += q[i] * key[i]
+                total += q[i] * _kv(key[i])
             p[j] = total
         _softmax_row_(p, pos, slopes, head)
         o = out[h, r]
@@ -375,7 +392,7 @@ def attend_few_(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, q_sta
             weight = p[j]
             value = values[h, j]
             for i in range(d):
-                o[i] += weight * value[i]
+                o[i] += weight * _kv(value[i])
 
 
 @njit(parallel=True, cache=True)
@@ -521,7 +538,9 @@ def _small_pages():
 
 @dataclass
 class KVCache:
-    """Keys and values of the positions seen so far, per layer (batch, n_head_kv, max_len, head_dim).
+    """Keys and values of the positions seen so far, per layer (batch, n_head_kv, max_len, head_dim): float32, or
+    float16 (`f16=True`), as llama.cpp keeps them by default (half the bytes each decoded token reads; the values
+    rounded to nearest, as ggml's F16 copy rounds them).
 
     A recurrent (Gated DeltaNet) layer keeps no keys (its k/v have 0 heads, so shapes still tell batch and
     capacity) but its state after the last position in `recurrent`; that state continues from position `length`
@@ -534,12 +553,13 @@ class KVCache:
     recurrent: list[DeltaNetState | None] = field(default_factory=list)
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, f16: bool = False) -> KVCache:
         def heads(il: int) -> tuple[int, ...]:
             return (batch, 0 if cfg.is_recurrent(il) else cfg.n_head_kv, max_len, cfg.head_dim)
+        dtype = np.float16 if f16 else np.float32
         with _small_pages():
-            return cls([np.zeros(heads(il), np.float32) for il in range(cfg.n_layer)],
-                       [np.zeros(heads(il), np.float32) for il in range(cfg.n_layer)],
+            return cls([np.zeros(heads(il), dtype) for il in range(cfg.n_layer)],
+                       [np.zeros(heads(il), dtype) for il in range(cfg.n_layer)],
                        recurrent=[DeltaNetState.zeros(cfg.deltanet, batch) if cfg.is_recurrent(il) else None
                                   for il in range(cfg.n_layer)])
 
@@ -800,10 +820,19 @@ class Model:
             queries.reshape(c.n_head_kv, T, G, d)[...] = q[b].reshape(T, c.n_head_kv, G, d).transpose(1, 0, 2, 3)
             context = self._ws("context", (c.n_head_kv, T * G, d))
             if T <= ATTEND_FEW_MAX_QUERIES:         # decoding: one pass over the cache, no score matrix
+                if keys.dtype == np.float16:        # read as their bit patterns (numba has no float16)
+                    keys, values = keys.view(np.uint16), values.view(np.uint16)
                 _sized(attend_few_, _attend_few_serial, c.n_head_kv * T * G * (start + T) * d)(
                     queries, keys, values, start, self.alibi, G, context)
                 out[b] = context.reshape(c.n_head_kv, T, G, d).transpose(1, 0, 2, 3).reshape(T, -1)
                 continue
+            if keys.dtype == np.float16:            # an F16 cache: the positions so far as float32, for BLAS
+                n_all = start + T
+                keys32 = self._ws("keys", (c.n_head_kv, n_all, d))
+                values32 = self._ws("values", (c.n_head_kv, n_all, d))
+                keys32[...] = keys[:, :n_all]
+                values32[...] = values[:, :n_all]
+                keys, values = keys32, values32
             # causal blocks: queries [q0, q1) only need keys [0, start + q1), which skips ~40% of the products
             for q0 in range(0, T, ATTENTION_BLOCK):
                 q1 = min(T, q0 + ATTENTION_BLOCK)

@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from qtool.errors import QtoolError
-from qtool.model_file import GGUFModel
+from qtool.model_file import GGUFModel, decode_rows
 from qtool.quantize import formats
 
 if TYPE_CHECKING:
@@ -130,7 +130,9 @@ class GGUFWeights:
         held = self._cache.get(name)
         if held is not None:
             return held[ids]
-        return np.array(self.model.decode(name, ids), dtype=np.float32)
+        t = self.model.tensor(name)       # the rows of the kept mapping (stored): a new memory map per call cost a
+        rows = decode_rows(self.stored(name), t.qtype, t.shape, ids)       # decoded token 7 % of SmolLM2's time
+        return np.array(rows, dtype=np.float32)
 
     def matmul(self, name: str, x: np.ndarray, out: np.ndarray, expert: int | None = None,
                tile: np.ndarray | None = None, codes: Q8K | Q80 | None = None) -> np.ndarray:

@@ -590,8 +590,10 @@ def run_cmd(recipe, sets, only, force, cluster_spec, threads):
 @click.option("--seed", type=int, default=None, help="Random seed, 0..2^32-1 (default: a random one, reported).")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (same as --temp 0).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as one user turn.")
+@click.option("--cache-type", type=click.Choice(["f16", "f32"], case_sensitive=False), default="f16", show_default=True,
+              help="The KV cache's keys and values: float16 as llama.cpp keeps them, or float32.")
 @threads_option
-def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, chat, threads):
+def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, chat, cache_type, threads):
     """Continue PROMPT with a GGUF model (numpy, KV cache), streaming the text; timings like llama.cpp's at the end."""
     from qtool.evaluate.generate import SamplingParams, generate_text
 
@@ -607,7 +609,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, seed, greedy, 
         out.file.write(piece)
         out.file.flush()
 
-    result = generate_text(model, prompt, n_predict=n_predict, sampling=sampling, chat=chat, on_text=on_text)
+    result = generate_text(model, prompt, n_predict=n_predict, sampling=sampling, chat=chat, on_text=on_text,
+                           cache_type=cache_type.lower())
     if not started and not chat:
         out.file.write(prompt)
     out.file.write("\n")

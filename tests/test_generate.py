@@ -65,8 +65,9 @@ def test_cached_decoding_gives_the_logits_of_a_full_recomputation_at_every_step(
         return forward(tokens, **kw)
 
     model.forward = recording_forward
-    # a seeded sampler, so that the steps do not settle into one repeated token
-    steps = list(decode_steps(model, prompt, Sampler(SamplingParams(seed=3, temperature=1.5)), 10))
+    # a seeded sampler, so that the steps do not settle into one repeated token; a float32 cache, which holds the
+    # full pass's own keys and values (an F16 cache: test_eval_model's test_f16_kv_cache_...)
+    steps = list(decode_steps(model, prompt, Sampler(SamplingParams(seed=3, temperature=1.5)), 10, cache_type="f32"))
     model.forward = forward
 
     # one batched prefill, then one token per forward pass: the prefix is never recomputed
@@ -369,6 +370,19 @@ def test_cli_greedy_streams_the_continuation_and_reports_timings(tiny_gguf):
     assert result.stdout == PROMPT + expected.text + "\n"
     assert "prompt eval" in result.stderr and "tokens per second" in result.stderr
     assert f"stopped: {expected.stop_reason} after {len(expected.tokens)} tokens; greedy" in result.stderr
+
+
+def test_cli_cache_type_f32_and_f16_decode_the_same_text_here(tiny_gguf):
+    """--cache-type picks the KV cache's element type (default f16, as llama.cpp); a wrong one is refused by name."""
+    path = tiny_gguf("qwen2")
+    results = {t: run_cli(path, "-p", PROMPT, "-n", 6, "--greedy", "--cache-type", t) for t in ("f16", "f32")}
+    assert all(r.exit_code == 0 for r in results.values()), [r.output for r in results.values()]
+    expected = generate_text(path, PROMPT, n_predict=6, sampling=SamplingParams(temperature=0.0), cache_type="f32")
+    assert results["f32"].stdout == PROMPT + expected.text + "\n"
+    bad = run_cli(path, "-p", PROMPT, "--cache-type", "q8_0")
+    assert bad.exit_code != 0 and "q8_0" in bad.output
+    with pytest.raises(QtoolError, match="cache type"):
+        next(decode_steps(Model(GGUFWeights(path)), [1, 2], lambda logits: 0, 2, cache_type="bf16"))
 
 
 def test_cli_seeded_runs_repeat(tiny_gguf):
