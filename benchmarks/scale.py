@@ -17,7 +17,10 @@ Steps (`--steps`), each qtool and llama.cpp as child processes with the same thr
   `qtool ppl --ctx 512 --chunks 2`; both PPLs are printed (random weights: PPL near the vocabulary size).
 - imatrix: 2 chunks of groups_merged.txt on Q8_0: `llama-imatrix --no-ppl` vs `qtool imatrix`.
 - generate: a 512-token prompt then 32 tokens, Q4_K_M: `llama-bench -p 512 -n 32 -r 1` vs
-  `qtool generate --greedy` (its prompt-eval and eval rates); the whole-process columns are qtool's only.
+  `qtool generate --greedy` (its prompt-eval and eval rates); the whole-process columns are qtool's only. With
+  `--repeats N` the two alternate N times (qtool, llama, qtool, llama, ...) and the table gives each round's ratios
+  and their medians: on a machine whose speed drifts by 10-20 % from minute to minute (a shared VM), one pair of
+  runs can land on either side of a target.
 - kld: `qtool ppl F16 Q8_0 Q4_K_M --chunks 2` in lockstep (qtool only: peak RSS, target <= 16 GB).
 - moe: a mixture-of-experts model with Qwen3-30B-A3B's shapes (hidden 2048, 32 heads / 4 KV heads of 128, 128
   experts of width 768, top-8) but --moe-layers of its 48 layers (default 4: 2.5 G parameters, 5 GB F16; each layer
@@ -362,6 +365,7 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)}")
     ap.add_argument("--ppl-models", default="Q4_K_M,Q8_0,F16")
     ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="generate: rounds of qtool then llama-bench (median ratios)")
     ap.add_argument("--moe-layers", type=int, default=4, help="layers of the 30B-A3B shape for the moe step (of 48)")
     ap.add_argument("--moe-full-layers", type=int, default=48,
                     help="layers of the 30B-A3B shape for the moe-full step (48: the whole model, 18.6 GB)")
@@ -435,14 +439,15 @@ def main() -> int:
                                          "-o", str(wd / "imatrix-qtool.gguf")), q_env))
         if "generate" in steps:
             prompt = prompt_of(512, files["Q4_K_M"])
-            q = run("generate", "Q4_K_M", "qtool", threads,
-                    qtool_cmd("generate", str(files["Q4_K_M"]), "-p", prompt, "-n", "32", "--greedy",
-                              "--threads", t), q_env, _generate_qtool)
-            results.append(q)
-            n_prompt = q.extra.get("prompt_tokens", 512)
-            results.append(run("generate", "Q4_K_M", "llama", threads,
-                               [str(tool_path("llama-bench")), "-m", str(files["Q4_K_M"]), "-p", str(n_prompt),
-                                "-n", "32", "-r", "1", "-t", t, "-o", "json"], l_env, _bench_llama))
+            for _ in range(max(1, args.repeats)):
+                q = run("generate", "Q4_K_M", "qtool", threads,
+                        qtool_cmd("generate", str(files["Q4_K_M"]), "-p", prompt, "-n", "32", "--greedy",
+                                  "--threads", t), q_env, _generate_qtool)
+                results.append(q)
+                n_prompt = q.extra.get("prompt_tokens", 512)
+                results.append(run("generate", "Q4_K_M", "llama", threads,
+                                   [str(tool_path("llama-bench")), "-m", str(files["Q4_K_M"]), "-p", str(n_prompt),
+                                    "-n", "32", "-r", "1", "-t", t, "-o", "json"], l_env, _bench_llama))
         if "moe" in steps:
             results += run_moe(wd, args.moe_layers, threads, args.chunks, q_env, l_env)
         if "moe-full" in steps:
@@ -458,16 +463,29 @@ def main() -> int:
         "| RSS ratio | CPU % llama/qtool | notes |")
     log("|---|---|---|---|---|---|---|---|---|---|---|")
     pairs: dict[tuple, dict[str, Result]] = {}
-    for r in results:
+    rounds: dict[tuple, list[tuple[Result, Result]]] = {}       # generate: (qtool, llama) per round
+    for i, r in enumerate(results):
         pairs.setdefault((r.step, r.model, r.threads), {})[r.tool] = r
+        if r.step == "generate" and r.tool == "llama" and i and results[i - 1].tool == "qtool":
+            q = results[i - 1]
+            if q.ok and r.ok:
+                rounds.setdefault((r.step, r.model, r.threads), []).append((q, r))
     for (step, model, threads), by_tool in pairs.items():
         lr, qr = by_tool.get("llama"), by_tool.get("qtool")
-        if step == "generate" and lr and qr and lr.ok and qr.ok:
-            note = (f"pp {qr.extra['pp_tok_s']:.2f} vs {lr.extra['pp_tok_s']:.2f} tok/s "
-                    f"({qr.extra['pp_tok_s'] / lr.extra['pp_tok_s']:.2f}x); tg {qr.extra['tg_tok_s']:.2f} vs "
-                    f"{lr.extra['tg_tok_s']:.2f} tok/s ({qr.extra['tg_tok_s'] / lr.extra['tg_tok_s']:.2f}x)")
-            log(f"| {step} | {model} | {threads} | - | {qr.wall:.1f} | - | - | {qr.peak_rss / GB:.2f} | - | "
-                f"- / {qr.cpu_pct:.0f} | {note} |")
+        if step == "generate" and (step, model, threads) in rounds:
+            both = rounds[(step, model, threads)]
+            parts = []
+            for key, name in (("pp_tok_s", "pp"), ("tg_tok_s", "tg")):
+                ours = [q.extra[key] for q, _ in both]
+                theirs = [l.extra[key] for _, l in both]
+                ratios = [a / b for a, b in zip(ours, theirs)]
+                part = (f"{name} {float(np.median(ours)):.2f} vs {float(np.median(theirs)):.2f} tok/s "
+                        f"({float(np.median(ratios)):.2f}x")
+                parts.append(part + (f" median of {len(both)}: " + ", ".join(f"{x:.2f}" for x in ratios) + ")"
+                                     if len(both) > 1 else ")"))
+            walls = [q.wall for q, _ in both]
+            log(f"| {step} | {model} | {threads} | - | {float(np.median(walls)):.1f} | - | - | "
+                f"{max(q.peak_rss for q, _ in both) / GB:.2f} | - | - / {qr.cpu_pct:.0f} | {'; '.join(parts)} |")
             continue
         note = "; ".join(f"{k} {v}" for r in (lr, qr) if r for k, v in r.extra.items() if k != "error")
         if lr and qr:
@@ -484,7 +502,10 @@ def main() -> int:
         for (step, model, threads), by_tool in pairs.items():
             if threads == lo and "qtool" in by_tool and (step, model, hi) in pairs:
                 a, b = by_tool["qtool"], pairs[(step, model, hi)].get("qtool")
-                if b and a.ok and b.ok:
+                if (step, model, lo) in rounds and (step, model, hi) in rounds:      # medians over the rounds
+                    walls = [float(np.median([q.wall for q, _ in rounds[(step, model, n)]])) for n in (lo, hi)]
+                    log(f"  {step} {model}: {walls[0] / walls[1]:.2f}x")
+                elif b and a.ok and b.ok:
                     log(f"  {step} {model}: {a.wall / b.wall:.2f}x")
     (wd / "scale.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     log(f"\nload average at end: {os.getloadavg()[0]:.2f}; results in {wd / 'scale.json'}")
