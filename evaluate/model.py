@@ -57,6 +57,7 @@ from qtool.evaluate.deltanet import DeltaNetConfig, DeltaNetState, gated_deltane
 from qtool.evaluate.matvec import _as_i32, _widen_ir
 from qtool.evaluate.weights import MATVEC_MAX_ROWS, GGUFWeights
 from qtool.quantize import formats
+from qtool.quantize.kernels.common import fp32_to_fp16_bits
 from qtool.threads import single_threaded_blas, worker_pool
 
 MatmulHook = Callable[..., None]      # (weight_name, x) or, for one expert of a 3-D tensor, (..., expert=e, n_expert=n)
@@ -396,6 +397,27 @@ def attend_few_(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, q_sta
 
 
 @njit(parallel=True, cache=True)
+def store_f16_(x: np.ndarray, dst: np.ndarray) -> None:
+    """New keys or values x (T, n_kv, d) float32 into an F16 cache's slice dst (n_kv, T, d) of fp16 bit patterns
+    (uint16), each rounded to the nearest float16 as ggml's F16 copy rounds it (numpy's cast: the same bits for
+    finite values, on one core and several times slower)."""
+    n_t, n_kv, d = x.shape
+    for idx in prange(n_kv * n_t):               # (head, position) pairs, the cache's order
+        row, source = dst[idx // n_t, idx % n_t], x[idx % n_t, idx // n_t]
+        for i in range(d):
+            row[i] = fp32_to_fp16_bits(source[i])
+
+
+@njit(parallel=True, cache=True)
+def widen_f16_(src: np.ndarray, n: int, out: np.ndarray) -> None:
+    """out[:, :n] = the fp16 bit patterns src[:, :n] (n_kv, >= n, d) as float32, exactly."""
+    for idx in prange(src.shape[0] * n):
+        row, source = out[idx // n, idx % n], src[idx // n, idx % n]
+        for i in range(row.size):
+            row[i] = _kv(source[i])
+
+
+@njit(parallel=True, cache=True)
 def silu_mul_(gate: np.ndarray, up: np.ndarray) -> None:
     """gate = silu(gate) * up = gate / (1 + e^-gate) * up, in place over 2-D float32 rows."""
     n_rows, n = gate.shape
@@ -513,6 +535,7 @@ _rope_rows_serial = _serial_twin(rope_rows)
 _causal_softmax_serial = _serial_twin(causal_softmax_)
 _silu_mul_serial = _serial_twin(silu_mul_)
 _attend_few_serial = _serial_twin(attend_few_, fastmath=ATTEND_FASTMATH)
+_store_f16_serial = _serial_twin(store_f16_)
 _round_q8_0_serial = _serial_twin(round_q8_0_)
 _round_q8_k_serial = _serial_twin(round_q8_k_)
 _round_f16_serial = _serial_twin(round_f16_)
@@ -805,7 +828,12 @@ class Model:
         B, T = q.shape[:2]
         G, d = c.n_group, c.head_dim
         for b in range(B):
-            if cache is not None:
+            if cache is not None and cache.k[il].dtype == np.float16:
+                store = _sized(store_f16_, _store_f16_serial, T * k.shape[2] * d)
+                store(k[b], cache.k[il][b, :, start:start + T].view(np.uint16))
+                store(v[b], cache.v[il][b, :, start:start + T].view(np.uint16))
+                keys, values = cache.k[il][b], cache.v[il][b]
+            elif cache is not None:
                 cache.k[il][b, :, start:start + T] = k[b].transpose(1, 0, 2)
                 cache.v[il][b, :, start:start + T] = v[b].transpose(1, 0, 2)
                 keys, values = cache.k[il][b], cache.v[il][b]
@@ -830,8 +858,8 @@ class Model:
                 n_all = start + T
                 keys32 = self._ws("keys", (c.n_head_kv, n_all, d))
                 values32 = self._ws("values", (c.n_head_kv, n_all, d))
-                keys32[...] = keys[:, :n_all]
-                values32[...] = values[:, :n_all]
+                widen_f16_(keys.view(np.uint16), n_all, keys32)
+                widen_f16_(values.view(np.uint16), n_all, values32)
                 keys, values = keys32, values32
             # causal blocks: queries [q0, q1) only need keys [0, start + q1), which skips ~40% of the products
             for q0 in range(0, T, ATTENTION_BLOCK):

@@ -397,6 +397,26 @@ def test_attend_few_reads_an_f16_cache_as_its_float32_values(kernel):
     np.testing.assert_array_equal(half, single)
 
 
+@pytest.mark.parametrize("kernel", ["parallel", "serial"])
+def test_f16_cache_store_rounds_as_numpy_and_widens_back_exactly(kernel):
+    """store_f16_ writes new keys (T, n_kv, d) into a cache slice (n_kv, T, d) as numpy's float16 cast rounds them
+    (nearest even; subnormals; overflow to inf), nothing outside the slice; widen_f16_ reads them back exactly."""
+    from qtool.evaluate import model as M
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((7, 3, 64)) * 10.0 ** rng.uniform(-9, 5.5, (7, 3, 64))).astype(np.float32)
+    x[0, 0, :4] = [65519.0, 65520.0, -1e-8, 2.0 ** -24 * 1.5]      # the largest finite, inf, subnormals
+    cache = np.zeros((3, 10, 64), np.float16)
+    store = M.store_f16_ if kernel == "parallel" else M._store_f16_serial
+    store(x, cache[:, 2:9].view(np.uint16))
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(cache[:, 2:9], x.transpose(1, 0, 2).astype(np.float16))
+    assert (cache[:, :2] == 0).all() and (cache[:, 9:] == 0).all()
+    out = np.full((3, 10, 64), np.nan, np.float32)
+    M.widen_f16_(cache.view(np.uint16), 9, out)
+    np.testing.assert_array_equal(out[:, :9], cache[:, :9].astype(np.float32))
+    assert np.isnan(out[:, 9:]).all()
+
+
 def test_silu_mul_kernel():
     rng = np.random.default_rng(4)
     gate = rng.normal(0, 4, (5, 33)).astype(np.float32)
