@@ -411,6 +411,6 @@ def generate_text(path: str | Path, prompt: str, *, n_predict: int = 128, sampli
     return result
 
 
-__all__ = ["CACHE_TYPES", "Candidates", "GenerationResult", "LlamaRng", "Sampler", "SamplingParams", "Step", "TextStream",
-           "Timings", "apply_chat_template", "decode_steps", "generate", "generate_text", "min_p",
+__all__ = ["CACHE_TYPES", "Candidates", "GenerationResult", "LlamaRng", "Sampler", "SamplingParams", "Step",
+           "TextStream", "Timings", "apply_chat_template", "decode_steps", "generate", "generate_text", "min_p",
            "prompt_tokens", "sample_distribution", "softmax", "temperature", "top_k", "top_p"]
