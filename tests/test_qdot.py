@@ -93,7 +93,8 @@ def test_codes_are_the_rounded_values(kind):
     if kind == "q8_K":
         np.testing.assert_array_equal(act.bsums, act.q.astype(np.int32).reshape(-1, 16).sum(axis=1))
     else:
-        assert act.q.dtype == np.int16 and np.abs(act.q).max() == 127
+        assert act.q.dtype == np.int8 and np.abs(act.q).max() == 127
+        np.testing.assert_array_equal(act.s, act.q.astype(np.int32).reshape(-1, 32).sum(axis=1))
     with pytest.raises(ValueError, match=f"multiple of {block}"):
         quantize(np.zeros(300, np.float32))
 
@@ -206,7 +207,7 @@ def test_shapes_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         kernel(np.zeros((4, 68), np.uint8), act, np.empty((2, 4), np.float32))
     with pytest.raises(ValueError, match="do not fit"):
-        kernel(np.zeros((4, 68), np.uint8), qdot.Q80(act.q.astype(np.int8), act.d), np.empty((1, 4), np.float32))
+        kernel(np.zeros((4, 68), np.uint8), qdot.Q80(act.q.astype(np.int16), act.d, act.s), np.empty((1, 4), np.float32))
     assert qdot.kernel_for_q8_0(T.Q4_K) is None and qdot.kernel_for_q8_0(T.F16) is None
 
 
