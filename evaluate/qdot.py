@@ -230,6 +230,14 @@ def _half_of(builder, vec, h):
     return _pick(builder, vec, range(h * n, (h + 1) * n))
 
 
+def _maddubs32(builder, u, s):
+    """AVX2's vpmaddubsw: <32 x u8> u times <32 x s8> s, adjacent pairs summed (saturating) to <16 x i16>."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VectorType(I16, 16), [ir.VectorType(I8, 32)] * 2),
+        "llvm.x86.avx2.pmadd.ub.sw")
+    return builder.call(fn, [u, s])
+
+
 def _codes_times_x(builder, codes, x):
     """<64 x u8> codes times <64 x s8> x, adjacent pairs summed: <32 x i16> (exact: |pair| <= 2*63*128; vpmaddubsw,
     which saturates, never does here)."""
@@ -239,10 +247,7 @@ def _codes_times_x(builder, codes, x):
             "llvm.x86.avx512.pmaddubs.w.512")
         return builder.call(fn, [codes, x])
     if HAS_AVX2:
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VectorType(I16, 16), [ir.VectorType(I8, 32)] * 2),
-            "llvm.x86.avx2.pmadd.ub.sw")
-        return _concat(builder, *(builder.call(fn, [_half_of(builder, codes, h), _half_of(builder, x, h)])
+        return _concat(builder, *(_maddubs32(builder, _half_of(builder, codes, h), _half_of(builder, x, h))
                                   for h in range(2)))
     return _pairs(builder, builder.mul(builder.zext(codes, ir.VectorType(I16, 64)),
                                        builder.sext(x, ir.VectorType(I16, 64))), 64)
@@ -536,14 +541,12 @@ def _pairs32(builder, w, x, signed):
     AVX2 as ggml multiplies them, u8 x s8 (vpmaddubsw): unsigned codes as they are; signed ones as |w| (vpsignb w, w)
     times x with w's sign (vpsignb x, w)."""
     if HAS_AVX2:
-        ty = ir.VectorType(I8, 32)
-        madd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VectorType(I16, 16), [ty, ty]), "llvm.x86.avx2.pmadd.ub.sw")
         if signed:
+            ty = ir.VectorType(I8, 32)
             sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty]),
                                                   "llvm.x86.avx2.psign.b")
             w, x = builder.call(sign, [w, w]), builder.call(sign, [x, w])
-        return builder.call(madd, [w, x])
+        return _maddubs32(builder, w, x)
     wide = ir.VectorType(I16, 32)
     return _pairs(builder, builder.mul(builder.sext(w, wide) if signed else builder.zext(w, wide),
                                        builder.sext(x, wide)), 32)
