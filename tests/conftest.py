@@ -23,7 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The files that take longest, longest first (minutes with two xdist workers on 2 AVX2 Zen 3 cores, 2026-12-06:
-# 26, 23, ~13, 8, 4.5, 4, 3.5, 3, 3, 3, 2). xdist hands each worker whole files (--dist loadfile) in collection order
+# 26, 23, 11, 8, 4.5, 4, 5.5, 3, 3, 3, 2). xdist hands each worker whole files (--dist loadfile) in collection order
 # (--no-loadscope-reorder; its own reordering by test count started test_interop_ppl.py last, to run alone on one
 # worker at the end), so these start first and the short files fill in around them. Files not listed keep pytest's
 # order after these; within a file the order never changes.
