@@ -24,8 +24,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The files that take longest, longest first (minutes with two xdist workers on 2 AVX2 Zen 3 cores, 2026-12-06:
 # 26, 23, 11, 8, 4.5, 4, 5.5, 3, 3, 3, 2). xdist hands each worker whole files (--dist loadfile) in collection order
-# (--no-loadscope-reorder; its own reordering by test count started test_interop_ppl.py last, to run alone on one
-# worker at the end), so these start first and the short files fill in around them. Files not listed keep pytest's
+# (--no-loadscope-reorder; its own reordering by test count started test_interop_ppl.py, 2 tests, 46 minutes into a
+# 57-minute run), so these start first and the short files fill in around them. Files not listed keep pytest's
 # order after these; within a file the order never changes.
 LONGEST_FIRST = ("test_interop_quantize.py", "test_interop_convert.py", "test_interop_ppl.py", "test_matvec.py",
                  "test_formats.py", "test_export_hf.py", "test_demo.py", "test_qdot.py", "test_convert_qwen35.py",
