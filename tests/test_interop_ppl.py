@@ -25,8 +25,8 @@ from qtool.cli import main
 from tests.conftest import SHARED
 from tests.interop import need_tool, smollm2_files
 
-# Its first test's fixtures run both tools over 80 chunks: 11 min beside the other xdist worker (2026-12-06), so its
-# limit is the most tests/test_suite_rules.py allows rather than the suite's 20 minutes.
+# Its first test's fixtures run both tools over 80 chunks: 11 and 16 min beside the other xdist worker (2026-12-06),
+# so its limit is the most tests/test_suite_rules.py allows rather than the suite's 20 minutes.
 pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 WIKI_RAW = SHARED / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
