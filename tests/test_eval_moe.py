@@ -13,7 +13,7 @@ from qtool.evaluate.imatrix import ImatrixCollector
 from qtool.evaluate.model import KVCache, Model, Workspace, _Input, rms_norm
 from qtool.evaluate.weights import GGUFWeights
 from tests.conftest import SHARED
-from tests.interop import need_module, need_tool
+from tests.interop import need_module, need_tool, run_logged
 from tests.test_eval_model import gguf_of, random_tokens  # noqa: F401  (gguf_of: the session fixture)
 
 FAMILIES = ["qwen3moe", "qwen2moe"]
@@ -183,10 +183,11 @@ def logits_against_transformers(gguf_of, family: str, n_tokens: int, steps: list
 
 def _llama_ppl(path, chunks: int, ctx: int) -> float:
     exe = need_tool("llama-perplexity")
-    proc = subprocess.run([str(exe), "-m", str(path), "-f", str(WIKI_RAW), "-c", str(ctx), "--chunks", str(chunks),
-                           "-t", "2"], capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return float(re.search(r"Final estimate: PPL = ([\d.]+)", proc.stderr + proc.stdout).group(1))
+    final = r"Final estimate: PPL = ([\d.]+)"
+    proc = run_logged([exe, "-m", path, "-f", WIKI_RAW, "-c", ctx, "--chunks", chunks, "-t", "2"], expect=(final,),
+                      timeout=1800)
+    log = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
+    return float(re.search(final, log).group(1))
 
 
 def ppl_against_llama(gguf_of, family: str, outtype: str, tmp_path) -> None:

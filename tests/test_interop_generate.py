@@ -29,7 +29,7 @@ from qtool.evaluate.generate import decode_steps, prompt_tokens
 from qtool.evaluate.model import Model
 from qtool.evaluate.tokenizer import Tokenizer
 from qtool.evaluate.weights import GGUFWeights
-from tests.interop import need_tool, smollm2_files, unavailable
+from tests.interop import need_tool, run_logged, smollm2_files, unavailable
 from tests.test_eval_model import gguf_of  # noqa: F401,F811  (the session fixture)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -46,23 +46,24 @@ def smollm2(tmp_path_factory):
     return smollm2_files(tmp_path_factory.mktemp("smollm2"), ("F16", "Q8_0"))
 
 
+RUNS = r"\beval time =.*?/\s*(\d+) runs"          # llama_perf_context_print's line for the decoded tokens
+
+
 def llama_greedy(model_path, prompt: str, options: tuple[str, ...] = ()) -> tuple[bytes, int, bool]:
     """(bytes of the generated pieces, tokens sampled, stopped at end of generation) from llama-completion, with
     more command-line options if given."""
     exe = need_tool("llama-completion")
-    proc = subprocess.run([str(exe), "-m", str(model_path), "-p", prompt, "-n", str(N_TOKENS), "--temp", "0",
-                           "--seed", "1", "-t", str(THREADS), "-c", "512", "-no-cnv", "--no-display-prompt",
-                           "--no-warmup", "--no-repack", *options], capture_output=True, timeout=1800)
+    proc = run_logged([exe, "-m", model_path, "-p", prompt, "-n", N_TOKENS, "--temp", "0", "--seed", "1", "-t",
+                       THREADS, "-c", "512", "-no-cnv", "--no-display-prompt", "--no-warmup", "--no-repack", *options],
+                      expect=(RUNS,), timeout=1800)
     stderr = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode == 0, stderr[-3000:]
     text = proc.stdout
     assert text.endswith(b"\n\n"), text[-100:]      # completion.cpp ends its output with "\n\n"
     text = text[:-2]
     eog = text.endswith(b" [end of text]\n")
     if eog:
         text = text[:-len(b" [end of text]\n")]
-    runs = re.search(r"\beval time =.*?/\s*(\d+) runs", stderr)
-    assert runs, stderr[-2000:]
+    runs = re.search(RUNS, stderr)
     # one token is sampled from the prompt's logits, then one per decode run
     return text, int(runs.group(1)) + 1, eog
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
 from click.testing import CliRunner
 
 from qtool.cli import main
 from tests.conftest import SHARED
-from tests.interop import need_tool, smollm2_files
+from tests.interop import need_tool, run_logged, smollm2_files
 
 # Its first test's fixtures run both tools over 80 chunks: 11 and 16 min beside the other xdist worker (2026-12-06),
 # so its limit is the most tests/test_suite_rules.py allows rather than the suite's 20 minutes.
@@ -39,14 +38,13 @@ def smollm2(tmp_path_factory):
     return smollm2_files(tmp_path_factory.mktemp("smollm2"), ("F16", "Q4_K_M"))
 
 
-def _llama_perplexity(*args: str) -> str:
+def _llama_perplexity(*args: str, expect: tuple[str, ...]) -> str:
     exe = need_tool("llama-perplexity")
     # --no-repack: with GGML_NATIVE on a CPU that reports AMX, ggml's AMX matmul for quantized weights segfaults
     # inside this VM (ggml_backend_amx_mul_mat); the repacked layouts change speed, not results.
-    proc = subprocess.run([str(exe), "-c", "512", "--chunks", str(CHUNKS), "-t", str(THREADS), "--no-repack", *args],
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+    proc = run_logged([exe, "-c", "512", "--chunks", CHUNKS, "-t", THREADS, "--no-repack", *args], expect=expect,
+                      timeout=3600)
+    return proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
 
 
 def _number(pattern: str, log: str) -> float:
@@ -59,16 +57,18 @@ def _number(pattern: str, log: str) -> float:
 def llamacpp(smollm2, tmp_path_factory):
     """llama-perplexity's numbers: the F16 run saves its logits, the Q4_K_M run compares against them."""
     logits = tmp_path_factory.mktemp("kld") / "f16.kld"
+    base_numbers = {"f16_ppl": r"Final estimate: PPL = ([\d.]+)"}
+    variant_numbers = {"q4_ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "q4_kld": r"Mean\s+KLD:\s*([\d.]+)",
+                       "q4_same_top": r"Same top p:\s*([\d.]+)"}
     try:
-        base = _llama_perplexity("-m", str(smollm2["F16"]), "-f", str(WIKI_RAW), "--kl-divergence-base", str(logits))
+        base = _llama_perplexity("-m", str(smollm2["F16"]), "-f", str(WIKI_RAW), "--kl-divergence-base", str(logits),
+                                 expect=tuple(base_numbers.values()))
         variant = _llama_perplexity("-m", str(smollm2["Q4_K_M"]), "--kl-divergence-base", str(logits),
-                                    "--kl-divergence")
+                                    "--kl-divergence", expect=tuple(variant_numbers.values()))
     finally:
         logits.unlink(missing_ok=True)      # 16-bit log-probs of every scored token: about 25 MB a chunk
-    return {"f16_ppl": _number(r"Final estimate: PPL = ([\d.]+)", base),
-            "q4_ppl": _number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", variant),
-            "q4_kld": _number(r"Mean\s+KLD:\s*([\d.]+)", variant),
-            "q4_same_top": _number(r"Same top p:\s*([\d.]+)", variant)}
+    return ({name: _number(pattern, base) for name, pattern in base_numbers.items()}
+            | {name: _number(pattern, variant) for name, pattern in variant_numbers.items()})
 
 
 @pytest.fixture(scope="module")
