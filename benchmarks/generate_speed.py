@@ -5,6 +5,10 @@ same threads. qtool: `qtool generate --greedy` on a prompt of the first lines of
 (`prompt eval` = prefill of the whole prompt in one batch, `eval` = one token at a time with the KV cache).
 llama.cpp: `llama-bench -p N -n M` with N = qtool's prompt token count and M = the tokens qtool generated
 (`pp` and `tg` tests; llama-bench uses random tokens, which costs the same). Prints both and the ratios.
+
+llama-bench's `tg` decodes from an empty context, while qtool's decoding follows its N-token prompt, so each token
+also attends to N more positions. The like-for-like decode is `llama-bench -p 0 -n M -d N` (`tg` at depth N), which
+the table gives as well ("tg@N"), with its ratio.
 The numpy side runs without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (see benchmarks/README.md).
 
     python benchmarks/generate_speed.py                       # F16, Q8_0, Q4_K_M; 64 new tokens; 2 threads
@@ -63,6 +67,12 @@ def run_llamacpp(model: Path, n_prompt: int, n_gen: int, threads: int, repeats: 
                 key = "pp" if test["n_prompt"] and not test["n_gen"] else "tg"
                 result[key] = float(test["avg_ts"])
             result["repack"] = repack == "1"
+            deep = subprocess.run([str(exe), "-m", str(model), "-p", "0", "-n", str(n_gen), "-d", str(n_prompt),
+                                   "-t", str(threads), "-r", str(repeats), "--repack", repack, "-o", "json"],
+                                  capture_output=True, text=True, env=clean_env())
+            if deep.returncode != 0:
+                raise SystemExit(f"llama-bench -d failed on {model.name}:\n{deep.stderr[-2000:]}")
+            result["tg_depth"] = float(json.loads(deep.stdout)[0]["avg_ts"])
             return result
     raise SystemExit(f"llama-bench failed on {model.name}:\n{proc.stderr[-2000:]}")
 
@@ -89,14 +99,15 @@ def main() -> int:
         lc = run_llamacpp(model, q["prompt_tokens"], q["gen_tokens"], args.threads, args.repeats)
         rows.append((kind, q, lc))
         print(f"  {kind}: prompt {q['prompt_tokens']} tokens, generated {q['gen_tokens']}; "
-              f"qtool pp {q['pp']:.1f} tg {q['tg']:.1f} t/s; llama.cpp pp {lc['pp']:.1f} tg {lc['tg']:.1f} t/s"
-              f"{'' if lc['repack'] else ' (--repack 0)'}", flush=True)
+              f"qtool pp {q['pp']:.1f} tg {q['tg']:.1f} t/s; llama.cpp pp {lc['pp']:.1f} tg {lc['tg']:.1f} "
+              f"tg@{q['prompt_tokens']} {lc['tg_depth']:.1f} t/s{'' if lc['repack'] else ' (--repack 0)'}", flush=True)
     print()
     print(f"{'model':8s} {'prompt':>6s} {'qtool pp t/s':>13s} {'llama pp t/s':>13s} {'ratio':>6s} "
-          f"{'qtool tg t/s':>13s} {'llama tg t/s':>13s} {'ratio':>6s}")
+          f"{'qtool tg t/s':>13s} {'llama tg t/s':>13s} {'ratio':>6s} {'llama tg@N':>11s} {'ratio':>6s}")
     for kind, q, lc in rows:
         print(f"{kind:8s} {q['prompt_tokens']:6d} {q['pp']:13.1f} {lc['pp']:13.1f} {q['pp'] / lc['pp']:6.2f} "
-              f"{q['tg']:13.1f} {lc['tg']:13.1f} {q['tg'] / lc['tg']:6.2f}")
+              f"{q['tg']:13.1f} {lc['tg']:13.1f} {q['tg'] / lc['tg']:6.2f} {lc['tg_depth']:11.1f} "
+              f"{q['tg'] / lc['tg_depth']:6.2f}")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -538,16 +538,22 @@ def _q6_k(raw, x, out, group):
 
 # --- variants and dispatch --------------------------------------------------------------------------------------
 
-def _variant(template, name: str, nb: int, parallel: bool, consts: dict):
-    """A numba build of `template` for `nb` rows of x with the type's `consts` as globals, under its own name (so
-    that every variant has its own cache entry): parallel over weight rows, or serial (prange as range)."""
+def specialize(template, qualname: str, consts: dict, **options):
+    """A cached numba build of `template` with `consts` as globals under the name `qualname`, which must tell the
+    builds of one template apart: it is the build's cache entry."""
     scope = dict(template.__globals__)
-    scope.update(consts, NB=nb)
-    qualname = f"{name}_b{nb}" + ("" if parallel else "_serial")
+    scope.update(consts)
     fn = pytypes.FunctionType(template.__code__, scope, qualname, template.__defaults__, template.__closure__)
     fn.__qualname__ = qualname
     fn.__doc__ = template.__doc__
-    return njit(parallel=parallel, cache=True, fastmath=FASTMATH)(fn)
+    return njit(cache=True, **options)(fn)
+
+
+def _variant(template, name: str, nb: int, parallel: bool, consts: dict):
+    """A numba build of `template` for `nb` rows of x with the type's `consts` as globals, under its own name (so
+    that every variant has its own cache entry): parallel over weight rows, or serial (prange as range)."""
+    qualname = f"{name}_b{nb}" + ("" if parallel else "_serial")
+    return specialize(template, qualname, {**consts, "NB": nb}, parallel=parallel, fastmath=FASTMATH)
 
 
 # type -> (template, block size, bytes per block, the template's globals)

@@ -628,6 +628,10 @@ class Model:
         self.alibi = alibi_slopes(c.n_head, c.alibi_max_bias) if c.position == "alibi" else np.empty(0, np.float32)
         self.output_name = "token_embd.weight" if c.tied_output else "output.weight"
         self._check_shapes()
+        # one token of one sequence with an F16 cache: each layer one compiled call (evaluate/step.py), the same
+        # results as the layer's steps below; False turns it off
+        self.compiled_decoding = True
+        self._compiled = None       # evaluate.step.CompiledLayers, False where the model needs the steps below
 
     @property
     def n_vocab(self) -> int:
@@ -636,6 +640,7 @@ class Model:
     def unmap(self) -> None:
         """Let go of the weights' memory-mapped pages until the next pass (evaluate/weights.py: `unmap`)."""
         self.weights.unmap()
+        self._compiled = None       # it holds the weights' memory maps
 
     def _check_shapes(self) -> None:
         c, w = self.config, self.weights
@@ -901,7 +906,12 @@ class Model:
         x = w.rows("token_embd.weight", tokens.reshape(-1))          # (B*T, n_embd)
         cos, sin = self._rope_tables(start, T) if c.position == "rope" else (None, None)
         attn_out = ws("attn_out", (B, T, nq))
+        compiled = (self._compiled_layers() if B == T == 1 and cache is not None and cache.k[0].dtype == np.float16
+                    else None)
         for il in range(c.n_layer):
+            if compiled is not None:
+                compiled.run(il, x, cos, sin, start, cache)
+                continue
             p = f"blk.{il}."
             h = _Input(rms_norm(x, w.get(p + "attn_norm.weight"), c.rms_eps, out=ws("normed", (rows, c.n_embd))), ws)
             if c.is_recurrent(il):
@@ -943,6 +953,16 @@ class Model:
         logits = self._output(final)
         logits = logits.reshape(B, n_out, c.n_vocab)
         return logits[0] if squeeze else logits
+
+    def _compiled_layers(self):
+        """evaluate.step.CompiledLayers for this model's one-token steps, or None (turned off, a cache other than
+        F16, an input hook, or a layer that needs forward's steps)."""
+        if not self.compiled_decoding or self.on_matmul_input is not None:
+            return None
+        if self._compiled is None:
+            from qtool.evaluate.step import compiled_layers
+            self._compiled = compiled_layers(self) or False
+        return self._compiled or None
 
     def _output(self, h: np.ndarray) -> np.ndarray:
         """The logits, in a new array."""

@@ -615,12 +615,28 @@ def _intrinsics(qtype: GGMLQuantizationType):
 
 
 @cache
-def _kernel(qtype: GGMLQuantizationType) -> Kernel:
+def _builds(qtype: GGMLQuantizationType) -> tuple[dict, dict]:
+    """({parallel?: one-row build}, {parallel?: several-rows build}) of the kernel for `qtype` times Q8_K."""
     type_size, block, tile = _intrinsics(qtype)
     consts = {"_block": block, "_tile": tile, "BLOCK_BYTES": type_size}
     name = f"_{qtype.name.lower()}_q8_k"
-    parallel, serial = (_variant(_rows, name, 1, p, consts) for p in (True, False))
-    many = {p: _variant(_products, name, TOKENS, p, consts) for p in (True, False)}
+    return ({p: _variant(_rows, name, 1, p, consts) for p in (True, False)},
+            {p: _variant(_products, name, TOKENS, p, consts) for p in (True, False)})
+
+
+def row_builds(qtype: GGMLQuantizationType) -> dict:
+    """{parallel?: numba build} of the one-row kernel for `qtype` weights (raw, q, d, bsums or s, out): Q8_K codes
+    for the K-quants, Q8_0 codes for blocks of 32, without the checks of kernel_for's wrapper (compiled callers,
+    evaluate/step.py, check the shapes once)."""
+    qtype = T(qtype)
+    return _builds(qtype)[0] if qtype in _SPECS else _builds32(qtype)
+
+
+@cache
+def _kernel(qtype: GGMLQuantizationType) -> Kernel:
+    type_size = _SPECS[qtype][0]
+    one, many = _builds(qtype)
+    parallel, serial = one[True], one[False]
 
     def kernel(raw: np.ndarray, act: Q8K, out: np.ndarray) -> None:
         """out[t, r] = sum_j (q_tj * d_t) * W[r, j] for the stored rows `raw` of W and the Q8_K rows t of `act`
@@ -659,11 +675,15 @@ def kernel_for_q8_0(qtype: GGMLQuantizationType) -> Kernel | None:
 
 
 @cache
+def _builds32(qtype: GGMLQuantizationType) -> dict:
+    consts = {"_block": _block32_intrinsic(_block32_ir(qtype)), "BLOCK_BYTES": _SPECS32[qtype]}
+    return {p: _variant(_rows32, f"_{qtype.name.lower()}_q8_0", 1, p, consts) for p in (True, False)}
+
+
+@cache
 def _kernel32(qtype: GGMLQuantizationType) -> Kernel:
     type_size = _SPECS32[qtype]
-    consts = {"_block": _block32_intrinsic(_block32_ir(qtype)), "BLOCK_BYTES": type_size}
-    name = f"_{qtype.name.lower()}_q8_0"
-    parallel, serial = (_variant(_rows32, name, 1, p, consts) for p in (True, False))
+    parallel, serial = _builds32(qtype)[True], _builds32(qtype)[False]
 
     def kernel(raw: np.ndarray, act: Q80, out: np.ndarray) -> None:
         """out[0, r] = sum_j (q_j * d) * W[r, j] for the stored rows `raw` of W and the Q8_0 row `act`."""

@@ -1,0 +1,266 @@
+"""One decoded token through a layer of attention and FFN in one compiled call.
+
+Model.forward runs a layer as some twenty Python steps around its seven matrix products. With one token of a small
+model (SmolLM2-135M: 30 layers of 576-wide rows) that Python was about a third of the time (py-spy, 2 threads).
+Here each such layer is one numba function, built from the kernels forward calls, called in the order forward calls
+them, on the same inputs: its results are forward's, bit for bit (tests/test_step.py).
+
+A layer's build depends on how its products multiply (`Product.kind`): by the integer codes of the input (Q8_K for
+K-quants, Q8_0 for blocks of 32: evaluate/qdot.py), or by its rounded floats (evaluate/matvec.py: F16, BF16). A
+model whose products need anything else (a float32 weight held for BLAS, a type without a mat-vec kernel), or
+whose layers are not plain attention + FFN (experts, DeltaNet, a gated attention output), or a KV cache other than
+F16, is left to forward: `compiled_layers` returns None.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
+from numba import get_num_threads, njit
+from qtool.numba_start import drop_stale_kernels
+
+from qtool.evaluate import matvec, qdot
+from qtool.evaluate.matvec import PARALLEL_MIN_WEIGHTS, specialize
+from qtool.evaluate.model import (PARALLEL_MIN_ELEMENTS, _attend_few_serial, _rms_norm_rows_serial,
+                                  _rope_rows_serial, _round_f16_serial, _round_q8_0_serial, _round_q8_k_serial,
+                                  _silu_mul_serial, _store_f16_serial, attend_few_, rms_norm_rows, rope_rows,
+                                  round_f16_, round_q8_0_, round_q8_k_, silu_mul_, store_f16_)
+from qtool.quantize.kernels import common as _common
+from qtool.quantize.kernels import decode as _decode
+
+# The layer builds compile in the kernels of these files: an edit of any of them drops the cached builds.
+drop_stale_kernels(Path(__file__).parent / "__pycache__",
+                   [Path(m.__file__) for m in (matvec, qdot, _common, _decode)] + [Path(__file__).with_name("model.py")],
+                   "step.helpers.sha256", lambda name: name.startswith("step."))
+
+# the templates' constants (each build has its own)
+_QUANTIZE = _ROUND = _PARALLEL = _SERIAL = None
+_PQ = _PK = _PV = _PO = _PG = _PU = _PD = None
+
+
+# --- forward's size rules, compiled ------------------------------------------------------------------------------
+
+def _by_size(n_elements, *args):
+    """forward's `_sized`: the parallel build from PARALLEL_MIN_ELEMENTS elements on, else the serial twin."""
+    if n_elements >= PARALLEL_MIN_ELEMENTS:
+        _PARALLEL(*args)
+    else:
+        _SERIAL(*args)
+
+
+def _sized(name: str, parallel, serial):
+    return specialize(_by_size, f"step_sized_{name}", {"_PARALLEL": parallel, "_SERIAL": serial})
+
+
+_rms = _sized("rms_norm", rms_norm_rows, _rms_norm_rows_serial)
+_rope = _sized("rope", rope_rows, _rope_rows_serial)
+_store = _sized("store_f16", store_f16_, _store_f16_serial)
+_silu = _sized("silu_mul", silu_mul_, _silu_mul_serial)
+_attend = _sized("attend_few", attend_few_, _attend_few_serial)
+_round_f16_sized = _sized("round_f16", round_f16_, _round_f16_serial)
+_round_q8_0_sized = _sized("round_q8_0", round_q8_0_, _round_q8_0_serial)
+_round_q8_k_sized = _sized("round_q8_k", round_q8_k_, _round_q8_k_serial)
+
+
+@njit(cache=True)
+def _add_bias(out, bias):
+    for i in range(bias.size):
+        out[0, i] += bias[i]
+
+
+@njit(cache=True)
+def _add_(x, y):
+    for i in range(x.shape[1]):
+        x[0, i] += y[0, i]
+
+
+# the input x (1-D) rounded into out (1, n) as forward's round_activations rounds it, by kind
+@njit(cache=True)
+def _copy(x, out):
+    out[0, :] = x
+
+
+@njit(cache=True)
+def _round_f16(x, out):
+    x2 = x.reshape(1, x.size)
+    _round_f16_sized(x.size, x2, x2.view(np.uint32), out, out.view(np.uint32))
+
+
+@njit(cache=True)
+def _round_q8_0(x, out):
+    _round_q8_0_sized(x.size, x.reshape(1, x.size), out)
+
+
+@njit(cache=True)
+def _round_q8_k(x, out):
+    _round_q8_k_sized(x.size, x.reshape(1, x.size), out)
+
+
+_ROUNDERS = {None: _copy, "f16": _round_f16, "q8_0": _round_q8_0, "q8_K": _round_q8_k}
+
+
+# --- one product: x (1-D) @ W.T into p's out (1, n_out), p = (raw, out, bias, scratch...); `threads`: numba's
+# thread count, which a cached build cannot ask for itself (get_num_threads in compiled code is a dynamic global) ---
+
+def _codes_product(p, x, threads):
+    raw, out, bias, q, d, sums = p
+    _QUANTIZE(x, q, d, sums)
+    if raw.shape[0] * x.size >= PARALLEL_MIN_WEIGHTS and threads > 1:
+        _PARALLEL(raw, q, d, sums, out)
+    else:
+        _SERIAL(raw, q, d, sums, out)
+    _add_bias(out, bias)
+
+
+def _float_product(p, x, threads):
+    raw, out, bias, rounded = p
+    _ROUND(x, rounded)
+    if raw.shape[0] * x.size >= PARALLEL_MIN_WEIGHTS:
+        _PARALLEL(raw, rounded, out, 1)
+    else:
+        _SERIAL(raw, rounded, out, 1)
+    _add_bias(out, bias)
+
+
+@dataclass(frozen=True)
+class Product:
+    """How one weight multiplies its input in forward's decoding step: `codes` "q8_K" / "q8_0" (the input's integer
+    codes times the stored blocks) or None (the input rounded as `rounding` says, times the stored rows by matvec's
+    float kernel)."""
+    qtype: qdot.T
+    codes: str | None
+    rounding: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.codes or 'float'}_{self.rounding}_{self.qtype.name}"
+
+    def scratch(self, n_in: int) -> tuple[np.ndarray, ...]:
+        if self.codes == "q8_K":
+            return np.empty(n_in, np.int8), np.empty(n_in // 256, np.float32), np.empty(n_in // 16, np.int16)
+        if self.codes == "q8_0":
+            return np.empty(n_in, np.int8), np.empty(n_in // 32, np.float32), np.empty(n_in // 32, np.int32)
+        return (np.empty((1, n_in), np.float32),)
+
+
+_products: dict[Product, object] = {}
+
+
+def _product_build(product: Product):
+    build = _products.get(product)
+    if build is None:
+        if product.codes is not None:
+            kernels = qdot.row_builds(product.qtype)
+            quantize = qdot._quantize_q8_k if product.codes == "q8_K" else qdot._quantize_q8_0
+            consts = {"_QUANTIZE": quantize, "_PARALLEL": kernels[True], "_SERIAL": kernels[False]}
+            template = _codes_product
+        else:
+            parallel, serial = matvec._variants(product.qtype)
+            consts = {"_ROUND": _ROUNDERS[product.rounding], "_PARALLEL": parallel[0], "_SERIAL": serial[0]}
+            template = _float_product
+        build = _products[product] = specialize(template, f"step_product_{product.name}", consts)
+    return build
+
+
+# --- one layer ---------------------------------------------------------------------------------------------------
+
+def _layer(x, attn_norm, ffn_norm, q_norm, k_norm, eps, rope, cos, sin, neox, scale, keys, values, start, slopes,
+           pq, pk, pv, po, pg, pu, pd, h, context, threads):
+    """forward's layer for one token of one sequence at position `start`: x (1, n_embd) in place; keys / values the
+    layer's F16 cache (n_kv, capacity, d) as uint16; h (1, n_embd) and context (n_kv, n_group, d) work buffers."""
+    n_kv, n_group, d = context.shape
+    q, k, v = pq[1], pk[1], pv[1]
+    _rms(x.size, x, attn_norm, eps, h)
+    _PQ(pq, h[0], threads)
+    _PK(pk, h[0], threads)
+    _PV(pv, h[0], threads)
+    if q_norm.size:
+        _rms(q.size, q.reshape(n_kv * n_group, d), q_norm, eps, q.reshape(n_kv * n_group, d))
+        _rms(k.size, k.reshape(n_kv, d), k_norm, eps, k.reshape(n_kv, d))
+    if rope:
+        _rope(q.size, q.reshape(1, n_kv * n_group, d), cos, sin, 1, neox)
+        _rope(k.size, k.reshape(1, n_kv, d), cos, sin, 1, neox)
+    for i in range(q.shape[1]):
+        q[0, i] *= scale
+    _store(k.size, k.reshape(1, n_kv, d), keys[:, start:start + 1])
+    _store(v.size, v.reshape(1, n_kv, d), values[:, start:start + 1])
+    _attend(q.size * (start + 1), q.reshape(n_kv, n_group, d), keys, values, start, slopes, n_group, context)
+    _PO(po, context.reshape(n_kv * n_group * d), threads)
+    _add_(x, po[1])
+    _rms(x.size, x, ffn_norm, eps, h)
+    _PG(pg, h[0], threads)
+    _PU(pu, h[0], threads)
+    _silu(pg[1].size, pg[1], pu[1])
+    _PD(pd, pg[1][0], threads)
+    _add_(x, pd[1])
+
+
+ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_layers: dict[tuple[Product, ...], object] = {}
+
+
+def _layer_build(products: tuple[Product, ...]):
+    build = _layers.get(products)
+    if build is None:
+        consts = {f"_P{role}": _product_build(p) for role, p in zip("QKVOGUD", products)}
+        build = _layers[products] = specialize(_layer, "step_layer_" + "_".join(p.name for p in products), consts)
+    return build
+
+
+class CompiledLayers:
+    """Model.forward's layers for one token of one sequence, each one compiled call (see the module's doc)."""
+
+    def __init__(self, model, plans: list[tuple[tuple[Product, ...], list]]):
+        self.model = model
+        self.products = [products for products, _ in plans]      # per layer, how its 7 weights multiply
+        c = model.config
+        self._layers = [(_layer_build(products), args) for products, args in plans]
+        self._h = np.empty((1, c.n_embd), np.float32)
+        self._context = np.empty((c.n_head_kv, c.n_group, c.head_dim), np.float32)
+        self._scale = np.float32(1.0 / math.sqrt(c.head_dim))
+
+    def run(self, il: int, x: np.ndarray, cos, sin, start: int, cache) -> None:
+        c = self.model.config
+        fn, (attn_norm, ffn_norm, q_norm, k_norm, products) = self._layers[il]
+        rope = cos is not None
+        if not rope:
+            cos = sin = np.empty((1, 0), np.float32)
+        fn(x, attn_norm, ffn_norm, q_norm, k_norm, c.rms_eps, rope, cos, sin, c.rope_style == "neox", self._scale,
+           cache.k[il][0].view(np.uint16), cache.v[il][0].view(np.uint16), start, self.model.alibi, *products,
+           self._h, self._context, get_num_threads())
+
+
+def compiled_layers(model) -> CompiledLayers | None:
+    """The compiled layers of `model` for one-token steps, or None where some layer needs forward."""
+    c, w = model.config, model.weights
+    if c.n_expert or c.attn_output_gate or any(c.is_recurrent(il) for il in range(c.n_layer)):
+        return None
+    if c.position not in ("rope", "alibi", "none") or c.ffn_norm != "ffn_norm":
+        return None
+    empty = np.empty(0, np.float32)
+    plans = []
+    for il in range(c.n_layer):
+        p = f"blk.{il}."
+        products, args = [], []
+        for role in ROLES:
+            weight = p + role + ".weight"
+            qtype = w.qtype(weight)
+            if w.dense(weight) is not None:
+                return None
+            kind = model._activation_kind(weight)
+            codes = model._integer_codes(weight, kind, 1)
+            if codes is None and (kind not in _ROUNDERS or matvec.kernel_for(qtype) is None):
+                return None
+            product = Product(qtype, codes, None if codes else kind)
+            n_out, n_in = w.shape(weight)
+            out = np.empty((1, n_out), np.float32)
+            bias = w.get(p + role + ".bias") if w.has(p + role + ".bias") else empty
+            products.append(product)
+            args.append((w.stored(weight), out, np.ascontiguousarray(bias, np.float32)) + product.scratch(n_in))
+        norms = [w.get(p + "attn_norm.weight"), w.get(p + "ffn_norm.weight")]
+        norms += ([w.get(p + "attn_q_norm.weight"), w.get(p + "attn_k_norm.weight")] if c.qk_norm else [empty, empty])
+        plans.append((tuple(products), [*(np.ascontiguousarray(n, np.float32) for n in norms), tuple(args)]))
+    return CompiledLayers(model, plans)
