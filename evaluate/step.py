@@ -5,11 +5,13 @@ model (SmolLM2-135M: 30 layers of 576-wide rows) that Python was about a third o
 Here each such layer is one numba function, built from the kernels forward calls, called in the order forward calls
 them, on the same inputs: its results are forward's, bit for bit (tests/test_step.py).
 
-A layer's build depends on how its products multiply (`Product.kind`): by the integer codes of the input (Q8_K for
-K-quants, Q8_0 for blocks of 32: evaluate/qdot.py), or by its rounded floats (evaluate/matvec.py: F16, BF16). A
-model whose products need anything else (a float32 weight held for BLAS, a type without a mat-vec kernel), or
-whose layers are not plain attention + FFN (experts, DeltaNet, a gated attention output), or a KV cache other than
-F16, is left to forward: `compiled_layers` returns None.
+A layer's build depends on how its seven products multiply (`Product`): by the integer codes of the input (Q8_K
+for K-quants, Q8_0 for blocks of 32: evaluate/qdot.py), or by the input's floats, rounded as llama.cpp rounds them
+(F16 weights: to F16) or exact (activations="float32"), times evaluate/matvec.py's float kernels. A model whose
+products need anything else (a float32 weight held for BLAS, a type without a mat-vec kernel, BF16 rounding), or
+whose layers are not plain attention + FFN (experts, DeltaNet, a gated attention output), is left to forward:
+`compiled_layers` returns None. Model.forward uses the compiled layers for one token of one sequence with an F16
+KV cache and no input hook.
 """
 from __future__ import annotations
 
