@@ -954,6 +954,13 @@ class Model:
         logits = logits.reshape(B, n_out, c.n_vocab)
         return logits[0] if squeeze else logits
 
+    def prepare_decoding(self) -> None:
+        """Compile now what decoding one token at a time with an F16 cache will run (evaluate/step.py), so that the
+        first decoded token's time is its own."""
+        compiled = self._compiled_layers()
+        if compiled is not None:
+            compiled.warm_up()
+
     def _compiled_layers(self):
         """evaluate.step.CompiledLayers for this model's one-token steps, or None (turned off, a cache other than
         F16, an input hook, or a layer that needs forward's steps)."""

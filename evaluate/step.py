@@ -225,14 +225,32 @@ class CompiledLayers:
         self._scale = np.float32(1.0 / math.sqrt(c.head_dim))
 
     def run(self, il: int, x: np.ndarray, cos, sin, start: int, cache) -> None:
+        """Layer `il` for the token x (1, n_embd), in place, at position `start` of the F16 `cache`."""
+        fn, args = self._layers[il]
+        self._call(fn, args, x, cos, sin, start, cache.k[il][0].view(np.uint16), cache.v[il][0].view(np.uint16))
+
+    def warm_up(self) -> None:
+        """Compile each distinct layer build now (or load it from numba's cache), with one call on scratch state,
+        so that the first decoded token does not pay for it: qtool generate counts this as load time, as llama.cpp's
+        tools count their warm-up run."""
         c = self.model.config
-        fn, (attn_norm, ffn_norm, q_norm, k_norm, products) = self._layers[il]
+        x = np.zeros((1, c.n_embd), np.float32)
+        keys = np.zeros((c.n_head_kv, 1, c.head_dim), np.uint16)
+        cos, sin = self.model._rope_tables(0, 1) if c.position == "rope" else (None, None)
+        done = set()
+        for fn, args in self._layers:
+            if fn not in done:
+                done.add(fn)
+                self._call(fn, args, x, cos, sin, 0, keys, keys.copy())
+
+    def _call(self, fn, args, x, cos, sin, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        c = self.model.config
+        attn_norm, ffn_norm, q_norm, k_norm, products = args
         rope = cos is not None
         if not rope:
             cos = sin = np.empty((1, 0), np.float32)
         fn(x, attn_norm, ffn_norm, q_norm, k_norm, c.rms_eps, rope, cos, sin, c.rope_style == "neox", self._scale,
-           cache.k[il][0].view(np.uint16), cache.v[il][0].view(np.uint16), start, self.model.alibi, *products,
-           self._h, self._context, get_num_threads())
+           keys, values, start, self.model.alibi, *products, self._h, self._context, get_num_threads())
 
 
 def compiled_layers(model) -> CompiledLayers | None:

@@ -129,3 +129,20 @@ def test_only_what_the_compiled_layers_can_take(gguf_of, stored):  # noqa: F811
     model = Model(GGUFWeights(path), on_matmul_input=lambda name, x, **kw: None)
     _decode(model, True, steps=2)
     assert model._compiled is None
+
+
+def test_warm_up_compiles_what_decoding_runs(gguf_of, stored, tmp_path, monkeypatch):  # noqa: F811
+    """Model.prepare_decoding (qtool generate's load time) calls every distinct layer build once, with the argument
+    types decoding uses: decoding after it compiles nothing more, and gives the same logits."""
+    from qtool.evaluate import step
+    monkeypatch.setattr(step, "_layers", {})          # new dispatchers: none of them called yet in this process
+    monkeypatch.setattr(step, "_products", {})
+    path = _quantized(gguf_of, tmp_path, "llama-spm", "Q4_K_M", **WIDE)
+    model = Model(GGUFWeights(path))
+    model.prepare_decoding()
+    builds = {fn for fn, _ in model._compiled._layers}
+    assert builds and all(len(fn.signatures) == 1 for fn in builds)
+    ours, _ = _decode(model, True)
+    assert all(len(fn.signatures) == 1 for fn in builds)
+    theirs, _ = _decode(Model(GGUFWeights(path)), False)
+    np.testing.assert_array_equal(ours, theirs)
