@@ -6,9 +6,10 @@ same threads. qtool: `qtool generate --greedy` on a prompt of the first lines of
 llama.cpp: `llama-bench -p N -n M` with N = qtool's prompt token count and M = the tokens qtool generated
 (`pp` and `tg` tests; llama-bench uses random tokens, which costs the same). Prints both and the ratios.
 
-llama-bench's `tg` decodes from an empty context, while qtool's decoding follows its N-token prompt, so each token
-also attends to N more positions. The like-for-like decode is `llama-bench -p 0 -n M -d N` (`tg` at depth N), which
-the table gives as well ("tg@N"), with its ratio.
+llama-bench's `tg` decodes from an empty context, while qtool's decoding after its N-token prompt attends to N more
+positions at each token. So each decode speed is compared like for like, at two depths: qtool's decoding after a
+one-word prompt (`--short-prompt`, "tg@0" in the table) against llama-bench's plain `tg`, and qtool's decoding after
+the N-token prompt ("tg@N") against `llama-bench -p 0 -n M -d N` (`tg` at depth N).
 The numpy side runs without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (see benchmarks/README.md).
 
     python benchmarks/generate_speed.py                       # F16, Q8_0, Q4_K_M; 64 new tokens; 2 threads
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--kinds", default="F16,Q8_0,Q4_K_M")
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("--prompt-lines", type=int, default=6, help="first non-empty lines of wiki.test.raw")
+    ap.add_argument("--short-prompt", default="The", help="the prompt of the decode-from-empty run (tg@0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="llama-bench -r")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qtool-bench-ppl"))
@@ -96,18 +98,24 @@ def main() -> int:
     for kind in [k.strip().upper() for k in args.kinds.split(",") if k.strip()]:
         model = smollm2_gguf(args.workdir, kind)
         q = run_qtool(model, prompt, args.n_gen, args.threads)
+        short = run_qtool(model, args.short_prompt, q["gen_tokens"], args.threads)
+        if short["gen_tokens"] != q["gen_tokens"]:
+            raise SystemExit(f"qtool stopped after {short['gen_tokens']} tokens on {args.short_prompt!r} "
+                             f"(an end-of-generation token): choose another --short-prompt")
         lc = run_llamacpp(model, q["prompt_tokens"], q["gen_tokens"], args.threads, args.repeats)
-        rows.append((kind, q, lc))
-        print(f"  {kind}: prompt {q['prompt_tokens']} tokens, generated {q['gen_tokens']}; "
-              f"qtool pp {q['pp']:.1f} tg {q['tg']:.1f} t/s; llama.cpp pp {lc['pp']:.1f} tg {lc['tg']:.1f} "
-              f"tg@{q['prompt_tokens']} {lc['tg_depth']:.1f} t/s{'' if lc['repack'] else ' (--repack 0)'}", flush=True)
+        rows.append((kind, q, short, lc))
+        print(f"  {kind}: prompt {q['prompt_tokens']} tokens, generated {q['gen_tokens']}; qtool pp {q['pp']:.1f} "
+              f"tg@0 {short['tg']:.1f} tg@N {q['tg']:.1f} t/s; llama.cpp pp {lc['pp']:.1f} tg {lc['tg']:.1f} "
+              f"tg@N {lc['tg_depth']:.1f} t/s{'' if lc['repack'] else ' (--repack 0)'}", flush=True)
     print()
-    print(f"{'model':8s} {'prompt':>6s} {'qtool pp t/s':>13s} {'llama pp t/s':>13s} {'ratio':>6s} "
-          f"{'qtool tg t/s':>13s} {'llama tg t/s':>13s} {'ratio':>6s} {'llama tg@N':>11s} {'ratio':>6s}")
-    for kind, q, lc in rows:
-        print(f"{kind:8s} {q['prompt_tokens']:6d} {q['pp']:13.1f} {lc['pp']:13.1f} {q['pp'] / lc['pp']:6.2f} "
-              f"{q['tg']:13.1f} {lc['tg']:13.1f} {q['tg'] / lc['tg']:6.2f} {lc['tg_depth']:11.1f} "
-              f"{q['tg'] / lc['tg_depth']:6.2f}")
+    print(f"N = the prompt's tokens; tg@0: qtool after {args.short_prompt!r} "
+          f"({rows[0][2]['prompt_tokens'] if rows else '?'} tokens) against llama-bench's plain tg")
+    print(f"{'model':8s} {'N':>4s} {'qtool pp':>9s} {'llama pp':>9s} {'ratio':>6s} {'qtool tg@0':>11s} "
+          f"{'llama tg':>9s} {'ratio':>6s} {'qtool tg@N':>11s} {'llama tg@N':>11s} {'ratio':>6s}   (tokens/s)")
+    for kind, q, short, lc in rows:
+        print(f"{kind:8s} {q['prompt_tokens']:4d} {q['pp']:9.1f} {lc['pp']:9.1f} {q['pp'] / lc['pp']:6.2f} "
+              f"{short['tg']:11.1f} {lc['tg']:9.1f} {short['tg'] / lc['tg']:6.2f} {q['tg']:11.1f} "
+              f"{lc['tg_depth']:11.1f} {q['tg'] / lc['tg_depth']:6.2f}")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -277,7 +277,7 @@ def apply_chat_template(template: str, user_message: str, tokenizer: Tokenizer) 
 class Timings:
     """Wall-clock seconds of the forward passes (as llama.cpp's prompt eval / eval times) and of sampling."""
 
-    load_seconds: float = 0.0        # before the first pass: compiling the decoding layers (the weights are mapped)
+    load_seconds: float = 0.0        # before the first pass: compiling the decoding layers, the warm-up pass
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_runs: int = 0             # one-token forward passes after the prefill
@@ -318,10 +318,12 @@ def decode_steps(model: Model, prompt: list[int], choose: Callable[[np.ndarray],
     stop = set(stop_ids)
     cache = KVCache.allocate(model.config, batch=1, max_len=len(prompt) + max_new_tokens - 1,
                              f16=cache_type == "f16")
+    t0 = time.perf_counter()
     if cache_type == "f16" and max_new_tokens > 1:       # tokens will be decoded: compile their layers first
-        t0 = time.perf_counter()
         model.prepare_decoding()
-        timings.load_seconds += time.perf_counter() - t0
+    if len(prompt) > 1:     # and a warm-up pass, as llama.cpp's tools run one (one token: the step just prepared)
+        model.warm_up(prompt, f16=cache_type == "f16")
+    timings.load_seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
     logits = model.forward(np.asarray([prompt], dtype=np.int64), output_from=len(prompt) - 1, cache=cache)[0, -1]
     timings.prompt_tokens = len(prompt)

@@ -57,7 +57,7 @@ from qtool.evaluate.deltanet import DeltaNetConfig, DeltaNetState, gated_deltane
 from qtool.evaluate.matvec import _as_i32, _widen_ir
 from qtool.evaluate.weights import MATVEC_MAX_ROWS, GGUFWeights
 from qtool.quantize import formats
-from qtool.quantize.kernels.common import fp32_to_fp16_bits
+from qtool.quantize.kernels.common import float32_from_bits, fp32_to_fp16_bits
 from qtool.threads import single_threaded_blas, worker_pool
 
 MatmulHook = Callable[..., None]      # (weight_name, x) or, for one expert of a 3-D tensor, (..., expert=e, n_expert=n)
@@ -70,6 +70,7 @@ YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 # Query rows per causal attention block: smaller skips more masked products, larger keeps BLAS efficient.
 ATTENTION_BLOCK = 128
+WARM_UP_TOKENS = 8             # Model.warm_up: enough for the batched path (more than ATTEND_FEW_MAX_QUERIES)
 ATTEND_FEW_MAX_QUERIES = 4     # queries per sequence up to which attention reads the cache in attend_few_
 
 # Below this many elements a kernel runs on the calling thread: waking the worker threads costs ~100 us, more
@@ -309,6 +310,35 @@ def _query_row(idx: int, n_rows: int, q_start: int, n_group: int) -> tuple[int, 
     return h, r, q_start + r // n_group, h * n_group + r % n_group
 
 
+EXP_MAX = np.float32(88.72283)      # e^x overflows float32 above this
+EXP_MIN = np.float32(-104.0)        # e^x rounds to 0 below this
+
+
+@njit(inline="always", fastmath={"contract"})
+def _expf(x):
+    """e^x in float32 (x float32), within 1 ulp of the correctly rounded value (tests/test_eval_model.py), with no
+    call: math.exp is a libm call per element, which keeps a loop over it scalar, and it was most of the time of
+    the prefill's softmax and of SiLU (llama.cpp computes both with a vectorized polynomial too, ggml_v_expf).
+    Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2 (ln2 in two parts, so that r is exact), e^r by its polynomial,
+    times 2^n as two powers of two (each a normal float32, so the scaling rounds at most once, into a subnormal
+    result). inf above EXP_MAX, 0 below EXP_MIN."""
+    xc = min(max(x, EXP_MIN), EXP_MAX)
+    n = np.float32(math.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5)))
+    r = xc - n * np.float32(0.693145751953125)
+    r = r - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    ni = np.int32(n)
+    n1 = ni >> 1
+    y = p * float32_from_bits(np.int32((n1 + 127) << 23)) * float32_from_bits(np.int32((ni - n1 + 127) << 23))
+    return np.float32(np.inf) if x > EXP_MAX else y
+
+
 @njit(inline="always")
 def _softmax_row_(row: np.ndarray, pos: int, slopes: np.ndarray, head: int) -> None:
     """row[:pos + 1] = softmax(row[:pos + 1]) in place; with ALiBi `slopes` (per query head, empty otherwise) each
@@ -320,11 +350,11 @@ def _softmax_row_(row: np.ndarray, pos: int, slopes: np.ndarray, head: int) -> N
     top = row[0]
     for j in range(1, pos + 1):
         top = max(top, row[j])
+    for j in range(pos + 1):             # vectorized; the float64 sum in order, apart
+        row[j] = _expf(row[j] - top)
     total = 0.0
     for j in range(pos + 1):
-        e = math.exp(row[j] - top)
-        row[j] = e
-        total += e
+        total += row[j]
     inv = np.float32(1.0 / total)
     for j in range(pos + 1):
         row[j] *= inv
@@ -424,7 +454,7 @@ def silu_mul_(gate: np.ndarray, up: np.ndarray) -> None:
     for r in prange(n_rows):
         for i in range(n):
             g = gate[r, i]
-            gate[r, i] = g / (np.float32(1.0) + math.exp(-g)) * up[r, i]
+            gate[r, i] = g / (np.float32(1.0) + _expf(-g)) * up[r, i]
 
 
 # --- llama.cpp's activation rounding ------------------------------------------------------------------------------
@@ -960,6 +990,17 @@ class Model:
         compiled = self._compiled_layers()
         if compiled is not None:
             compiled.warm_up()
+
+    def warm_up(self, tokens, f16: bool = True) -> None:
+        """One pass over the first WARM_UP_TOKENS of `tokens` through a scratch KV cache (F16 or float32), its results
+        dropped, as llama.cpp's tools run a warm-up before they time anything: the pass that follows does not pay
+        for loading the batched path's kernels from numba's cache and for paging in the weights. Not with an input
+        hook, which would see these tokens."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)[:WARM_UP_TOKENS]
+        if self.on_matmul_input is not None or tokens.size == 0:
+            return
+        cache = KVCache.allocate(self.config, batch=1, max_len=tokens.size, f16=f16)
+        self.forward(tokens[None], output_from=tokens.size - 1, cache=cache)
 
     def _compiled_layers(self):
         """evaluate.step.CompiledLayers for this model's one-token steps, or None (turned off, a cache other than

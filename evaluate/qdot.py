@@ -683,7 +683,8 @@ def _builds32(qtype: GGMLQuantizationType) -> dict:
 @cache
 def _kernel32(qtype: GGMLQuantizationType) -> Kernel:
     type_size = _SPECS32[qtype]
-    parallel, serial = _builds32(qtype)[True], _builds32(qtype)[False]
+    one = _builds32(qtype)
+    parallel, serial = one[True], one[False]
 
     def kernel(raw: np.ndarray, act: Q80, out: np.ndarray) -> None:
         """out[0, r] = sum_j (q_j * d) * W[r, j] for the stored rows `raw` of W and the Q8_0 row `act`."""

@@ -13,9 +13,9 @@ from qtool.cli import main
 from qtool.convert.converter import plan_conversion, write_plan
 from qtool.errors import QtoolError
 from qtool.evaluate.generate import (Candidates, LlamaRng, Sampler, SamplingParams, TextStream,
-                                     apply_chat_template, decode_steps, generate, generate_text, min_p,
+                                     Timings, apply_chat_template, decode_steps, generate, generate_text, min_p,
                                      prompt_tokens, sample_distribution, softmax, temperature, top_k, top_p)
-from qtool.evaluate.model import Model
+from qtool.evaluate.model import WARM_UP_TOKENS, Model
 from qtool.evaluate.tokenizer import Tokenizer
 from qtool.evaluate.weights import GGUFWeights
 from qtool.gguf_io import read_gguf
@@ -57,11 +57,12 @@ def load(path: Path) -> tuple[Model, Tokenizer]:
 def test_cached_decoding_gives_the_logits_of_a_full_recomputation_at_every_step(variant, tiny_gguf):
     model, tok = load(tiny_gguf(variant))
     prompt = tok.encode(PROMPT, parse_special=True)
-    seen_shapes = []
+    seen_shapes, seen_caches = [], []
     forward = model.forward
 
     def recording_forward(tokens, **kw):
         seen_shapes.append(np.shape(tokens))
+        seen_caches.append(kw.get("cache"))
         return forward(tokens, **kw)
 
     model.forward = recording_forward
@@ -70,8 +71,10 @@ def test_cached_decoding_gives_the_logits_of_a_full_recomputation_at_every_step(
     steps = list(decode_steps(model, prompt, Sampler(SamplingParams(seed=3, temperature=1.5)), 10, cache_type="f32"))
     model.forward = forward
 
-    # one batched prefill, then one token per forward pass: the prefix is never recomputed
-    assert seen_shapes == [(1, len(prompt))] + [(1, 1)] * 9
+    # the warm-up pass over the prompt's first tokens in a cache of its own, then one batched prefill, then one token
+    # per forward pass: the prefix is never recomputed
+    assert seen_shapes == [(1, min(len(prompt), WARM_UP_TOKENS)), (1, len(prompt))] + [(1, 1)] * 9
+    assert seen_caches[0] is not seen_caches[1] and all(c is seen_caches[1] for c in seen_caches[1:])
     assert len(steps) == 10
     tokens = list(prompt)
     for i, step in enumerate(steps):
@@ -79,6 +82,27 @@ def test_cached_decoding_gives_the_logits_of_a_full_recomputation_at_every_step(
         np.testing.assert_allclose(step.logits, full, rtol=1e-4, atol=1e-5, err_msg=f"{variant} step {i}")
         tokens.append(step.token)
     assert len(set(tokens[len(prompt):])) > 1
+
+
+def test_the_warm_up_pass_changes_no_result_and_stays_away_from_an_input_hook(tiny_gguf):
+    """decode_steps' warm-up (Model.warm_up, as llama.cpp's tools run one before timing) is a pass in a scratch cache:
+    the logits are those of a model that never ran one, and a model with an input hook (imatrix) runs none."""
+    results = []
+    for warm in (True, False):
+        model, tok = load(tiny_gguf("llama-spm"))
+        prompt = tok.encode(PROMPT, parse_special=True)
+        if not warm:
+            model.warm_up = lambda *a, **k: None
+        timings = Timings()
+        results.append([s.logits for s in decode_steps(model, prompt, lambda logits: 5, 4, timings=timings)])
+        assert timings.load_seconds > 0 and timings.prompt_tokens == len(prompt)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    seen = []
+    model, _ = load(tiny_gguf("llama-spm"))
+    model.on_matmul_input = lambda name, x: seen.append(name)
+    model.warm_up(prompt)
+    assert seen == []
 
 
 def test_decode_steps_stop_at_a_stop_token_and_at_the_budget(tiny_gguf):
