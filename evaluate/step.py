@@ -13,7 +13,7 @@ whose layers are not plain attention + FFN (experts, DeltaNet, a gated attention
 `compiled_layers` returns None. Model.forward uses the compiled layers for one token of one sequence with an F16
 KV cache and no input hook.
 
-The products of one input run side by side (q, k and v; gate and up: `_triple`, `_pair`), in one parallel loop over
+The products of one input run side by side (q, k and v; gate and up: `_group`), in one parallel loop over
 chunks of rows of either matrix, each chunk by the product's serial kernel: the values of each row are those of the
 product alone, and a layer starts and waits for the worker threads 4 times for its products, not 7. A/B in one
 process (SmolLM2, 30 layers of one token at depth 10, 25 alternating rounds, 2 threads, AVX-512 Zen 4): F16 12.44 ->
@@ -45,7 +45,7 @@ drop_stale_kernels(Path(__file__).parent / "__pycache__",
                    "step.helpers.sha256", lambda name: name.startswith("step."))
 
 # the templates' constants (each build has its own)
-_QUANTIZE = _ROUND = _PARALLEL = _SERIAL = None
+_PREP = _PARALLEL = _SERIAL = None
 _PQKV = _PO = _PGU = _PD = None
 
 
@@ -115,7 +115,7 @@ _ROUNDERS = {None: _copy, "f16": _round_f16, "q8_0": _round_q8_0, "q8_K": _round
 
 def _codes_product(p, x, threads):
     raw, out, bias, q, d, sums = p
-    _QUANTIZE(x, q, d, sums)
+    _PREP(x, q, d, sums)
     if raw.shape[0] * x.size >= PARALLEL_MIN_WEIGHTS and threads > 1:
         _PARALLEL(raw, q, d, sums, out)
     else:
@@ -125,7 +125,7 @@ def _codes_product(p, x, threads):
 
 def _float_product(p, x, threads):
     raw, out, bias, rounded = p
-    _ROUND(x, rounded)
+    _PREP(x, rounded)
     if raw.shape[0] * x.size >= PARALLEL_MIN_WEIGHTS:
         _PARALLEL(raw, rounded, out, 1)
     else:
@@ -134,16 +134,17 @@ def _float_product(p, x, threads):
 
 
 # --- products of one input side by side (q, k, v; gate, up): each prepares its input (its own codes or rounding, as
-# alone), then one parallel loop takes chunks of GROUP_ROWS rows of either matrix, each chunk by the product's serial
-# kernel on those rows: a row's value is the same as alone, and the two or three products cost one start of the
-# worker threads and one wait for them, not one each ---
+# alone), then one parallel loop takes chunks of GROUP_ROWS rows of any of the matrices, each chunk by the product's
+# serial kernel on those rows: a row's value is the same as alone, and the two or three products cost one start of
+# the worker threads and one wait for them, not one each ---
 GROUP_ROWS = 32
 _PREP_A = _PREP_B = _PREP_C = _ROWS_A = _ROWS_B = _ROWS_C = None
+_THREE = True
 
 
 def _codes_prep(p, x):
     raw, out, bias, q, d, sums = p
-    _QUANTIZE(x, q, d, sums)
+    _PREP(x, q, d, sums)
 
 
 def _codes_rows(p, r0, r1):
@@ -152,7 +153,7 @@ def _codes_rows(p, r0, r1):
 
 
 def _float_prep(p, x):
-    _ROUND(x, p[3])
+    _PREP(x, p[3])
 
 
 def _float_rows(p, r0, r1):
@@ -160,31 +161,14 @@ def _float_rows(p, r0, r1):
     _SERIAL(raw[r0:r1], rounded, out[:, r0:r1], 1)
 
 
-def _pair(pa, pb, x, threads):
+def _group(pa, pb, pc, x, threads):
+    """pa, pb and (if the build's _THREE) pc: the products of x side by side. A pair's build takes pb again as pc
+    and leaves it alone."""
     _PREP_A(pa, x)
     _PREP_B(pb, x)
-    na, nb = pa[0].shape[0], pb[0].shape[0]
-    if (na + nb) * x.size >= PARALLEL_MIN_WEIGHTS and threads > 1:
-        ca = (na + GROUP_ROWS - 1) // GROUP_ROWS
-        cb = (nb + GROUP_ROWS - 1) // GROUP_ROWS
-        for i in prange(ca + cb):
-            if i < ca:
-                _ROWS_A(pa, i * GROUP_ROWS, min(na, (i + 1) * GROUP_ROWS))
-            else:
-                j = i - ca
-                _ROWS_B(pb, j * GROUP_ROWS, min(nb, (j + 1) * GROUP_ROWS))
-    else:
-        _ROWS_A(pa, 0, na)
-        _ROWS_B(pb, 0, nb)
-    _add_bias(pa[1], pa[2])
-    _add_bias(pb[1], pb[2])
-
-
-def _triple(pa, pb, pc, x, threads):
-    _PREP_A(pa, x)
-    _PREP_B(pb, x)
-    _PREP_C(pc, x)
-    na, nb, nc = pa[0].shape[0], pb[0].shape[0], pc[0].shape[0]
+    if _THREE:
+        _PREP_C(pc, x)
+    na, nb, nc = pa[0].shape[0], pb[0].shape[0], pc[0].shape[0] if _THREE else 0
     if (na + nb + nc) * x.size >= PARALLEL_MIN_WEIGHTS and threads > 1:
         ca = (na + GROUP_ROWS - 1) // GROUP_ROWS
         cb = (nb + GROUP_ROWS - 1) // GROUP_ROWS
@@ -201,10 +185,12 @@ def _triple(pa, pb, pc, x, threads):
     else:
         _ROWS_A(pa, 0, na)
         _ROWS_B(pb, 0, nb)
-        _ROWS_C(pc, 0, nc)
+        if _THREE:
+            _ROWS_C(pc, 0, nc)
     _add_bias(pa[1], pa[2])
     _add_bias(pb[1], pb[2])
-    _add_bias(pc[1], pc[2])
+    if _THREE:
+        _add_bias(pc[1], pc[2])
 
 
 @dataclass(frozen=True)
@@ -233,32 +219,39 @@ _parts: dict[Product, tuple] = {}
 _groups: dict[tuple[Product, ...], object] = {}
 
 
+def _kernels(product: Product) -> tuple:
+    """(prepare the input, the parallel kernel, the serial kernel) of a product: qdot's quantizer of the input and
+    its one-row builds for integer codes; the rounding and matvec's float kernels for floats."""
+    if product.codes is not None:
+        builds = qdot.row_builds(product.qtype)
+        quantize = qdot._quantize_q8_k if product.codes == "q8_K" else qdot._quantize_q8_0
+        return quantize, builds[True], builds[False]
+    parallel, serial = matvec._variants(product.qtype)
+    return _ROUNDERS[product.rounding], parallel[0], serial[0]
+
+
 def _product_parts(product: Product):
-    """(prepare the input, rows r0:r1 by the serial kernel) builds of a product, for _pair and _triple."""
+    """(prepare the input, rows r0:r1 by the serial kernel) builds of a product, for _group."""
     parts = _parts.get(product)
     if parts is None:
-        if product.codes is not None:
-            quantize = qdot._quantize_q8_k if product.codes == "q8_K" else qdot._quantize_q8_0
-            prep = specialize(_codes_prep, f"step_prep_{product.name}", {"_QUANTIZE": quantize})
-            rows = specialize(_codes_rows, f"step_rows_{product.name}",
-                              {"_SERIAL": qdot.row_builds(product.qtype)[False]})
-        else:
-            prep = specialize(_float_prep, f"step_prep_{product.name}", {"_ROUND": _ROUNDERS[product.rounding]})
-            rows = specialize(_float_rows, f"step_rows_{product.name}",
-                              {"_SERIAL": matvec._variants(product.qtype)[1][0]})
-        parts = _parts[product] = (prep, rows)
+        prep, _, serial = _kernels(product)
+        codes = product.codes is not None
+        parts = _parts[product] = (
+            specialize(_codes_prep if codes else _float_prep, f"step_prep_{product.name}", {"_PREP": prep}),
+            specialize(_codes_rows if codes else _float_rows, f"step_rows_{product.name}", {"_SERIAL": serial}))
     return parts
 
 
 def _group_build(products: tuple[Product, ...]):
-    """The build that runs these two or three products of one input side by side (_pair, _triple)."""
+    """The build that runs these two or three products of one input side by side (_group)."""
     build = _groups.get(products)
     if build is None:
-        consts = {}
-        for letter, product in zip("ABC", products):
-            consts[f"_PREP_{letter}"], consts[f"_ROWS_{letter}"] = _product_parts(product)
-        template = _pair if len(products) == 2 else _triple
-        build = _groups[products] = specialize(template, "step_group_" + "_".join(p.name for p in products), consts,
+        parts = [_product_parts(product) for product in products]
+        parts += parts[-1:] * (3 - len(parts))
+        consts = {"_THREE": len(products) == 3}
+        for letter, (prep, rows) in zip("ABC", parts):
+            consts[f"_PREP_{letter}"], consts[f"_ROWS_{letter}"] = prep, rows
+        build = _groups[products] = specialize(_group, "step_group_" + "_".join(p.name for p in products), consts,
                                                parallel=True)
     return build
 
@@ -266,16 +259,10 @@ def _group_build(products: tuple[Product, ...]):
 def _product_build(product: Product):
     build = _products.get(product)
     if build is None:
-        if product.codes is not None:
-            kernels = qdot.row_builds(product.qtype)
-            quantize = qdot._quantize_q8_k if product.codes == "q8_K" else qdot._quantize_q8_0
-            consts = {"_QUANTIZE": quantize, "_PARALLEL": kernels[True], "_SERIAL": kernels[False]}
-            template = _codes_product
-        else:
-            parallel, serial = matvec._variants(product.qtype)
-            consts = {"_ROUND": _ROUNDERS[product.rounding], "_PARALLEL": parallel[0], "_SERIAL": serial[0]}
-            template = _float_product
-        build = _products[product] = specialize(template, f"step_product_{product.name}", consts)
+        prep, parallel, serial = _kernels(product)
+        template = _codes_product if product.codes is not None else _float_product
+        build = _products[product] = specialize(template, f"step_product_{product.name}",
+                                                {"_PREP": prep, "_PARALLEL": parallel, "_SERIAL": serial})
     return build
 
 
@@ -303,7 +290,7 @@ def _layer(x, attn_norm, ffn_norm, q_norm, k_norm, eps, rope, cos, sin, neox, sc
     _PO(po, context.reshape(n_kv * n_group * d), threads)
     _add_(x, po[1])
     _rms(x.size, x, ffn_norm, eps, h)
-    _PGU(pg, pu, h[0], threads)
+    _PGU(pg, pu, pu, h[0], threads)
     _silu(pg[1].size, pg[1], pu[1])
     _PD(pd, pg[1][0], threads)
     _add_(x, pd[1])
