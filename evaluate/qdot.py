@@ -43,20 +43,29 @@ import math
 import os
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Callable
 
 import llvmlite.binding as llvm
 import numpy as np
 import qtool.numba_start  # noqa: F401  (before numba: its start-up without SciPy)
+from qtool.numba_start import drop_stale_kernels
 from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import carray, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from qtool.evaluate import matvec
 from qtool.evaluate.matvec import PARALLEL_MIN_WEIGHTS, _lane_buffer, _variant
+from qtool.quantize.kernels import common as _common
 from qtool.quantize.kernels.common import (F32, QK_K, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES,
                                            Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES)
+
+# These kernels inline helpers of matvec.py (the lanes' buffer, the variants' options) and the kernels' common.py
+# (block sizes): an edit of those alone drops the cached kernels of this module.
+drop_stale_kernels(Path(__file__).parent / "__pycache__", [Path(matvec.__file__), Path(_common.__file__)],
+                   "qdot.helpers.sha256", lambda name: name.startswith("qdot."))
 
 T = GGMLQuantizationType
 Kernel = Callable[[np.ndarray, "Q8K", np.ndarray], None]
@@ -145,24 +154,37 @@ class Q80:
     s: np.ndarray
 
 
-@njit(cache=True)
-def round_to_f16(v: float) -> np.float32:
-    """The float16 nearest to v >= 0 (ties to even), as float32."""
-    if v == 0.0:
-        return np.float32(0.0)
-    m, e = math.frexp(v)                  # v = m * 2^e, 0.5 <= m < 1
-    if e >= -13:                          # a normal float16: 11 significant bits
-        return np.float32(math.ldexp(np.rint(m * 2048.0), e - 11))
-    return np.float32(np.rint(math.ldexp(v, 24)) * 2.0 ** -24)    # subnormal: steps of 2^-24
+@intrinsic
+def round_to_f16(typingctx, v):
+    """The float32 v rounded to the nearest float16 (ties to even; inf past float16's range), as float32: fptrunc
+    and fpext (vcvtps2ph / vcvtph2ps), as ggml's GGML_FP32_TO_FP16 rounds a scale. No libm call (math.frexp and
+    ldexp were: on a 576-wide prefill most of the time of rounding the activations to Q8_0)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), F)
+
+    return types.float32(v), codegen
+
+
+@njit(inline="always")
+def _larger(a, b):
+    """a if a > b else b: max(b, a) as numba's max takes it (a NaN a leaves b)."""
+    return a if a > b else b
 
 
 @njit(cache=True, inline="always")
 def q8_0_scale(x, b):
     """ggml's quantize_row_q8_0 (x86) for the 32 values from b: (127 / amax, d = amax / 127 rounded to fp16); (0, 0)
     for an all-zero block. The codes are rint(x * 127 / amax), the values codes * d."""
-    amax = F32(0.0)
-    for j in range(b, b + 32):
-        amax = max(amax, abs(x[j]))
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = F32(0.0)      # 8 running maxima (see model._row_max)
+    for j in range(b, b + 32, 8):
+        a0, a1, a2, a3 = _larger(abs(x[j]), a0), _larger(abs(x[j + 1]), a1), _larger(abs(x[j + 2]), a2), \
+            _larger(abs(x[j + 3]), a3)
+        a4, a5, a6, a7 = _larger(abs(x[j + 4]), a4), _larger(abs(x[j + 5]), a5), _larger(abs(x[j + 6]), a6), \
+            _larger(abs(x[j + 7]), a7)
+    amax = _larger(_larger(_larger(a0, a1), _larger(a2, a3)), _larger(_larger(a4, a5), _larger(a6, a7)))
     d = round_to_f16(amax / F32(127.0))
     return (F32(127.0) / amax if amax != 0 else F32(0.0)), d
 

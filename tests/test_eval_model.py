@@ -337,13 +337,17 @@ def _reference_softmax(scores: np.ndarray, start: int, slopes: np.ndarray, n_gro
 
 
 @pytest.mark.parametrize("n_group, start, alibi", [(1, 0, False), (3, 0, False), (2, 4, False), (2, 0, True),
-                                                   (1, 3, True)])
+                                                   (1, 3, True), (1, 45, False), (3, 21, True)])
 def test_causal_softmax_kernel(n_group, start, alibi):
+    """Rows of 1 to 51 scores: shorter and longer than the 8 running maxima and sums of a row (_row_max,
+    _row_sum64), with a dominant score in the first lane and one in a later lane (or past a short row's end)."""
     rng = np.random.default_rng(2)
     n_kv, n_q = 2, 6
     n_k = start + n_q
-    scores = rng.normal(0, 5, (n_kv, n_q * n_group, n_k)).astype(np.float32)
+    scores = rng.normal(0, 5, (n_kv, n_q * n_group, max(n_k, 14))).astype(np.float32)[:, :, :n_k].copy()
     scores[0, 1, 0] = 80.0                            # a dominant score
+    if n_k > 13:
+        scores[1, -1, 13] = 90.0                      # in lane 5 of the second group of 8 (masked for start < 8)
     slopes = alibi_slopes(n_kv * n_group, 8.0) if alibi else np.empty(0, np.float32)
     ref = _reference_softmax(scores.astype(np.float64), start, slopes, n_group)
     ours = scores.copy()
@@ -485,6 +489,20 @@ def test_activation_rounding_kernels(kind):
         ref = np.ldexp(np.rint(m * 256), e - 8).astype(np.float32)
     np.testing.assert_array_equal(ours, ref)
     assert kind in ("f16", "bf16") or np.abs(ours - x).max() > 0
+
+
+def test_q8_0_rounding_overflows_its_scale_as_ggml():
+    """A block whose amax / 127 is past float16's range gets an infinite scale, as ggml's fp32 -> fp16 conversion
+    gives it (the codes times inf: inf, and nan for a zero code); blocks beside it are untouched."""
+    from qtool.evaluate.model import round_activations
+    x = np.random.default_rng(3).normal(0, 1, (2, 64)).astype(np.float32)
+    x[0, 5] = 9e6                                       # 9e6 / 127 > 65504
+    x[0, 9] = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = _ref_q8_0(x)
+    ours = round_activations(x, "q8_0", np.empty_like(x))
+    np.testing.assert_array_equal(ours, ref)
+    assert np.isinf(ours[0, 5]) and np.isnan(ours[0, 9]) and np.isfinite(ours[:, 32:]).all()
 
 
 def test_f16_rounding_matches_numpy_on_every_exponent():
