@@ -87,13 +87,29 @@ ATTEND_FEW_MAX_QUERIES = 4     # queries per sequence up to which attention read
 PARALLEL_MIN_ELEMENTS = 16384
 
 
+_TWINS: list[tuple] = []             # (parallel kernel, its serial twin): Model.warm_up loads both of each pair
+
+
 def _serial_twin(kernel, **options):
     """A single-threaded numba build of a parallel kernel (its own name, so the two don't share a cache entry)."""
     fn = kernel.py_func
     twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     twin.__qualname__ = fn.__qualname__ + "_serial"
     twin.__doc__ = fn.__doc__
-    return njit(cache=True, **options)(twin)
+    built = njit(cache=True, **options)(twin)
+    _TWINS.append((kernel, built))
+    return built
+
+
+def _load_twins() -> None:
+    """For every kernel that has run, its twin (parallel or serial) for the same argument types, loaded from numba's
+    cache (or compiled) without running it: a warm-up pass of a few tokens runs the serial builds, and a prompt of
+    more tokens would otherwise load the parallel ones while it is timed."""
+    for pair in _TWINS:
+        for kernel, twin in (pair, pair[::-1]):
+            for signature in kernel.signatures:
+                if signature not in twin.signatures:
+                    twin.compile(signature)
 
 
 def _sized(parallel, serial, n_elements: int):
@@ -1039,13 +1055,14 @@ class Model:
     def warm_up(self, tokens, f16: bool = True) -> None:
         """One pass over the first WARM_UP_TOKENS of `tokens` through a scratch KV cache (F16 or float32), its results
         dropped, as llama.cpp's tools run a warm-up before they time anything: the pass that follows does not pay
-        for loading the batched path's kernels from numba's cache and for paging in the weights. Not with an input
-        hook, which would see these tokens."""
+        for loading the batched path's kernels from numba's cache (serial and parallel builds: _load_twins) and for
+        paging in the weights. Not with an input hook, which would see these tokens."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)[:WARM_UP_TOKENS]
         if self.on_matmul_input is not None or tokens.size == 0:
             return
         cache = KVCache.allocate(self.config, batch=1, max_len=tokens.size, f16=f16)
         self.forward(tokens[None], output_from=tokens.size - 1, cache=cache)
+        _load_twins()
 
     def _compiled_layers(self):
         """evaluate.step.CompiledLayers for this model's one-token steps, or None (turned off, a cache other than

@@ -3,6 +3,8 @@ results and a plain-Python reference, seeded reproducibility, streaming of split
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,31 @@ def test_the_warm_up_pass_changes_no_result_and_stays_away_from_an_input_hook(ti
     model.on_matmul_input = lambda name, x: seen.append(name)
     model.warm_up(prompt)
     assert seen == []
+
+
+TWINS_PROBE = """
+import sys
+import numpy as np
+from qtool.evaluate import model as M
+from qtool.evaluate.weights import GGUFWeights
+m = M.Model(GGUFWeights(sys.argv[1]))
+lopsided = lambda: sum(set(p.signatures) != set(s.signatures) for p, s in M._TWINS)
+tokens = np.arange(1, 20)
+m.forward(tokens[None, :8], output_from=7, cache=M.KVCache.allocate(m.config, batch=1, max_len=8, f16=True))
+before = lopsided()
+m.warm_up(tokens)
+print(before, lopsided())
+"""
+
+
+def test_the_warm_up_loads_the_parallel_and_the_serial_build_of_every_kernel_it_ran(tiny_gguf):
+    """A pass of a few tokens runs the serial builds of the batched path's kernels; the warm-up then loads their
+    parallel twins too (and the other way round), so that a longer prompt does not load them while it is timed.
+    In a fresh process: in this one, other tests may already have run both."""
+    out = subprocess.run([sys.executable, "-c", TWINS_PROBE, str(tiny_gguf("llama-spm"))], capture_output=True,
+                         text=True, check=True, timeout=600).stdout.split()
+    before, after = int(out[0]), int(out[1])
+    assert before > 0 and after == 0
 
 
 def test_decode_steps_stop_at_a_stop_token_and_at_the_budget(tiny_gguf):
