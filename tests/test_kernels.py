@@ -852,3 +852,26 @@ def test_bf16_decode_equals_gguf_py_for_every_bit_pattern():
     flat = np.zeros(every.size, np.float32)
     floats.decode_bf16(every.reshape(-1), flat)
     assert np.array_equal(flat.view(np.uint32), every.reshape(-1).astype(np.uint32) << 16)
+
+
+def test_f16_decode_keeps_every_bit_pattern():
+    """formats.decode of F16 (floats.decode_f16: the CPU's vectorized conversion) on all 65536 patterns against the
+    format's definition bit for bit: subnormals, ±0, ±inf, and NaN payloads, signaling ones included (the CPU's
+    conversion alone would quiet those), directly and through formats.decode."""
+    from gguf import GGMLQuantizationType as T
+
+    from qtool.quantize import formats
+
+    h = np.arange(2 ** 16, dtype=np.uint32)
+    sign, exponent, mantissa = (h & 0x8000) << 16, (h >> 10) & 0x1F, h & 0x3FF
+    want = np.where(exponent == 31, sign | 0x7F800000 | (mantissa << 13),
+                    sign | ((exponent + 112) << 23) | (mantissa << 13)).astype(np.uint32)
+    sub = exponent == 0                                     # subnormal halves: m * 2^-24, a normal float32 (or 0)
+    want[sub] = sign[sub] | (mantissa[sub].astype(np.float32) * np.float32(2.0 ** -24)).view(np.uint32)
+    assert (want[0x7C01] & 0x00400000) == 0                 # a signaling NaN stays signaling
+    halves = h.astype(np.uint16)
+    flat = np.zeros(halves.size, np.float32)
+    floats.decode_f16(halves, flat)
+    assert np.array_equal(flat.view(np.uint32), want)
+    got = formats.decode(halves.view(np.uint8).reshape(64, 2048), T.F16, 1024)
+    assert np.array_equal(got.view(np.uint32).reshape(-1), want)

@@ -41,6 +41,20 @@ IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 
 
 @intrinsic
+def fp16_widen(typingctx, h):
+    """An fp16 bit pattern (uint16) as float32 by the CPU's conversion (fpext: vcvtph2ps with F16C, which a loop
+    vectorizes): exact for every finite value, infinity and quiet NaN; a signaling NaN comes out quieted (callers
+    that must keep its bits put them back: floats.decode_f16)."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
 def float32_bits(typingctx, value):
     """The IEEE bits of a float32 as an int32 (C's memcpy type pun)."""
     if value != types.float32:
