@@ -39,7 +39,6 @@ section "blocks of 32".
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from functools import cache
