@@ -59,7 +59,7 @@ from qtool.evaluate import matvec
 from qtool.evaluate.matvec import PARALLEL_MIN_WEIGHTS, _lane_buffer, _variant
 from qtool.quantize.kernels import common as _common
 from qtool.quantize.kernels.common import (F32, QK_K, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES,
-                                           Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES)
+                                           Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, running_max)
 
 # These kernels inline helpers of matvec.py (the lanes' buffer, the variants' options) and the kernels' common.py
 # (block sizes): an edit of those alone drops the cached kernels of this module.
@@ -167,23 +167,11 @@ def round_to_f16(typingctx, v):
     return types.float32(v), codegen
 
 
-@njit(inline="always")
-def _larger(a, b):
-    """a if a > b else b: max(b, a) as numba's max takes it (a NaN a leaves b)."""
-    return a if a > b else b
-
-
 @njit(cache=True, inline="always")
 def q8_0_scale(x, b):
     """ggml's quantize_row_q8_0 (x86) for the 32 values from b: (127 / amax, d = amax / 127 rounded to fp16); (0, 0)
     for an all-zero block. The codes are rint(x * 127 / amax), the values codes * d."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = F32(0.0)      # 8 running maxima (see model._row_max)
-    for j in range(b, b + 32, 8):
-        a0, a1, a2, a3 = _larger(abs(x[j]), a0), _larger(abs(x[j + 1]), a1), _larger(abs(x[j + 2]), a2), \
-            _larger(abs(x[j + 3]), a3)
-        a4, a5, a6, a7 = _larger(abs(x[j + 4]), a4), _larger(abs(x[j + 5]), a5), _larger(abs(x[j + 6]), a6), \
-            _larger(abs(x[j + 7]), a7)
-    amax = _larger(_larger(_larger(a0, a1), _larger(a2, a3)), _larger(_larger(a4, a5), _larger(a6, a7)))
+    amax = running_max(x, b, b + 32, True)
     d = round_to_f16(amax / F32(127.0))
     return (F32(127.0) / amax if amax != 0 else F32(0.0)), d
 

@@ -113,10 +113,17 @@ _ROUNDERS = {None: _copy, "f16": _round_f16, "q8_0": _round_q8_0, "q8_K": _round
 # --- one product: x (1-D) @ W.T into p's out (1, n_out), p = (raw, out, bias, scratch...); `threads`: numba's
 # thread count, which a cached build cannot ask for itself (get_num_threads in compiled code is a dynamic global) ---
 
+@njit(inline="always")
+def _in_parallel(n_weights, threads):
+    """Whether a product of n_weights runs on the worker threads: small ones, and any at one thread, run on the
+    calling thread (waking the workers costs more than they save)."""
+    return n_weights >= PARALLEL_MIN_WEIGHTS and threads > 1
+
+
 def _codes_product(p, x, threads):
     raw, out, bias, q, d, sums = p
     _PREP(x, q, d, sums)
-    if raw.shape[0] * x.size >= PARALLEL_MIN_WEIGHTS and threads > 1:
+    if _in_parallel(raw.shape[0] * x.size, threads):
         _PARALLEL(raw, q, d, sums, out)
     else:
         _SERIAL(raw, q, d, sums, out)
@@ -126,7 +133,7 @@ def _codes_product(p, x, threads):
 def _float_product(p, x, threads):
     raw, out, bias, rounded = p
     _PREP(x, rounded)
-    if raw.shape[0] * x.size >= PARALLEL_MIN_WEIGHTS:
+    if _in_parallel(raw.shape[0] * x.size, threads):
         _PARALLEL(raw, rounded, out, 1)
     else:
         _SERIAL(raw, rounded, out, 1)
@@ -169,7 +176,7 @@ def _group(pa, pb, pc, x, threads):
     if _THREE:
         _PREP_C(pc, x)
     na, nb, nc = pa[0].shape[0], pb[0].shape[0], pc[0].shape[0] if _THREE else 0
-    if (na + nb + nc) * x.size >= PARALLEL_MIN_WEIGHTS and threads > 1:
+    if _in_parallel((na + nb + nc) * x.size, threads):
         ca = (na + GROUP_ROWS - 1) // GROUP_ROWS
         cb = (nb + GROUP_ROWS - 1) // GROUP_ROWS
         cc = (nc + GROUP_ROWS - 1) // GROUP_ROWS

@@ -339,7 +339,7 @@ def _reference_softmax(scores: np.ndarray, start: int, slopes: np.ndarray, n_gro
 @pytest.mark.parametrize("n_group, start, alibi", [(1, 0, False), (3, 0, False), (2, 4, False), (2, 0, True),
                                                    (1, 3, True), (1, 45, False), (3, 21, True)])
 def test_causal_softmax_kernel(n_group, start, alibi):
-    """Rows of 1 to 51 scores: shorter and longer than the 8 running maxima and sums of a row (_row_max,
+    """Rows of 1 to 51 scores: shorter and longer than the 8 running maxima and sums of a row (common.running_max,
     _row_sum64), with a dominant score in the first lane and one in a later lane (or past a short row's end)."""
     rng = np.random.default_rng(2)
     n_kv, n_q = 2, 6

@@ -158,6 +158,36 @@ def store_fp16(out, offset, f):
 
 
 @njit(cache=True, inline='always')
+def larger(a, b):
+    """a if a > b else b: max(b, a) as numba's max takes it (a NaN a leaves b)."""
+    return a if a > b else b
+
+
+@njit(cache=True, inline='always')
+def _entry(x, j, magnitudes):
+    return abs(x[j]) if magnitudes else x[j]
+
+
+@njit(cache=True, inline='always')
+def running_max(x, start, stop, magnitudes):
+    """max(x[start:stop]), stop > start, or with `magnitudes` max(0, |x[start:stop]|), as 8 running maxima:
+    independent, so the compares overlap (a loop of one waits on each); the maximum is the same in any order."""
+    first = F32(0.0) if magnitudes else x[start]
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = first
+    j = start
+    while j + 8 <= stop:
+        t0, t1 = larger(_entry(x, j, magnitudes), t0), larger(_entry(x, j + 1, magnitudes), t1)
+        t2, t3 = larger(_entry(x, j + 2, magnitudes), t2), larger(_entry(x, j + 3, magnitudes), t3)
+        t4, t5 = larger(_entry(x, j + 4, magnitudes), t4), larger(_entry(x, j + 5, magnitudes), t5)
+        t6, t7 = larger(_entry(x, j + 6, magnitudes), t6), larger(_entry(x, j + 7, magnitudes), t7)
+        j += 8
+    top = larger(larger(larger(t0, t1), larger(t2, t3)), larger(larger(t4, t5), larger(t6, t7)))
+    for i in range(j, stop):
+        top = larger(_entry(x, i, magnitudes), top)
+    return top
+
+
+@njit(cache=True, inline='always')
 def first_absmax(x, start, n):
     """Signed value of the first element with the largest |x| (strict >, ties keep the first); 0 if all 0.
     Returns (that value, its magnitude). NaN-free input (formats.py refuses NaN)."""
