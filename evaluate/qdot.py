@@ -15,13 +15,17 @@ float32 rounding of the per-block terms and of the lanes' sums (tests/test_qdot.
 
 One activation row (decoding a token): one weight row per step, parallel over rows. On one 11008x4096 matrix, one
 thread: Q4_K 0.72 ms, Q5_K 0.91, Q6_K 0.93 against the float kernels of evaluate/matvec.py 1.7, 2.1, 2.3
-(benchmarks/matvec_speed.py). Several rows (a prompt, a perplexity chunk): each weight block is unpacked once for
-TOKENS activation rows, whose arithmetic stays each row's own (a row's result is bit for bit its one-row result);
-groups of weight rows in parallel, each group's rows read against every tile of activation rows. On 4096x4096 times
-512 rows, one thread, about 230 GOPS (Q4_K, Q6_K) and 200 (Q5_K) on a Zen 5 (AVX-512), against 210 GFLOP/s for
-OpenBLAS's sgemm on weights decoded beforehand; in a 7B prefill the decode tiles and the float rounding of the
-activations go too. On a Zen 3 (AVX2) 49 / 46 / 47 GMAC/s (Q4_K / Q5_K / Q6_K; 40 / 36 / 41 before the steps were
-kept in order by _in_order, which stopped the codes' spills).
+(benchmarks/matvec_speed.py). Several rows (a prompt, a perplexity chunk): groups of weight rows in parallel; each
+group's blocks are unpacked once (codes, per-step scale vectors: "unpacked blocks" below) into the worker's
+scratch, then read against every tile of TOKENS activation rows, 8 blocks of a row at a time for all the group's
+rows (the tile's activations stay in the L1 cache); each row's arithmetic stays its own (a row's result is bit for
+bit its one-row result). On 4096x4096 times 512 rows, one thread, about 230 GOPS (Q4_K, Q6_K) and 200 (Q5_K) on a
+Zen 5 (AVX-512), against 210 GFLOP/s for OpenBLAS's sgemm on weights decoded beforehand (before the unpacking);
+in a 7B prefill the decode tiles and the float rounding of the activations go too. On a Zen 3 (AVX2) 49 / 46 / 47
+GMAC/s (Q4_K / Q5_K / Q6_K; 40 / 36 / 41 before the steps were kept in order by _in_order, which stopped the codes'
+spills). On a Zen 4 (AVX-512, one thread, 7B shapes times 512 rows, blocks unpacked in the loop / unpacked once /
+and 8 blocks at a time): Q4_K 11008x4096 57-62 / 65-74 / 73-76 GMAC/s; Q6_K 4096x11008 52-60 / 52-60 / 65-70
+(tests of the same build side by side in one process; this machine varies by ~15 % from minute to minute).
 
     kernel = kernel_for(qtype)          # None where there is none (the caller decodes tiles for BLAS)
     kernel(raw, act, out)               # raw uint8 [n_out, row_bytes], act = quantize_q8_k(x), out float32 [rows, n_out]
@@ -315,6 +319,8 @@ def _in_order(builder, values):
     codes first and spilling them (measured: 47 ymm moves, most of them spills, in a Q4_K block of 4 tokens)."""
     if not (FOLD_EACH_STEP and HAS_AVX2):
         return values
+    if len(values) == 1:                # (an asm statement of one output returns it, not a struct)
+        return [builder.asm(ir.FunctionType(values[0].type, [values[0].type]), "", "=x,0", values, True)]
     ty = ir.LiteralStructType([v.type for v in values])
     n = len(values)
     constraint = ",".join(["=x"] * n + [str(i) for i in range(n)])
@@ -322,18 +328,17 @@ def _in_order(builder, values):
     return [builder.extract_value(packed, i) for i in range(n)]
 
 
-def _k4_block(builder, acc, bp, tokens, with_fifth_bit):
-    """Per token t of `tokens` ((xp, sp, dx): its codes, its sums of 16, its scale), acc[8t:8t + 8] += d * (scale_j *
-    dot(codes_j, x_j) in 8 lanes), then += -dmin * (min_j * sum(x_j)) of a Q4_K (Q5_K) block:
-    sub-blocks 2g, 2g + 1 are the low and high nibbles of qs[32g:32g + 32] (plus bits 2g, 2g + 1 of qh[0:32] as bit
-    4), so one 64-value step takes qs[32g:32g + 32] and x[64g:64g + 64]. The weights are unpacked once for all the
-    tokens; each token's arithmetic is the same as when it is alone."""
+def _k4_steps(builder, bp, with_fifth_bit):
+    """A stored Q4_K (Q5_K) block's 64-value steps: step(g, values) -> (codes <64 x u8>, scales <32 x i16>, values),
+    and its rest: () -> (mins <16 x i16>, d, dmin). Sub-blocks 2g, 2g + 1 are the low and high nibbles of
+    qs[32g:32g + 32] (plus bits 2g, 2g + 1 of qh[0:32] as bit 4), so step g takes qs[32g:32g + 32] and
+    x[64g:64g + 64]; `values` (the tokens' sums) go through _in_order with the step's bytes."""
     scales, mins = _k4_scales_and_mins(builder, bp)
     qs_at = 48 if with_fifth_bit else 16
     qh = _load(builder, bp, 16, I8, 32) if with_fifth_bit else None
-    sums = [_vector(I32, 8 if FOLD_EACH_STEP else 16, 0)] * len(tokens)
-    for g in range(4):
-        qs, *sums = _in_order(builder, [_load(builder, bp, qs_at + 32 * g, I8, 32), *sums])
+
+    def step(g, values):
+        qs, *values = _in_order(builder, [_load(builder, bp, qs_at + 32 * g, I8, 32), *values])
         low, high = builder.and_(qs, _vector(I8, 32, 15)), builder.lshr(qs, _vector(I8, 32, 4))
         if with_fifth_bit:
             # bit 4 of the code where bit j of qh is set: a test and a select (x86 has no byte shifts)
@@ -341,14 +346,34 @@ def _k4_block(builder, acc, bp, tokens, with_fifth_bit):
                                                           _vector(I8, 32, 0)), _vector(I8, 32, 16), _vector(I8, 32, 0))
                      for h in range(2)]
             low, high = builder.or_(low, fifth[0]), builder.or_(high, fifth[1])
-        codes = _concat(builder, low, high)
         lanes = [2 * g] * 16 + [2 * g + 1] * 16                                 # sub-blocks 2g, 2g + 1
-        block_scales = _pick(builder, scales, lanes)
+        return _concat(builder, low, high), _pick(builder, scales, lanes), values
+
+    def rest():
+        return _pick(builder, mins, [j // 2 for j in range(16)]), _fp16(builder, bp, 0), _fp16(builder, bp, 2)
+
+    return step, rest
+
+
+def _block_products(builder, tokens, step):
+    """Per token, a block's integer sums (sum of scale x dot(codes, x) over its 4 steps, in lanes): the step's codes
+    and scale vector (step(g, sums)) once for all the tokens."""
+    sums = [_vector(I32, 8 if FOLD_EACH_STEP else 16, 0)] * len(tokens)
+    for g in range(4):
+        codes, scales, sums = step(g, sums)
         for t, (xp, _, _) in enumerate(tokens):
             products = _codes_times_x(builder, codes, _load(builder, xp, 64 * g, I8, 64))
-            sums[t] = _step_sums(builder, sums[t], _times_scales(builder, products, block_scales))
-    d, dmin = _fp16(builder, bp, 0), _fp16(builder, bp, 2)
-    mins16 = _pick(builder, mins, [j // 2 for j in range(16)])
+            sums[t] = _step_sums(builder, sums[t], _times_scales(builder, products, scales))
+    return sums
+
+
+def _k4_terms(builder, acc, tokens, step, rest):
+    """Per token t of `tokens` ((xp, sp, dx): its codes, its sums of 16, its scale), acc[8t:8t + 8] += d * (scale_j *
+    dot(codes_j, x_j) in 8 lanes), then += -dmin * (min_j * sum(x_j)) of a Q4_K (Q5_K) block given by its steps
+    (_k4_steps, or _unpacked_steps). The weights are unpacked once for all the tokens; each token's arithmetic is
+    the same as when it is alone."""
+    sums = _block_products(builder, tokens, step)
+    mins16, d, dmin = rest()
     for t, (_, sp, dx) in enumerate(tokens):
         _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d), _block_sums(builder, sums[t]))
         min_terms = _times_scales(builder, _load(builder, sp, 0, I16, 16), mins16)   # min_j * (sums of 32)
@@ -397,35 +422,34 @@ def _tile_intrinsic(body, n_tokens):
     return tile
 
 
-def _k4_ir(with_fifth_bit):
-    return lambda builder, acc, bp, tokens: _k4_block(builder, acc, bp, tokens, with_fifth_bit)
-
-
-def _q6_k_ir(builder, acc, bp, tokens):
-    """Per token t, acc[8t:8t + 8] += d * (scale_i * dot(codes_i - 32, x_i) in 8 lanes) of a Q6_K block, codes
-    0..63: per half hf, ql[64hf:], qh[128 + 32hf:], values 128hf + 32t + l (t = 0..3, l < 32) are the low (t < 2) or
-    high nibble of ql[32(t % 2) + l] with bits 2t, 2t + 1 of qh[l] above, in sub-blocks of 16 with
-    scales[8hf + 2t + l // 16]; one 64-value step is t = 0, 1 or t = 2, 3 of a half. The 32 is taken off with Q8_K's
-    sums of 16."""
+def _q6_k_steps(builder, bp):
+    """A stored Q6_K block's steps, as _k4_steps gives a Q4_K block's: codes 0..63, per half hf, ql[64hf:],
+    qh[128 + 32hf:], values 128hf + 32t + l (t = 0..3, l < 32) are the low (t < 2) or high nibble of ql[32(t % 2) +
+    l] with bits 2t, 2t + 1 of qh[l] above, in sub-blocks of 16 with scales[8hf + 2t + l // 16]; step 2hf + s is
+    t = 2s, 2s + 1 of half hf. rest() -> (the 16 scales <16 x i16>, d, None)."""
     scales = builder.sext(_load(builder, bp, 192, I8, 16), ir.VectorType(I16, 16))
-    sums = [_vector(I32, 8 if FOLD_EACH_STEP else 16, 0)] * len(tokens)
-    for hf in range(2):
-        for step in range(2):
-            low0, low1, qh, *sums = _in_order(builder, [_load(builder, bp, 64 * hf, I8, 32),
-                                                        _load(builder, bp, 64 * hf + 32, I8, 32),
-                                                        _load(builder, bp, 128 + 32 * hf, I8, 32), *sums])
-            low = _concat(builder, low0, low1)
-            nibbles = builder.and_(low, _vector(I8, 64, 15)) if step == 0 else builder.lshr(low, _vector(I8, 64, 4))
-            high = [builder.and_(builder.lshr(qh, _vector(I8, 32, 2 * t)), _vector(I8, 32, 3))
-                    for t in (2 * step, 2 * step + 1)]
-            codes = builder.or_(nibbles, builder.shl(_concat(builder, *high), _vector(I8, 64, 4)))
-            s = 8 * hf + 4 * step
-            lanes = [s] * 8 + [s + 1] * 8 + [s + 2] * 8 + [s + 3] * 8
-            step_scales = _pick(builder, scales, lanes)
-            for t, (xp, _, _) in enumerate(tokens):
-                products = _codes_times_x(builder, codes, _load(builder, xp, 128 * hf + 64 * step, I8, 64))
-                sums[t] = _step_sums(builder, sums[t], _times_scales(builder, products, step_scales))
-    d = _fp16(builder, bp, 208)
+
+    def step(g, values):
+        hf, half_step = divmod(g, 2)
+        low0, low1, qh, *values = _in_order(builder, [_load(builder, bp, 64 * hf, I8, 32),
+                                                      _load(builder, bp, 64 * hf + 32, I8, 32),
+                                                      _load(builder, bp, 128 + 32 * hf, I8, 32), *values])
+        low = _concat(builder, low0, low1)
+        nibbles = builder.and_(low, _vector(I8, 64, 15)) if half_step == 0 else builder.lshr(low, _vector(I8, 64, 4))
+        high = [builder.and_(builder.lshr(qh, _vector(I8, 32, 2 * t)), _vector(I8, 32, 3))
+                for t in (2 * half_step, 2 * half_step + 1)]
+        codes = builder.or_(nibbles, builder.shl(_concat(builder, *high), _vector(I8, 64, 4)))
+        s = 4 * g
+        return codes, _pick(builder, scales, [s] * 8 + [s + 1] * 8 + [s + 2] * 8 + [s + 3] * 8), values
+
+    return step, lambda: (scales, _fp16(builder, bp, 208), None)
+
+
+def _q6_k_terms(builder, acc, tokens, step, rest):
+    """Per token t, acc[8t:8t + 8] += d * (scale_i * dot(codes_i - 32, x_i) in 8 lanes) of a Q6_K block given by
+    its steps; the 32 is taken off with Q8_K's sums of 16."""
+    sums = _block_products(builder, tokens, step)
+    scales, d, _ = rest()
     for t, (_, sp, dx) in enumerate(tokens):
         offsets = _times_scales(builder, _load(builder, sp, 0, I16, 16), scales)     # scale_i * sum(x_i), 8 lanes
         thirty_two = builder.mul(offsets, _vector(I32, 8, 32))
@@ -433,9 +457,57 @@ def _q6_k_ir(builder, acc, bp, tokens):
                     builder.sub(_block_sums(builder, sums[t]), thirty_two))
 
 
+# --- unpacked blocks ---------------------------------------------------------------------------------------------
+# In a product with many activation rows each weight block is read once per tile of TOKENS rows (128 times for a
+# 512-token chunk), and unpacking it (nibbles, fifth bits, six-bit scales, their per-step vectors) took about a fifth
+# of the kernel's time. The products kernel unpacks each group of weight rows once into a scratch buffer, UNPACKED
+# bytes a block: the 4 steps' codes (64 bytes each), the 4 steps' scales (32 x int16 each), the 16 int16 of the
+# block's rest (Q4_K / Q5_K: the mins of each pair of 16; Q6_K: the 16 scales) and its fp16 factors (d, dmin or d):
+# then the tiles' loop only multiplies. The integers are the same, so the results are bit for bit those of the
+# stored blocks.
+UNPACKED = 576
+# blocks of a row taken at a time for a group's rows: the TOKENS rows of their activations (8 KB) stay in the L1
+CHUNK_BLOCKS = 8
+_REST_AT, _FACTORS_AT = 512, 544
+
+
+def _unpacked_steps(builder, up):
+    def step(g, values):
+        return _load(builder, up, 64 * g, I8, 64), _load(builder, up, 256 + 64 * g, I16, 32), values
+
+    return step, lambda: (_load(builder, up, _REST_AT, I16, 16), _fp16(builder, up, _FACTORS_AT),
+                          _fp16(builder, up, _FACTORS_AT + 2))
+
+
+def _unpack_ir(steps, factors):
+    """IR writing a stored block's unpacked form at `up` (an i8 pointer); factors: (offset, bytes) of its fp16s."""
+    def unpack(builder, up, bp):
+        step, rest = steps(builder, bp)
+        values = [(64 * g + 256 * i, v) for g in range(4) for i, v in enumerate(step(g, [])[:2])]
+        values += [(_REST_AT, rest()[0]), (_FACTORS_AT, _load(builder, bp, factors[0], I8, factors[1]))]
+        for at, value in values:
+            where = builder.gep(up, [ir.Constant(I32, at)])
+            builder.store(value, builder.bitcast(where, ir.PointerType(value.type)), align=1)
+    return unpack
+
+
+def _unpack_intrinsic(unpack):
+    """f(destination bytes, stored block bytes): unpacks the block (UNPACKED bytes from the destination's start)."""
+    @intrinsic
+    def unpack_block(typingctx, dst, blk):
+        def codegen(context, builder, signature, args):
+            unpack(builder, _pointer(context, builder, signature.args[0], args[0]),
+                   _pointer(context, builder, signature.args[1], args[1]))
+            return context.get_dummy_value()
+
+        return types.void(dst, blk), codegen
+
+    return unpack_block
+
+
 # --- kernels: one weight row per iteration, parallel over rows ---------------------------------------------------
 # Templates: `_variant` compiles them with their type's block intrinsics and bytes per block as constants.
-_block = _tile = None
+_block = _tile = _unpack = None
 BLOCK_BYTES = 0
 ACC_LANES = TOKEN_LANES
 
@@ -470,39 +542,70 @@ def _token_lanes(typingctx):
     return types.CPointer(types.float32)(), codegen
 
 
-def _products(raw, q, d, bsums, out, row_group):
-    """out[t, r] for every row t of the activations: per group of `row_group` weight rows (parallel), per tile of
-    TOKENS activation rows, per weight row, the row's blocks each unpacked once for the tile's TOKENS rows (_tile);
-    the rows past the last whole tile one at a time (_block). Each out[t, r] is summed exactly as _rows sums it."""
+def _products(raw, q, d, bsums, out, row_group, chunk_blocks, scratch, lanes):
+    """out[t, r] for every row t of the activations: per group of `row_group` weight rows, the group's blocks
+    unpacked once (_unpack) into the worker's row of `scratch` (uint8 [workers, row_group * blocks * UNPACKED]; worker
+    w, in parallel, takes groups w, w + workers, ...), then per tile of TOKENS activation rows, per weight row, its
+    unpacked blocks times the tile's rows (_tile); the rows past the last whole tile one at a time against the stored
+    blocks (_block). Rows of more than `chunk_blocks` blocks are taken chunk_blocks at a time for all the group's rows
+    (so that the tile's activations stay in the L1 cache), their lanes kept in `lanes` (float32 [workers, row_group *
+    TOKENS * TOKEN_LANES]) in between. Each out[t, r] is summed exactly as _rows sums it."""
     n_out = raw.shape[0]
     n_tok = q.shape[0]
     n_blocks = d.shape[1]
     whole = n_tok // TOKENS * TOKENS
-    for g in prange((n_out + row_group - 1) // row_group):
+    workers = scratch.shape[0]
+    n_groups = (n_out + row_group - 1) // row_group
+    row_unpacked = n_blocks * UNPACKED
+    for w in prange(workers):
+        buf = scratch[w]
         acc_ptr = _token_lanes()
         acc = carray(acc_ptr, TOKENS * TOKEN_LANES)
-        first = g * row_group
-        last = min(n_out, first + row_group)
-        for t0 in range(0, whole, TOKENS):
-            qt, st, dt = q[t0:], bsums[t0:], d[t0:]
-            for r in range(first, last):
-                for i in range(TOKENS * TOKEN_LANES):
-                    acc[i] = F32(0.0)
-                row = raw[r]
-                for ib in range(n_blocks):
-                    _tile(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], qt, QK_K * ib, st, 16 * ib, dt, ib)
-                for t in range(TOKENS):
-                    s = TOKEN_LANES * t
-                    out[t0 + t, r] = _pairwise8(acc, s)
-        for t in range(whole, n_tok):
-            qt, st, dt = q[t], bsums[t], d[t]
-            for r in range(first, last):
-                for i in range(ACC_LANES):
-                    acc[i] = F32(0.0)
-                row = raw[r]
-                for ib in range(n_blocks):
-                    _block(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], qt, QK_K * ib, st, 16 * ib, dt[ib])
-                out[t, r] = _pairwise8(acc, 0)
+        for g in range(w, n_groups, workers):
+            first = g * row_group
+            last = min(n_out, first + row_group)
+            if whole:
+                for r in range(first, last):
+                    row = raw[r]
+                    at = (r - first) * row_unpacked
+                    for ib in range(n_blocks):
+                        _unpack(buf[at + UNPACKED * ib:at + UNPACKED * (ib + 1)],
+                                row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)])
+            for t0 in range(0, whole, TOKENS):
+                qt, st, dt = q[t0:], bsums[t0:], d[t0:]
+                for c0 in range(0, n_blocks, chunk_blocks):
+                    c1 = min(n_blocks, c0 + chunk_blocks)
+                    for r in range(first, last):
+                        kept = (r - first) * TOKENS * TOKEN_LANES
+                        for i in range(TOKENS * TOKEN_LANES):
+                            acc[i] = F32(0.0) if c0 == 0 else lanes[w, kept + i]
+                        at = (r - first) * row_unpacked
+                        for ib in range(c0, c1):
+                            _tile(acc_ptr, buf[at + UNPACKED * ib:at + UNPACKED * (ib + 1)], qt, QK_K * ib, st,
+                                  16 * ib, dt, ib)
+                        if c1 < n_blocks:
+                            for i in range(TOKENS * TOKEN_LANES):
+                                lanes[w, kept + i] = acc[i]
+                        else:
+                            for t in range(TOKENS):
+                                out[t0 + t, r] = _pairwise8(acc, TOKEN_LANES * t)
+            for t in range(whole, n_tok):
+                qt, st, dt = q[t], bsums[t], d[t]
+                for r in range(first, last):
+                    for i in range(ACC_LANES):
+                        acc[i] = F32(0.0)
+                    row = raw[r]
+                    for ib in range(n_blocks):
+                        _block(acc_ptr, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], qt, QK_K * ib, st, 16 * ib,
+                               dt[ib])
+                    out[t, r] = _pairwise8(acc, 0)
+
+
+def _scratch(workers: int, row_bytes: int) -> np.ndarray:
+    """uint8 [workers, row_bytes], each row starting on a 64-byte boundary (row_bytes a multiple of 64)."""
+    flat = np.empty(workers * row_bytes + 64, np.uint8)
+    skip = -flat.ctypes.data % 64
+    return flat[skip:skip + workers * row_bytes].reshape(workers, row_bytes)
 
 
 # --- blocks of 32 times Q8_0 activations: one activation row ----------------------------------------------------
@@ -607,8 +710,10 @@ def _rows32(raw, q, d, s, out):
         out[0, r] = _pairwise8(acc, 0) + acc[8]
 
 
-# type -> (bytes per block, block IR)
-_SPECS = {T.Q4_K: (Q4_K_BYTES, _k4_ir(False)), T.Q5_K: (Q5_K_BYTES, _k4_ir(True)), T.Q6_K: (Q6_K_BYTES, _q6_k_ir)}
+# type -> (bytes per block, its steps from the stored bytes, its terms, (offset, bytes) of its fp16 factors)
+_SPECS = {T.Q4_K: (Q4_K_BYTES, lambda builder, bp: _k4_steps(builder, bp, False), _k4_terms, (0, 4)),
+          T.Q5_K: (Q5_K_BYTES, lambda builder, bp: _k4_steps(builder, bp, True), _k4_terms, (0, 4)),
+          T.Q6_K: (Q6_K_BYTES, _q6_k_steps, _q6_k_terms, (208, 2))}
 SUPPORTED = tuple(_SPECS)
 PRODUCT_ROW_GROUP = 16          # weight rows per parallel work item of the products kernel
 
@@ -618,16 +723,14 @@ def kernel_for(qtype: GGMLQuantizationType) -> Kernel | None:
     return _kernel(T(qtype)) if qtype in _SPECS else None
 
 
-def _intrinsics(qtype: GGMLQuantizationType):
-    type_size, body = _SPECS[qtype]
-    return type_size, _block_intrinsic(body), _tile_intrinsic(body, TOKENS)
-
-
 @cache
 def _builds(qtype: GGMLQuantizationType) -> tuple[dict, dict]:
     """({parallel?: one-row build}, {parallel?: several-rows build}) of the kernel for `qtype` times Q8_K."""
-    type_size, block, tile = _intrinsics(qtype)
-    consts = {"_block": block, "_tile": tile, "BLOCK_BYTES": type_size}
+    type_size, steps, terms, factors = _SPECS[qtype]
+    stored = lambda builder, acc, bp, tokens: terms(builder, acc, tokens, *steps(builder, bp))
+    unpacked = lambda builder, acc, up, tokens: terms(builder, acc, tokens, *_unpacked_steps(builder, up))
+    consts = {"_block": _block_intrinsic(stored), "_tile": _tile_intrinsic(unpacked, TOKENS),
+              "_unpack": _unpack_intrinsic(_unpack_ir(steps, factors)), "BLOCK_BYTES": type_size}
     name = f"_{qtype.name.lower()}_q8_k"
     return ({p: _variant(_rows, name, 1, p, consts) for p in (True, False)},
             {p: _variant(_products, name, TOKENS, p, consts) for p in (True, False)})
@@ -667,7 +770,10 @@ def _kernel(qtype: GGMLQuantizationType) -> Kernel:
         if not lead:
             (parallel if parallel_call else serial)(raw, act.q, act.d, act.bsums, out)
         elif n_tok:
-            many[parallel_call](raw, act.q, act.d, act.bsums, out, PRODUCT_ROW_GROUP)
+            workers = get_num_threads() if parallel_call else 1
+            scratch = _scratch(workers, PRODUCT_ROW_GROUP * (n_in // QK_K) * UNPACKED)
+            lanes = np.empty((workers, PRODUCT_ROW_GROUP * TOKENS * TOKEN_LANES), np.float32)
+            many[parallel_call](raw, act.q, act.d, act.bsums, out, PRODUCT_ROW_GROUP, CHUNK_BLOCKS, scratch, lanes)
 
     kernel.__name__ = kernel.__qualname__ = f"qdot_{qtype.name.lower()}"
     return kernel

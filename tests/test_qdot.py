@@ -162,12 +162,13 @@ def test_it_agrees_with_the_float_kernel(qtype):
 
 
 @pytest.mark.parametrize("n_tok", [2, 4, 11])
-@pytest.mark.parametrize("shape", [(40, 512), (272, 4096)], ids=["serial", "parallel"])
+@pytest.mark.parametrize("shape", [(40, 512), (272, 4096), (200, 2816)], ids=["serial", "parallel", "11-blocks"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_several_rows_give_each_rows_own_product(qtype, shape, n_tok):
     """2-D activations (prefill, perplexity): each row's result is bit for bit the one-row kernel's (the weights are
-    unpacked once for four rows, each row's arithmetic is its own), whole tiles of four rows and the rest alike;
-    and within the bound of the float64 product."""
+    unpacked once for all the rows, each row's arithmetic is its own), whole tiles of four rows and the rest alike,
+    rows of 11 blocks (taken 8 and 3 at a time) and a last group of 8 weight rows too; and within the bound of the
+    float64 product."""
     n_out, n_in = shape
     rng = np.random.default_rng(7 * int(qtype) + n_tok + n_in)
     raw = _stored(rng, qtype, n_out, n_in, random_bytes=n_tok == 11)
