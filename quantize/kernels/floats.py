@@ -48,8 +48,9 @@ def _widen_f16(halves, bits):
 def decode_f16(halves, out):
     """float16 bit patterns (uint16, 1-D) -> float32 (1-D), exactly, on all cores (numpy's cast uses one): the CPU's
     conversion, vectorized (8.3 G values/s on 2 Zen 4 cores against 4.5 for the branchy fp16_bits_to_fp32 per value;
-    a 7B F16 perplexity chunk's tile decoding 8.4 -> 2.4 s), with a NaN's payload moved bit for bit (the conversion would quiet a signaling one). Through a uint32 view
-    taken here, outside the parallel function, as decode_bf16 does."""
+    a 7B F16 perplexity chunk's tile decoding 8.4 -> 2.4 s), with a NaN's payload moved bit for bit (the conversion
+    would quiet a signaling one). Through a uint32 view taken here, outside the parallel function, as decode_bf16
+    does."""
     _widen_f16(halves, out.view(np.uint32))
 
 
