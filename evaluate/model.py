@@ -593,13 +593,12 @@ class _Input:
 
 
 def integer_codes(x: np.ndarray, kind: str | None) -> qdot.Q8K | qdot.Q80 | None:
-    """The rows of x as ggml's Q8_K blocks (kind "q8_K"; 1-D arrays for one row) or its one row as Q8_0 blocks
-    ("q8_0"): integer codes for evaluate/qdot.py's kernels; None for kind None."""
+    """The rows of x as ggml's Q8_K blocks (kind "q8_K") or Q8_0 blocks ("q8_0"), 1-D arrays for one row: integer
+    codes for evaluate/qdot.py's kernels; None for kind None."""
     if kind is None:
         return None
-    if kind == "q8_K":
-        return qdot.quantize_q8_k(x[0] if x.shape[0] == 1 else x)
-    return qdot.quantize_q8_0(x[0])
+    quantize = qdot.quantize_q8_k if kind == "q8_K" else qdot.quantize_q8_0
+    return quantize(x[0] if x.shape[0] == 1 else x)
 
 
 _rms_norm_rows_serial = _serial_twin(rms_norm_rows)
@@ -765,13 +764,15 @@ class Model:
 
     def _integer_codes(self, weight: str, kind: str | None, rows: int) -> str | None:
         """Which codes of its input the stored weight multiplies as integers, as llama.cpp does (evaluate/qdot.py):
-        "q8_K" (K-quants), "q8_0" (blocks of 32, one row: decoding), or None (rounded floats)."""
+        "q8_K" (K-quants), "q8_0" (blocks of 32: one row, decoding; and any rows for qdot.ROWS_Q8_0), or None
+        (rounded floats)."""
         w = self.weights
         if w.dense(weight) is not None:
             return None
-        if kind == "q8_K" and w.qtype(weight) in qdot.SUPPORTED:
+        qtype = w.qtype(weight)
+        if kind == "q8_K" and qtype in qdot.SUPPORTED:
             return "q8_K"
-        if kind == "q8_0" and rows == 1 and w.qtype(weight) in qdot.SUPPORTED_Q8_0:
+        if kind == "q8_0" and (qtype in qdot.ROWS_Q8_0 or rows == 1 and qtype in qdot.SUPPORTED_Q8_0):
             return "q8_0"
         return None
 
@@ -831,7 +832,11 @@ class Model:
 
         def codes_of(i: int, token: np.ndarray) -> qdot.Q8K | qdot.Q80 | None:
             act = codes[i]
-            return act if act is None or act.q.ndim == 1 else qdot.Q8K(act.q[token], act.d[token], act.bsums[token])
+            if act is None or act.q.ndim == 1:
+                return act
+            if isinstance(act, qdot.Q8K):
+                return qdot.Q8K(act.q[token], act.d[token], act.bsums[token])
+            return qdot.Q80(act.q[token], act.d[token], act.s[token])
 
         hook = self.on_matmul_input
         experts = [(int(e), *np.nonzero(chosen == e)) for e in np.unique(chosen)]

@@ -27,6 +27,13 @@ spills). On a Zen 4 (AVX-512, one thread, 7B shapes times 512 rows, blocks unpac
 and 8 blocks at a time): Q4_K 11008x4096 57-62 / 65-74 / 73-76 GMAC/s; Q6_K 4096x11008 52-60 / 52-60 / 65-70
 (tests of the same build side by side in one process; this machine varies by ~15 % from minute to minute).
 
+With AVX-512 VNNI, several rows go to another kernel (section "interleaved weight rows"): 16 weight rows in the
+lanes of a register, vpdpbusd adding 4 products to each row's lane per instruction, the scales applied once per
+sub-block; on this Zen 4, one thread, 7B shapes times 512 rows: Q4_K 147-148 GMAC/s (75-76 above), Q6_K 130-136
+(78-82). Blocks of 32 (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1) times several rows of Q8_0 codes too: Q8_0 133-145, where
+they were OpenBLAS's sgemm on decoded tiles (~45 per thread). Its float32 order is its own (within the same
+bound), so there a row's result is not bit for bit its one-row result.
+
     kernel = kernel_for(qtype)          # None where there is none (the caller decodes tiles for BLAS)
     kernel(raw, act, out)               # raw uint8 [n_out, row_bytes], act = quantize_q8_k(x), out float32 [rows, n_out]
 
@@ -39,7 +46,8 @@ weight codes through vpsignb, as ggml) and vpmaddwd with AVX2, the same integers
 section "blocks of 32".
 
     kernel = kernel_for_q8_0(qtype)     # None where there is none
-    kernel(raw, quantize_q8_0(x), out)  # x float32 [n_in], out float32 [1, n_out]
+    kernel(raw, quantize_q8_0(x), out)  # x float32 [n_in], out float32 [1, n_out]; with VNNI (ROWS_Q8_0) also
+                                        # x [rows, n_in], out [rows, n_out]
 """
 from __future__ import annotations
 
@@ -79,6 +87,7 @@ I8, I16, I32, F = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FEATURES = {} if os.environ.get("QTOOL_QDOT_PORTABLE") == "1" else llvm.get_host_cpu_features()
 HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 HAS_AVX512BW = bool(_FEATURES.get("avx512bw", False))
+HAS_VNNI = HAS_AVX512BW and bool(_FEATURES.get("avx512vnni", False))
 TOKEN_LANES = 8                 # float32 accumulators per token: d * sums - dmin * mins, 8 lanes
 # A block's integer sums go to 8 int32 lanes per token. With AVX-512 they are kept in 16 (one register) and folded
 # once per block; with AVX2 (16 registers of 8 lanes) they are folded at every 64-value step, so that the unpacked
@@ -192,14 +201,25 @@ def _quantize_q8_0(x, q, d, s):
         s[ib] = total
 
 
+@njit(parallel=True, cache=True)
+def _quantize_q8_0_rows(x, q, d, s):
+    for r in prange(x.shape[0]):
+        _quantize_q8_0(x[r], q[r], d[r], s[r])
+
+
 def quantize_q8_0(x: np.ndarray) -> Q80:
-    """One float32 row (n a multiple of 32) as Q8_0; the values q * d are model.round_q8_0_'s."""
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    if x.shape[0] % 32:
-        raise ValueError(f"Q8_0 needs a multiple of 32 values, got {x.shape[0]}")
-    act = Q80(np.empty(x.shape, np.int8), np.empty(x.shape[0] // 32, np.float32),
-              np.empty(x.shape[0] // 32, np.int32))
-    _quantize_q8_0(x, act.q, act.d, act.s)
+    """A float32 row (n a multiple of 32) as Q8_0, or each row of a 2-D x (the arrays then 2-D, one row per row);
+    the values q * d are model.round_q8_0_'s."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        x = x.reshape(-1)
+    n = x.shape[-1]
+    if n % 32:
+        raise ValueError(f"Q8_0 needs a multiple of 32 values, got {n}")
+    lead = x.shape[:-1]
+    act = Q80(np.empty(x.shape, np.int8), np.empty(lead + (n // 32,), np.float32),
+              np.empty(lead + (n // 32,), np.int32))
+    (_quantize_q8_0_rows if x.ndim == 2 else _quantize_q8_0)(x, act.q, act.d, act.s)
     return act
 
 
@@ -273,12 +293,17 @@ def _times_scales(builder, sums, scales):
                                        builder.sext(scales, ir.VectorType(I32, n))), n)
 
 
+def _splat(builder, value, n):
+    """The scalar value in each of n lanes."""
+    one = builder.insert_element(ir.Constant(ir.VectorType(value.type, 1), ir.Undefined), value, ir.Constant(I32, 0))
+    return _pick(builder, one, [0] * n)
+
+
 def _accumulate(builder, acc, lanes, factor, ints):
     """acc[lanes] (float32) += factor * float(ints), ints an <n x i32>, acc[lanes:lanes + n] in the caller's frame."""
     n = ints.type.count
     where = builder.bitcast(builder.gep(acc, [ir.Constant(I32, lanes)]), ir.PointerType(ir.VectorType(F, n)))
-    splat = _pick(builder, builder.insert_element(ir.Constant(ir.VectorType(F, 1), ir.Undefined), factor,
-                                                   ir.Constant(I32, 0)), [0] * n)
+    splat = _splat(builder, factor, n)
     total = builder.fadd(builder.load(where), builder.fmul(splat, builder.sitofp(ints, ir.VectorType(F, n))))
     builder.store(total, where)
 
@@ -531,15 +556,30 @@ def _pairwise8(acc, s):
     return ((acc[s] + acc[s + 4]) + (acc[s + 2] + acc[s + 6])) + ((acc[s + 1] + acc[s + 5]) + (acc[s + 3] + acc[s + 7]))
 
 
-@intrinsic
-def _token_lanes(typingctx):
-    """As matvec._lane_buffer, TOKENS * TOKEN_LANES float32."""
-    def codegen(context, builder, signature, args):
-        buffer = cgutils.alloca_once(builder, ir.FloatType(), size=TOKENS * TOKEN_LANES)
-        buffer.align = 64
-        return buffer
+def _stack_floats(n: int):
+    """An intrinsic f() -> a pointer to n float32 in the caller's stack frame, 64-byte aligned (as
+    matvec._lane_buffer)."""
+    @intrinsic
+    def lanes(typingctx):
+        def codegen(context, builder, signature, args):
+            buffer = cgutils.alloca_once(builder, ir.FloatType(), size=n)
+            buffer.align = 64
+            return buffer
 
-    return types.CPointer(types.float32)(), codegen
+        return types.CPointer(types.float32)(), codegen
+
+    return lanes
+
+
+_token_lanes = _stack_floats(TOKENS * TOKEN_LANES)
+
+
+@njit(inline="always")
+def _work(raw, q, d, scratch, row_group):
+    """(weight rows, activation rows, blocks a row, activation rows in whole tiles of TOKENS, workers, groups of
+    row_group weight rows) of a product."""
+    n_out, n_tok = raw.shape[0], q.shape[0]
+    return n_out, n_tok, d.shape[1], n_tok // TOKENS * TOKENS, scratch.shape[0], (n_out + row_group - 1) // row_group
 
 
 def _products(raw, q, d, bsums, out, row_group, chunk_blocks, scratch, lanes):
@@ -550,12 +590,7 @@ def _products(raw, q, d, bsums, out, row_group, chunk_blocks, scratch, lanes):
     blocks (_block). Rows of more than `chunk_blocks` blocks are taken chunk_blocks at a time for all the group's rows
     (so that the tile's activations stay in the L1 cache), their lanes kept in `lanes` (float32 [workers, row_group *
     TOKENS * TOKEN_LANES]) in between. Each out[t, r] is summed exactly as _rows sums it."""
-    n_out = raw.shape[0]
-    n_tok = q.shape[0]
-    n_blocks = d.shape[1]
-    whole = n_tok // TOKENS * TOKENS
-    workers = scratch.shape[0]
-    n_groups = (n_out + row_group - 1) // row_group
+    n_out, n_tok, n_blocks, whole, workers, n_groups = _work(raw, q, d, scratch, row_group)
     row_unpacked = n_blocks * UNPACKED
     for w in prange(workers):
         buf = scratch[w]
@@ -601,11 +636,248 @@ def _products(raw, q, d, bsums, out, row_group, chunk_blocks, scratch, lanes):
                     out[t, r] = _pairwise8(acc, 0)
 
 
-def _scratch(workers: int, row_bytes: int) -> np.ndarray:
+def _scratch(workers: int, row_bytes: int, zeros: bool = False) -> np.ndarray:
     """uint8 [workers, row_bytes], each row starting on a 64-byte boundary (row_bytes a multiple of 64)."""
-    flat = np.empty(workers * row_bytes + 64, np.uint8)
+    flat = (np.zeros if zeros else np.empty)(workers * row_bytes + 64, np.uint8)
     skip = -flat.ctypes.data % 64
     return flat[skip:skip + workers * row_bytes].reshape(workers, row_bytes)
+
+
+# --- interleaved weight rows: 16 rows in the lanes of a register (AVX-512 VNNI) ----------------------------------
+# The kernel above multiplies a token's 64 values of one weight row per step, two multiplies (u8 x s8 pairs, then
+# the pairs times their scales) per 64 products, and sums each block's lanes for its token. With VNNI a group of 16
+# weight rows is laid out so that a register holds 4 consecutive codes of each of the 16 rows, one row per 32-bit
+# lane: vpdpbusd of that register and 4 codes of a token broadcast to every lane adds 64 products, 4 to each row's
+# lane, in one instruction; a sub-block's dot (8 of them for Q4_K's 32 values, 4 for Q6_K's 16) is then multiplied
+# by the 16 rows' scales once (vpmulld). The mins' (Q4_K, Q5_K) or the 32 offset's (Q6_K) term goes the same way
+# with int16 pairs: per pair of 16 values, vpdpwssd of the rows' two (min or scale) values and the token's two sums
+# of 16 (Q8_K's bsums). Then one conversion and a multiply-add by the rows' d (and dmin) times d_x, per block and
+# token, in 16 float32 lanes that are the 16 rows' results. Every integer sum is exact, as in the kernel above; the
+# float32 order differs (one sum over the blocks, not 8 lanes and a pairwise sum), within the same bound. One
+# thread, 4096 x 4096 times 512 rows, an idealised C loop of these instructions on this Zen 4: 175 GMAC/s, against
+# 73-76 for the kernel above. Where the CPU has no VNNI the same integers come from portable IR (tests), and
+# kernel_for keeps the kernel above.
+GROUP_ROWS = 16
+_G_SCALES_AT = 4096             # per sub-block j: the 16 rows' scales, <16 x i32>
+_G_PAIRS_AT = 5120              # per pair p of 16 values: the rows' two mins (Q4_K, Q5_K) or scales (Q6_K), int16
+_G_D_AT, _G_DMIN_AT = 5632, 5664        # the 16 rows' fp16 d and dmin
+GROUP_BLOCK = 5696              # bytes of a block of 16 interleaved rows (codes: value v of row r at 64 (v // 4) +
+                                # 4 r + v % 4)
+# type -> (sub-blocks per block, with a min)
+_GROUP_SPECS = {T.Q4_K: (8, True), T.Q5_K: (8, True), T.Q6_K: (16, False)}
+
+
+def _vnni(builder, name, acc, a, b):
+    """The AVX-512 VNNI instruction `name` (vpdpbusd, vpdpwssd): acc <16 x i32> plus a's and b's products."""
+    v16 = ir.VectorType(I32, 16)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16] * 3), f"llvm.x86.avx512.{name}.512")
+    return builder.call(fn, [acc, builder.bitcast(a, v16), builder.bitcast(b, v16)])
+
+
+def _dpbusd(builder, acc, u8, s8):
+    """acc <16 x i32> + the sums of 4 adjacent u8 x s8 products of two <64 x i8> (vpdpbusd; exact, no saturation)."""
+    if HAS_VNNI:
+        return _vnni(builder, "vpdpbusd", acc, u8, s8)
+    wide = ir.VectorType(I32, 64)
+    products = builder.mul(builder.zext(u8, wide), builder.sext(s8, wide))
+    quads = [_pick(builder, products, range(k, 64, 4)) for k in range(4)]
+    return builder.add(acc, builder.add(builder.add(quads[0], quads[1]), builder.add(quads[2], quads[3])))
+
+
+def _dpwssd(builder, acc, a, b):
+    """acc <16 x i32> + the sums of adjacent int16 products of two <32 x i16> (vpdpwssd)."""
+    return _vnni(builder, "vpdpwssd", acc, a, b) if HAS_VNNI else builder.add(acc, _times_scales(builder, a, b))
+
+
+def _splat32(builder, ptr, byte_offset):
+    """The 4 bytes at ptr + byte_offset in each of 16 int32 lanes."""
+    one = _load(builder, ptr, byte_offset, I32, 1)
+    return _pick(builder, one, [0] * 16)
+
+
+def _group_terms(n_sub, with_min):
+    """IR of one block of 16 interleaved rows (at gp) times each token of `tokens` ((xp, sp, dx): its codes, its
+    sums of 16, its scale): acc[16t + r] += row r's block term for token t."""
+    per = QK_K // n_sub                     # values per sub-block
+
+    def body(builder, acc, gp, tokens):
+        sums = [_vector(I32, 16, 0)] * len(tokens)
+        for j in range(n_sub):
+            codes = [_load(builder, gp, 64 * (per // 4 * j + s), I8, 64) for s in range(per // 4)]
+            scales = _load(builder, gp, _G_SCALES_AT + 64 * j, I32, 16)
+            for t, (xp, _, _) in enumerate(tokens):
+                dot = _vector(I32, 16, 0)
+                for s, c in enumerate(codes):
+                    dot = _dpbusd(builder, dot, c, builder.bitcast(_splat32(builder, xp, per * j + 4 * s),
+                                                                   ir.VectorType(I8, 64)))
+                sums[t] = builder.add(sums[t], builder.mul(dot, scales))
+        terms = [_vector(I32, 16, 0)] * len(tokens)
+        for p in range(8):
+            pair = _load(builder, gp, _G_PAIRS_AT + 64 * p, I16, 32)
+            for t, (_, sp, _) in enumerate(tokens):
+                bsums = builder.bitcast(_splat32(builder, sp, 4 * p), ir.VectorType(I16, 32))
+                terms[t] = _dpwssd(builder, terms[t], pair, bsums)
+        f16 = ir.VectorType(F, 16)
+        d = _fp16x16(builder, gp, _G_D_AT)
+        dmin = _fp16x16(builder, gp, _G_DMIN_AT) if with_min else None
+        for t, (_, _, dx) in enumerate(tokens):
+            where = builder.bitcast(builder.gep(acc, [ir.Constant(I32, 16 * t)]), ir.PointerType(f16))
+            dxs = _splat(builder, dx, 16)
+            if with_min:
+                total = builder.fadd(builder.load(where), builder.fmul(builder.fmul(dxs, d),
+                                                                       builder.sitofp(sums[t], f16)))
+                total = builder.fsub(total, builder.fmul(builder.fmul(dxs, dmin), builder.sitofp(terms[t], f16)))
+            else:
+                ints = builder.sub(sums[t], builder.mul(terms[t], _vector(I32, 16, 32)))
+                total = builder.fadd(builder.load(where), builder.fmul(builder.fmul(dxs, d), builder.sitofp(ints, f16)))
+            builder.store(total, where)
+
+    return body
+
+
+def _interleave_ir(steps, n_sub, factors):
+    """IR writing a stored block of row r into a block of 16 interleaved rows at gp: its codes (from its steps), its
+    sub-block scales as int32, its 16 pair values (the steps' rest) as int16, its fp16 d (and dmin)."""
+    def interleave(builder, gp, bp, r):
+        step, rest = steps(builder, bp)
+
+        def store(at, value, row_bytes=4):
+            _store_row(builder, gp, r, at, value, row_bytes)
+
+        step_scales = []
+        for g in range(4):
+            codes, scales, _ = step(g, [])
+            words = builder.bitcast(codes, ir.VectorType(I32, 16))
+            for k in range(16):                 # values 64g + 4k .. + 3
+                store(64 * (16 * g + k), builder.extract_element(words, ir.Constant(I32, k)))
+            step_scales.append(scales)
+        pairs = rest()[0]
+        for j in range(n_sub):
+            if n_sub == 8:          # Q4_K / Q5_K: step g's scales are sub-blocks 2g (lanes 0..15) and 2g + 1
+                scale = builder.extract_element(step_scales[j // 2], ir.Constant(I32, 16 * (j % 2)))
+            else:                   # Q6_K: the 16 scales are the rest
+                scale = builder.extract_element(pairs, ir.Constant(I32, j))
+            store(_G_SCALES_AT + 64 * j, builder.sext(scale, I32))
+        for i in range(16):
+            store(_G_PAIRS_AT + 64 * (i // 2) + 2 * (i % 2), builder.extract_element(pairs, ir.Constant(I32, i)))
+        at, n = factors
+        for k in range(n // 2):
+            half = builder.extract_element(_load(builder, bp, at + 2 * k, I16, 1), ir.Constant(I32, 0))
+            store((_G_D_AT, _G_DMIN_AT)[k], half, row_bytes=2)
+    return interleave
+
+
+def _interleave_intrinsic(interleave):
+    """f(group bytes, byte offset, stored block bytes, r): the block as row r of the 16 at the offset."""
+    @intrinsic
+    def interleave_block(typingctx, dst, at, blk, r):
+        def codegen(context, builder, signature, args):
+            gp = _pointer(context, builder, signature.args[0], args[0])
+            gp = builder.gep(gp, [args[1]])
+            interleave(builder, gp, _pointer(context, builder, signature.args[2], args[2]), args[3])
+            return context.get_dummy_value()
+
+        return types.void(dst, at, blk, r), codegen
+
+    return interleave_block
+
+
+# Blocks of 32 the same way (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1 weights times Q8_0 codes): the 16 rows' codes in 8
+# registers as u8, signed codes plus 128 (c ^ 0x80), then the rows' fp16 d and (Q4_1, Q5_1) m. Per block and token
+# the dot of signed codes starts from -128 * (the token's sum of its 32 codes), which takes the 128 off again,
+# exactly; a min adds m * d_x * that sum.
+GROUP_BLOCK_32 = 576
+_G32_D_AT, _G32_M_AT = 512, 544
+
+
+def _fp16x16(builder, gp, at):
+    """The 16 fp16 at gp + at as <16 x float>."""
+    where = builder.bitcast(builder.gep(gp, [ir.Constant(I32, at)]), ir.PointerType(ir.VectorType(ir.HalfType(), 16)))
+    return builder.fpext(builder.load(where, align=1), ir.VectorType(F, 16))
+
+
+def _store_row(builder, gp, r, at, value, row_bytes):
+    """value at gp + at + r * row_bytes (r: an integer value)."""
+    where = builder.gep(gp, [builder.add(builder.mul(r, ir.Constant(r.type, row_bytes)), ir.Constant(r.type, at))])
+    builder.store(value, builder.bitcast(where, ir.PointerType(value.type)), align=1)
+
+
+def _group32_terms(with_min):
+    def body(builder, acc, gp, tokens):
+        """IR of one block of 32 of 16 interleaved rows times each token ((xp, sp, dx): its codes, its block's sum
+        of them (int32), its block's scale): acc[16t + r] += d_r * d_x * dot(codes_r, x) (+ m_r * d_x * sum(x))."""
+        codes = [_load(builder, gp, 64 * s, I8, 64) for s in range(8)]
+        f16 = ir.VectorType(F, 16)
+        d = _fp16x16(builder, gp, _G32_D_AT)
+        m = _fp16x16(builder, gp, _G32_M_AT) if with_min else None
+        for t, (xp, sp, dx) in enumerate(tokens):
+            sums = _splat32(builder, sp, 0)
+            dot = _vector(I32, 16, 0) if with_min else builder.mul(sums, _vector(I32, 16, -128))
+            for s, c in enumerate(codes):
+                dot = _dpbusd(builder, dot, c, builder.bitcast(_splat32(builder, xp, 4 * s), ir.VectorType(I8, 64)))
+            lanes = builder.bitcast(builder.gep(acc, [ir.Constant(I32, 16 * t)]), ir.PointerType(f16))
+            dxs = _splat(builder, dx, 16)
+            total = builder.fadd(builder.load(lanes), builder.fmul(builder.fmul(dxs, d), builder.sitofp(dot, f16)))
+            if with_min:
+                total = builder.fadd(total, builder.fmul(builder.fmul(dxs, m), builder.sitofp(sums, f16)))
+            builder.store(total, lanes)
+    return body
+
+
+def _interleave32_ir(qtype):
+    def interleave(builder, gp, bp, r):
+        """IR writing a stored block of 32 of row r into a block of 16 interleaved rows at gp."""
+        codes, m_at = _block32_codes(builder, bp, qtype)
+        if m_at is None:                                    # signed: plus 128, as u8
+            codes = builder.xor(codes, _vector(I8, 32, -128))
+        words = builder.bitcast(codes, ir.VectorType(I32, 8))
+        for s in range(8):
+            _store_row(builder, gp, r, 64 * s, builder.extract_element(words, ir.Constant(I32, s)), 4)
+        for at, to in ((0, _G32_D_AT),) + (((m_at, _G32_M_AT),) if m_at is not None else ()):
+            half = builder.extract_element(_load(builder, bp, at, I16, 1), ir.Constant(I32, 0))
+            _store_row(builder, gp, r, to, half, 2)
+    return interleave
+
+
+_group_lanes = _stack_floats(TOKENS * GROUP_ROWS)
+_interleave = _group_tile = _group_one = None
+GROUP_BYTES = VALUES = SUMS = 0
+
+
+def _group_products(raw, q, d, bsums, out, scratch):
+    """out[t, r] for every row t of the activations (Q8_K: q, d, bsums; or Q8_0: q, d, s), blocks of VALUES values
+    taking SUMS of the sums each: per group of GROUP_ROWS weight rows (worker w, in parallel,
+    takes groups w, w + workers, ...), the group's blocks interleaved once (_interleave) into the worker's row of
+    `scratch` (uint8 [workers, blocks * GROUP_BYTES], zeros at first: the lanes of a last group's missing rows stay
+    finite), then per tile of TOKENS activation rows all the blocks (_group_tile), the rows past the last whole tile
+    one at a time (_group_one)."""
+    n_out, n_tok, n_blocks, whole, workers, n_groups = _work(raw, q, d, scratch, GROUP_ROWS)
+    for w in prange(workers):
+        buf = scratch[w]
+        acc_ptr = _group_lanes()
+        acc = carray(acc_ptr, TOKENS * GROUP_ROWS)
+        for g in range(w, n_groups, workers):
+            first, last = g * GROUP_ROWS, min(n_out, (g + 1) * GROUP_ROWS)
+            for r in range(first, last):
+                row = raw[r]
+                for ib in range(n_blocks):
+                    _interleave(buf, GROUP_BYTES * ib, row[BLOCK_BYTES * ib:BLOCK_BYTES * (ib + 1)], r - first)
+            for t0 in range(0, n_tok, TOKENS):
+                n = TOKENS if t0 < whole else 1
+                for t1 in range(t0, min(n_tok, t0 + TOKENS), n):
+                    for i in range(n * GROUP_ROWS):
+                        acc[i] = F32(0.0)
+                    qt, st, dt = q[t1:], bsums[t1:], d[t1:]
+                    for ib in range(n_blocks):
+                        if n == TOKENS:
+                            _group_tile(acc_ptr, buf[GROUP_BYTES * ib:GROUP_BYTES * (ib + 1)], qt, VALUES * ib, st,
+                                        SUMS * ib, dt, ib)
+                        else:
+                            _group_one(acc_ptr, buf[GROUP_BYTES * ib:GROUP_BYTES * (ib + 1)], qt, VALUES * ib, st,
+                                       SUMS * ib, dt, ib)
+                    for t in range(n):
+                        for r in range(first, last):
+                            out[t1 + t, r] = acc[GROUP_ROWS * t + r - first]
 
 
 # --- blocks of 32 times Q8_0 activations: one activation row ----------------------------------------------------
@@ -718,9 +990,13 @@ SUPPORTED = tuple(_SPECS)
 PRODUCT_ROW_GROUP = 16          # weight rows per parallel work item of the products kernel
 
 
-def kernel_for(qtype: GGMLQuantizationType) -> Kernel | None:
-    """The integer kernel for weights of `qtype` times Q8_K activations (one row, or 2-D: several), or None."""
-    return _kernel(T(qtype)) if qtype in _SPECS else None
+def kernel_for(qtype: GGMLQuantizationType, interleaved: bool | None = None) -> Kernel | None:
+    """The integer kernel for weights of `qtype` times Q8_K activations (one row, or 2-D: several), or None.
+    `interleaved`: for several rows, 16 weight rows in the lanes of a register (True) or one row at a time (False);
+    None: interleaved where the CPU has AVX-512 VNNI."""
+    if qtype not in _SPECS:
+        return None
+    return _kernel(T(qtype), HAS_VNNI if interleaved is None else interleaved)
 
 
 @cache
@@ -736,6 +1012,19 @@ def _builds(qtype: GGMLQuantizationType) -> tuple[dict, dict]:
             {p: _variant(_products, name, TOKENS, p, consts) for p in (True, False)})
 
 
+@cache
+def _group_builds(qtype: GGMLQuantizationType) -> dict:
+    """{parallel?: build} of the interleaved-rows products kernel for `qtype` times Q8_K (several rows)."""
+    type_size, steps, _, factors = _SPECS[qtype]
+    n_sub, with_min = _GROUP_SPECS[qtype]
+    body = _group_terms(n_sub, with_min)
+    consts = {"_interleave": _interleave_intrinsic(_interleave_ir(steps, n_sub, factors)),
+              "_group_tile": _tile_intrinsic(body, TOKENS), "_group_one": _tile_intrinsic(body, 1),
+              "BLOCK_BYTES": type_size, "GROUP_BYTES": GROUP_BLOCK, "VALUES": QK_K, "SUMS": 16}
+    name = f"_{qtype.name.lower()}_q8_k_rows_in_lanes" + ("_vnni" if HAS_VNNI else "")
+    return {p: _variant(_group_products, name, TOKENS, p, consts) for p in (True, False)}
+
+
 def row_builds(qtype: GGMLQuantizationType) -> dict:
     """{parallel?: numba build} of the one-row kernel for `qtype` weights (raw, q, d, bsums or s, out): Q8_K codes
     for the K-quants, Q8_0 codes for blocks of 32, without the checks of kernel_for's wrapper (compiled callers,
@@ -745,9 +1034,10 @@ def row_builds(qtype: GGMLQuantizationType) -> dict:
 
 
 @cache
-def _kernel(qtype: GGMLQuantizationType) -> Kernel:
+def _kernel(qtype: GGMLQuantizationType, interleaved: bool) -> Kernel:
     type_size = _SPECS[qtype][0]
     one, many = _builds(qtype)
+    grouped = _group_builds(qtype) if interleaved else None
     parallel, serial = one[True], one[False]
 
     def kernel(raw: np.ndarray, act: Q8K, out: np.ndarray) -> None:
@@ -769,13 +1059,17 @@ def _kernel(qtype: GGMLQuantizationType) -> Kernel:
         parallel_call = n_out * n_in * n_tok >= PARALLEL_MIN_WEIGHTS and get_num_threads() > 1
         if not lead:
             (parallel if parallel_call else serial)(raw, act.q, act.d, act.bsums, out)
+        elif n_tok and grouped is not None:
+            workers = get_num_threads() if parallel_call else 1
+            grouped[parallel_call](raw, act.q, act.d, act.bsums, out,
+                                   _scratch(workers, GROUP_BLOCK * (n_in // QK_K), zeros=True))
         elif n_tok:
             workers = get_num_threads() if parallel_call else 1
             scratch = _scratch(workers, PRODUCT_ROW_GROUP * (n_in // QK_K) * UNPACKED)
             lanes = np.empty((workers, PRODUCT_ROW_GROUP * TOKENS * TOKEN_LANES), np.float32)
             many[parallel_call](raw, act.q, act.d, act.bsums, out, PRODUCT_ROW_GROUP, CHUNK_BLOCKS, scratch, lanes)
 
-    kernel.__name__ = kernel.__qualname__ = f"qdot_{qtype.name.lower()}"
+    kernel.__name__ = kernel.__qualname__ = f"qdot_{qtype.name.lower()}" + ("_interleaved" if interleaved else "")
     return kernel
 
 
@@ -784,9 +1078,17 @@ _SPECS32 = {T.Q8_0: Q8_0_BYTES, T.Q4_0: Q4_0_BYTES, T.Q4_1: Q4_1_BYTES, T.Q5_0: 
 SUPPORTED_Q8_0 = tuple(_SPECS32)
 
 
-def kernel_for_q8_0(qtype: GGMLQuantizationType) -> Kernel | None:
-    """The integer kernel for weights of `qtype` (blocks of 32) times one row of Q8_0 activations, or None."""
-    return _kernel32(T(qtype)) if qtype in _SPECS32 else None
+def kernel_for_q8_0(qtype: GGMLQuantizationType, interleaved: bool | None = None) -> Kernel | None:
+    """The integer kernel for weights of `qtype` (blocks of 32) times one row of Q8_0 activations, or None.
+    `interleaved`: it also takes several rows (2-D activations), 16 weight rows in the lanes of a register; None:
+    where the CPU has AVX-512 VNNI (ROWS_Q8_0)."""
+    if qtype not in _SPECS32:
+        return None
+    return _kernel32(T(qtype), HAS_VNNI if interleaved is None else interleaved)
+
+
+# the weight types whose Q8_0 kernel takes several activation rows on this CPU
+ROWS_Q8_0 = SUPPORTED_Q8_0 if HAS_VNNI else ()
 
 
 @cache
@@ -796,25 +1098,47 @@ def _builds32(qtype: GGMLQuantizationType) -> dict:
 
 
 @cache
-def _kernel32(qtype: GGMLQuantizationType) -> Kernel:
+def _group_builds32(qtype: GGMLQuantizationType) -> dict:
+    """{parallel?: build} of the interleaved-rows products kernel for `qtype` (blocks of 32) times Q8_0 rows."""
+    body = _group32_terms(qtype in (T.Q4_1, T.Q5_1))
+    consts = {"_interleave": _interleave_intrinsic(_interleave32_ir(qtype)),
+              "_group_tile": _tile_intrinsic(body, TOKENS), "_group_one": _tile_intrinsic(body, 1),
+              "BLOCK_BYTES": _SPECS32[qtype], "GROUP_BYTES": GROUP_BLOCK_32, "VALUES": 32, "SUMS": 1}
+    name = f"_{qtype.name.lower()}_q8_0_rows_in_lanes" + ("_vnni" if HAS_VNNI else "")
+    return {p: _variant(_group_products, name, TOKENS, p, consts) for p in (True, False)}
+
+
+@cache
+def _kernel32(qtype: GGMLQuantizationType, interleaved: bool) -> Kernel:
     type_size = _SPECS32[qtype]
     one = _builds32(qtype)
     parallel, serial = one[True], one[False]
+    grouped = _group_builds32(qtype) if interleaved else None
 
     def kernel(raw: np.ndarray, act: Q80, out: np.ndarray) -> None:
-        """out[0, r] = sum_j (q_j * d) * W[r, j] for the stored rows `raw` of W and the Q8_0 row `act`."""
-        n_in = act.q.shape[0]
+        """out[t, r] = sum_j (q_tj * d_t) * W[r, j] for the stored rows `raw` of W and the Q8_0 row `act` (out (1,
+        n_out)), or its rows (2-D: the interleaved kernel)."""
+        n_in = act.q.shape[-1]
         n_out = raw.shape[0]
+        lead = act.q.shape[:-1]
+        n_tok = lead[0] if lead else 1
         # The kernels do not check bounds: a wrong shape would read or write outside the arrays.
-        if (raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] * 32 != n_in * type_size or act.q.ndim != 1
-                or act.d.shape != (n_in // 32,) or act.s.shape != (n_in // 32,) or out.shape != (1, n_out)
-                or out.dtype != np.float32 or act.q.dtype != np.int8 or act.d.dtype != np.float32
-                or act.s.dtype != np.int32 or raw.strides[1] != 1
+        if (raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] * 32 != n_in * type_size
+                or act.q.ndim > (2 if grouped is not None else 1)
+                or act.d.shape != lead + (n_in // 32,) or act.s.shape != lead + (n_in // 32,)
+                or out.shape != (n_tok, n_out) or out.dtype != np.float32 or act.q.dtype != np.int8
+                or act.d.dtype != np.float32 or act.s.dtype != np.int32 or raw.strides[1] != 1
                 or not all(a.flags.c_contiguous for a in (act.q, act.d, act.s))):
             raise ValueError(f"{qtype.name} x Q8_0: raw {raw.dtype}{raw.shape}, activations {act.q.dtype}"
                              f"{act.q.shape}, out {out.dtype}{out.shape} do not fit")
-        parallel_call = n_out * n_in >= PARALLEL_MIN_WEIGHTS and get_num_threads() > 1
-        (parallel if parallel_call else serial)(raw, act.q, act.d, act.s, out)
+        parallel_call = n_out * n_in * n_tok >= PARALLEL_MIN_WEIGHTS and get_num_threads() > 1
+        if not lead:
+            (parallel if parallel_call else serial)(raw, act.q, act.d, act.s, out)
+        elif n_tok:
+            workers = get_num_threads() if parallel_call else 1
+            grouped[parallel_call](raw, act.q, act.d, act.s, out,
+                                   _scratch(workers, GROUP_BLOCK_32 * (n_in // 32), zeros=True))
 
-    kernel.__name__ = kernel.__qualname__ = f"qdot_{qtype.name.lower()}_q8_0"
+    kernel.__name__ = kernel.__qualname__ = (f"qdot_{qtype.name.lower()}_q8_0"
+                                             + ("_interleaved" if grouped is not None else ""))
     return kernel

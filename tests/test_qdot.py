@@ -165,10 +165,10 @@ def test_it_agrees_with_the_float_kernel(qtype):
 @pytest.mark.parametrize("shape", [(40, 512), (272, 4096), (200, 2816)], ids=["serial", "parallel", "11-blocks"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_several_rows_give_each_rows_own_product(qtype, shape, n_tok):
-    """2-D activations (prefill, perplexity): each row's result is bit for bit the one-row kernel's (the weights are
-    unpacked once for all the rows, each row's arithmetic is its own), whole tiles of four rows and the rest alike,
-    rows of 11 blocks (taken 8 and 3 at a time) and a last group of 8 weight rows too; and within the bound of the
-    float64 product."""
+    """2-D activations (prefill, perplexity), one weight row at a time: each row's result is bit for bit the one-row
+    kernel's (the weights are unpacked once for all the rows, each row's arithmetic is its own), whole tiles of four
+    rows and the rest alike, rows of 11 blocks (taken 8 and 3 at a time) and a last group of 8 weight rows too; and
+    within the bound of the float64 product."""
     n_out, n_in = shape
     rng = np.random.default_rng(7 * int(qtype) + n_tok + n_in)
     raw = _stored(rng, qtype, n_out, n_in, random_bytes=n_tok == 11)
@@ -176,7 +176,7 @@ def test_several_rows_give_each_rows_own_product(qtype, shape, n_tok):
     act = qdot.quantize_q8_k(x)
     assert act.q.shape == (n_tok, n_in) and act.d.shape == (n_tok, n_in // 256) and act.bsums.shape == (n_tok, n_in // 16)
     out = np.full((n_tok, n_out), np.nan, np.float32)
-    qdot.kernel_for(qtype)(raw, act, out)
+    qdot.kernel_for(qtype, interleaved=False)(raw, act, out)
     for t in range(n_tok):
         one = qdot.quantize_q8_k(x[t])
         np.testing.assert_array_equal(one.q, act.q[t])
@@ -185,6 +185,36 @@ def test_several_rows_give_each_rows_own_product(qtype, shape, n_tok):
         np.testing.assert_array_equal(out[t], _product(qtype, raw, one))
         exact, scale = _reference(qtype, raw, one)
         assert (np.abs(out[t] - exact) <= RELATIVE_BOUND * scale).all()
+
+
+@pytest.mark.parametrize("n_tok", [2, 4, 11])
+@pytest.mark.parametrize("shape", [(40, 512), (272, 4096), (200, 2816)], ids=["serial", "parallel", "11-blocks"])
+@pytest.mark.parametrize("qtype", TYPES + LEGACY, ids=lambda t: t.name)
+def test_interleaved_rows_give_the_product(qtype, shape, n_tok):
+    """2-D activations, 16 weight rows in the lanes of a register (the default with AVX-512 VNNI; portable IR
+    elsewhere), K-quants times Q8_K codes and blocks of 32 times Q8_0 codes: each row's codes are those of the one-row
+    rounding; within the bound of the float64 product for every row and token (random bytes: every code, fifth bit
+    and min; Q8_0 codes -128..127), whole tiles of four tokens and the rest, a last group of 8 (200 rows) or 8 + 16
+    (40) weight rows; a token's result does not depend on the tokens beside it (a token alone, the rest after no
+    whole tile, gives the bits it gives in a whole tile)."""
+    n_out, n_in = shape
+    rng = np.random.default_rng(11 * int(qtype) + n_tok + n_in)
+    raw = _stored(rng, qtype, n_out, n_in, random_bytes=n_tok != 4)
+    x = np.stack([_activations(rng, n_in) for _ in range(n_tok)])
+    act = _codes(qtype, x)
+    kernel = (qdot.kernel_for(qtype, interleaved=True) if qtype in TYPES
+              else qdot.kernel_for_q8_0(qtype, interleaved=True))
+    out = np.full((n_tok, n_out), np.nan, np.float32)
+    kernel(raw, act, out)
+    for t in range(n_tok):
+        one = _codes(qtype, x[t])
+        for name, rows in vars(act).items():                    # q, d and bsums (Q8_K) or s (Q8_0)
+            np.testing.assert_array_equal(getattr(one, name), rows[t])
+        exact, scale = _reference(qtype, raw, one)
+        assert (np.abs(out[t] - exact) <= RELATIVE_BOUND * scale).all(), (t, np.max(np.abs(out[t] - exact) / scale))
+    alone = np.full((1, n_out), np.nan, np.float32)
+    kernel(raw, _codes(qtype, x[:1]), alone)
+    np.testing.assert_array_equal(alone[0], out[0])
 
 
 def test_shapes_that_do_not_fit_are_refused():
@@ -209,6 +239,11 @@ def test_shapes_that_do_not_fit_are_refused():
         kernel(np.zeros((4, 68), np.uint8), act, np.empty((2, 4), np.float32))
     with pytest.raises(ValueError, match="do not fit"):
         kernel(np.zeros((4, 68), np.uint8), qdot.Q80(act.q.astype(np.int16), act.d, act.s), np.empty((1, 4), np.float32))
+    rows = qdot.quantize_q8_0(np.ones((2, 64), np.float32))      # several rows: the interleaved kernel only
+    with pytest.raises(ValueError, match="do not fit"):
+        qdot.kernel_for_q8_0(T.Q4_0, interleaved=True)(np.zeros((4, 36), np.uint8), rows, np.empty((3, 4), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        qdot.kernel_for_q8_0(T.Q8_0, interleaved=False)(np.zeros((4, 68), np.uint8), rows, np.empty((2, 4), np.float32))
     assert qdot.kernel_for_q8_0(T.Q4_K) is None and qdot.kernel_for_q8_0(T.F16) is None
 
 
@@ -218,7 +253,7 @@ from qtool.evaluate import matvec, qdot
 from qtool.quantize import formats
 from tests.test_matvec import widening_differences
 from tests.test_qdot import LEGACY, RELATIVE_BOUND, TYPES, _codes, _product, _reference, _stored
-assert not qdot.HAS_AVX2 and not matvec.HAS_F16C
+assert not qdot.HAS_AVX2 and not qdot.HAS_VNNI and not matvec.HAS_F16C
 assert widening_differences() == 0
 rng = np.random.default_rng(3)
 for qtype in TYPES + LEGACY:
@@ -226,13 +261,16 @@ for qtype in TYPES + LEGACY:
     act = _codes(qtype, rng.standard_normal(512).astype(np.float32))
     exact, scale = _reference(qtype, raw, act)
     assert (np.abs(_product(qtype, raw, act) - exact) <= RELATIVE_BOUND * scale).all(), qtype.name
-    if qtype in TYPES:
-        rows = qdot.quantize_q8_k(rng.standard_normal((6, 512)).astype(np.float32))
+    block = 256 if qtype in TYPES else 32
+    rows = (qdot.quantize_q8_k if block == 256 else qdot.quantize_q8_0)(rng.standard_normal((6, 512)).astype(np.float32))
+    w = formats.dequantize(raw, qtype, 512).astype(np.float64)
+    x = (rows.q.reshape(6, -1, block) * rows.d[:, :, None].astype(np.float64)).reshape(6, -1)
+    kernels = ([qdot.kernel_for(qtype, interleaved=i) for i in (False, True)] if block == 256
+               else [qdot.kernel_for_q8_0(qtype, interleaved=True)])
+    for kernel in kernels:
         out = np.empty((6, 8), np.float32)
-        qdot.kernel_for(qtype)(raw, rows, out)
-        w = formats.dequantize(raw, qtype, 512).astype(np.float64)
-        x = (rows.q.reshape(6, -1, 256) * rows.d[:, :, None].astype(np.float64)).reshape(6, -1)
-        assert (np.abs(out - x @ w.T) <= RELATIVE_BOUND * (np.abs(x) @ np.abs(w).T)).all(), qtype.name
+        kernel(raw, rows, out)
+        assert (np.abs(out - x @ w.T) <= RELATIVE_BOUND * (np.abs(x) @ np.abs(w).T)).all(), kernel.__name__
 print("ok")
 """
 
