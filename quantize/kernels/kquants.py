@@ -13,29 +13,12 @@ import numpy as np
 from numba import njit, prange
 
 from .common import (F32, GROUP_MAX_EPS, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K, QX_SCRATCH, fp16_bits_to_fp32,
-                     make_qkx_quants, make_qp_quants, make_qx_quants, nearest_int, store_fp16)
+                     LANE_SCRATCH, make_qkx_quants_8x32, make_qp_quants, make_qx_quants, nearest_int, store_fp16)
 
 RMIN_IMATRIX = F32(-0.9)
 RDELTA_IMATRIX = F32(0.05)
 NSTEP_IMATRIX = 36
 RDELTA_REF = F32(0.1)
-
-
-@njit(cache=True)
-def _pack_scale_min_k4(o, offset, scale_codes, min_codes):
-    """The 12-byte 6-bit scale/min packing shared by Q4_K and Q5_K (get_scale_min_k4 reads it back)."""
-    for j in range(12):
-        o[offset + j] = 0
-    for j in range(8):
-        ls = scale_codes[j]
-        lm = min_codes[j]
-        if j < 4:
-            o[offset + j] = ls
-            o[offset + j + 4] = lm
-        else:
-            o[offset + j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
-            o[offset + j - 4] |= (ls >> 4) << 6
-            o[offset + j] |= (lm >> 4) << 6
 
 
 @njit(cache=True)
@@ -48,7 +31,7 @@ def _get_scale_min_k4(packed, j):
 
 @njit(cache=True)
 def _search_scales_mins(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imatrix_codes, L, weights, scales,
-                        mins, sw, scale_codes, min_codes, laux):
+                        mins, sw, scale_codes, min_codes, laux, lanes):
     """Steps (1)-(2) of a Q4_K/Q5_K super-block xb: provisional codes in L and the 6-bit scale/min codes.
     Returns (d, dmin) as float32, to be stored as fp16."""
     if use_imatrix:
@@ -63,9 +46,8 @@ def _search_scales_mins(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imat
                 weights[32 * j + l] = qw[32 * j + l] * np.sqrt(sigma2 + v * v)
                 sumw += weights[32 * j + l]
             sw[j] = sumw
-        for j in range(8):
-            scales[j], mins[j] = make_qkx_quants(32, nmax, xb, 32 * j, weights[32 * j:32 * (j + 1)], L, 32 * j,
-                                                 laux, RMIN_IMATRIX, RDELTA_IMATRIX, NSTEP_IMATRIX, False)
+        make_qkx_quants_8x32(nmax, xb, 0, weights, L, 0, lanes, laux, RMIN_IMATRIX, RDELTA_IMATRIX, NSTEP_IMATRIX,
+                             False, scales, mins)
         d = make_qp_quants(8, 63, scales, scale_codes, sw)
         dmin = make_qp_quants(8, 63, mins, min_codes, sw)
         if cap_imatrix_codes:  # Q5_K caps at 63, Q4_K does not (a no-op for non-negative scales)
@@ -80,9 +62,7 @@ def _search_scales_mins(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imat
         av_x = np.sqrt(sum_x2 / F32(32.0))
         for l in range(32):
             weights[32 * j + l] = av_x + abs(xb[32 * j + l])
-    for j in range(8):
-        scales[j], mins[j] = make_qkx_quants(32, nmax, xb, 32 * j, weights[32 * j:32 * (j + 1)], L, 32 * j, laux,
-                                             rmin_ref, RDELTA_REF, nstep_ref, False)
+    make_qkx_quants_8x32(nmax, xb, 0, weights, L, 0, lanes, laux, rmin_ref, RDELTA_REF, nstep_ref, False, scales, mins)
     max_scale = F32(0.0)
     max_min = F32(0.0)
     for j in range(8):
@@ -101,11 +81,11 @@ def _search_scales_mins(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imat
 
 @njit(cache=True)
 def _scale_min_block(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imatrix_codes, blk, L, weights, scales,
-                     mins, sw, scale_codes, min_codes, laux):
+                     mins, sw, scale_codes, min_codes, laux, lanes):
     """Steps (1)-(3) of Q4_K/Q5_K: writes d, dmin and the packed scales into blk[0:16] and leaves the final
     codes (0..nmax) in L; the caller packs them."""
     d, dmin = _search_scales_mins(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imatrix_codes, L, weights,
-                                  scales, mins, sw, scale_codes, min_codes, laux)
+                                  scales, mins, sw, scale_codes, min_codes, laux, lanes)
     d_stored = fp16_bits_to_fp32(store_fp16(blk, 0, d))
     dmin_stored = fp16_bits_to_fp32(store_fp16(blk, 2, dmin))
     packed = blk[4:16]
@@ -145,7 +125,8 @@ def quantize_q4_k(x, imatrix, out):
     for r in prange(rows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(QK_K, np.float32)
-        laux = np.empty(32, np.uint8)
+        laux = np.empty(2 * QK_K, np.uint8)
+        lanes = np.empty(LANE_SCRATCH, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         sw = np.empty(8, np.float32)
@@ -154,7 +135,8 @@ def quantize_q4_k(x, imatrix, out):
         for i in range(n // QK_K):
             blk = out[r, Q4_K_BYTES * i:Q4_K_BYTES * (i + 1)]
             _scale_min_block(x[r, QK_K * i:QK_K * (i + 1)], imatrix[QK_K * i:QK_K * (i + 1)], use_imatrix, 15,
-                             F32(-1.0), 20, False, blk, L, weights, scales, mins, sw, scale_codes, min_codes, laux)
+                             F32(-1.0), 20, False, blk, L, weights, scales, mins, sw, scale_codes, min_codes, laux,
+                             lanes)
             for c in range(4):
                 for l in range(32):
                     blk[16 + 32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4)
@@ -167,7 +149,8 @@ def quantize_q5_k(x, imatrix, out):
     for r in prange(rows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(QK_K, np.float32)
-        laux = np.empty(32, np.uint8)
+        laux = np.empty(2 * QK_K, np.uint8)
+        lanes = np.empty(LANE_SCRATCH, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         sw = np.empty(8, np.float32)
@@ -176,7 +159,8 @@ def quantize_q5_k(x, imatrix, out):
         for i in range(n // QK_K):
             blk = out[r, Q5_K_BYTES * i:Q5_K_BYTES * (i + 1)]
             _scale_min_block(x[r, QK_K * i:QK_K * (i + 1)], imatrix[QK_K * i:QK_K * (i + 1)], use_imatrix, 31,
-                             F32(-0.5), 15, True, blk, L, weights, scales, mins, sw, scale_codes, min_codes, laux)
+                             F32(-0.5), 15, True, blk, L, weights, scales, mins, sw, scale_codes, min_codes, laux,
+                             lanes)
             for l in range(32):
                 qh = 0
                 for c in range(8):
