@@ -5,7 +5,7 @@ fastmath, so LLVM never contracts a*b+c into an FMA), sums run sequentially in i
 parenthesisation of the C source is kept. Numba promotes ``int64 op float32`` and Python float literals to
 float64, so integers and constants are converted to float32 explicitly (``F32(...)`` or module-level
 float32 constants); ``nearest_int`` refuses anything but a float32 at compile time, which catches a
-float64 leaking into the integer codes. make_qkx_quants_8x32 runs 8 independent searches side by side in vector
+float64 leaking into the integer codes. make_qkx_quants_8 runs 8 independent searches side by side in vector
 registers (LLVM IR without fast-math flags: each lane's operations are the scalar ones, in the same order).
 """
 
@@ -387,10 +387,11 @@ def _i8x(value):
 
 
 class _LaneIR:
-    """Loads and stores of one lane-major block of 32 values (xt, wt: float32; codes uint8) and of the state rows."""
+    """Loads and stores of one lane-major block of n values a row (xt, wt: float32; codes uint8) and of the state
+    rows."""
 
-    def __init__(self, builder, sp, xp, wp):
-        self.b, self.sp, self.xp, self.wp = builder, sp, xp, wp
+    def __init__(self, builder, sp, xp, wp, n):
+        self.b, self.sp, self.xp, self.wp, self.n = builder, sp, xp, wp, n
 
     def row(self, k):
         return self.b.load(_lanes_at(self.b, self.sp, 4 * LANES * k, ir.FloatType()), align=4)
@@ -409,7 +410,7 @@ class _LaneIR:
         with_sums: the sums of w*l, w*l*l and w*l*x in index order."""
         b = self.b
         sums = [_f8(0.0)] * 3
-        for i in range(32):
+        for i in range(self.n):
             x = self.x(i)
             bits = b.bitcast(b.fadd(b.fmul(iscale, b.fsub(x, vmin)), _f8(float(ROUNDING_MAGIC))),
                              ir.VectorType(ir.IntType(32), LANES))
@@ -429,7 +430,7 @@ class _LaneIR:
         b = self.b
         f8 = ir.VectorType(ir.FloatType(), LANES)
         err = _f8(0.0)
-        for i in range(32):
+        for i in range(self.n):
             code = b.load(_lanes_at(b, cp, LANES * i, ir.IntType(8)), align=1)
             diff = b.fsub(b.fadd(b.fmul(scale, b.uitofp(code, f8)), the_min), self.x(i))
             if use_mad:
@@ -446,17 +447,17 @@ class _LaneIR:
         return self.b.shuffle_vector(top, top, _i8x(0))
 
 
-def _qkx_intrinsics(use_mad):
+def _qkx_intrinsics(n, use_mad):
     @intrinsic
     def start(typingctx, st, xt, wt, Lt, nmax):
         """make_qkx_quants up to its search: each row's min (at most 0), max, sum of w, sum of w*x, flat (max ==
         min), scale = 1 / iscale, its first codes (to Lt) and their error (best)."""
         def codegen(context, builder, signature, args):
             sp, xp, wp, lp, _ = _lane_rows(context, builder, signature, args)
-            b, lane = builder, _LaneIR(builder, sp, xp, wp)
+            b, lane = builder, _LaneIR(builder, sp, xp, wp, n)
             x0, w0 = lane.x(0), lane.w(0)
             vmin, vmax, sum_w, sum_x = x0, x0, w0, b.fmul(w0, x0)
-            for i in range(1, 32):
+            for i in range(1, n):
                 v, w = lane.x(i), lane.w(i)
                 vmin = b.select(b.fcmp_ordered("<", v, vmin), v, vmin)
                 vmax = b.select(b.fcmp_ordered(">", v, vmax), v, vmax)
@@ -482,7 +483,7 @@ def _qkx_intrinsics(use_mad):
         flat and the error is below best, they replace scale, min, best and the codes in Lt."""
         def codegen(context, builder, signature, args):
             sp, xp, wp, lp, ap, _, _ = _lane_rows(context, builder, signature, args)
-            b, lane = builder, _LaneIR(builder, sp, xp, wp)
+            b, lane = builder, _LaneIR(builder, sp, xp, wp, n)
             vmin, vmax, sum_w, sum_x = (lane.row(k) for k in (_S_VMIN, _S_VMAX, _S_SUM_W, _S_SUM_X))
             factor = b.insert_element(_f8(0.0), args[6], ir.Constant(ir.IntType(32), 0))
             factor = b.shuffle_vector(factor, factor, _i8x(0))
@@ -501,7 +502,7 @@ def _qkx_intrinsics(use_mad):
             lane.set_row(_S_BEST, b.select(wins, err, best))
             lane.set_row(_S_SCALE, b.select(wins, this_scale, lane.row(_S_SCALE)))
             lane.set_row(_S_VMIN, b.select(wins, this_min, vmin))
-            for i in range(32):
+            for i in range(n):
                 new = b.load(_lanes_at(b, ap, LANES * i, ir.IntType(8)), align=1)
                 old = b.load(_lanes_at(b, lp, LANES * i, ir.IntType(8)), align=1)
                 b.store(b.select(wins, new, old), _lanes_at(b, lp, LANES * i, ir.IntType(8)), align=1)
@@ -512,57 +513,63 @@ def _qkx_intrinsics(use_mad):
     return start, step
 
 
-_qkx_start_sq, _qkx_step_sq = _qkx_intrinsics(False)
-_qkx_start_mad, _qkx_step_mad = _qkx_intrinsics(True)
+_qkx_start_32, _qkx_step_32 = _qkx_intrinsics(32, False)        # Q4_K, Q5_K: sub-blocks of 32, squared errors
+_qkx_start_16, _qkx_step_16 = _qkx_intrinsics(16, False)        # Q2_K with an imatrix
+_qkx_start_16_mad, _qkx_step_16_mad = _qkx_intrinsics(16, True)  # Q2_K without: absolute errors
 
 
 @njit(cache=True, inline='always')
-def make_qkx_quants_lanes(nmax, xt, wt, Lt, aux, rmin, rdelta, nstep, use_mad, scales, mins, st):
-    """make_qkx_quants of LANES independent rows of 32 values at once, for the same bits: row j's value i at
+def make_qkx_quants_lanes(n, nmax, xt, wt, Lt, aux, rmin, rdelta, nstep, use_mad, scales, mins, st):
+    """make_qkx_quants of LANES independent rows of n values at once (n = 32 with squared errors, or 16), for the
+    same bits: row j's value i at
     xt[LANES * i + j] (its weights in wt, its codes 0..nmax written to Lt, the same way; aux a uint8 scratch of that
     size), its scale to scales[j] and its -min to mins[j]; st a float32 scratch [LANE_STATS, LANES]. A row with no
     range (max == min) runs the search on garbage and keeps (0, -min) and zero codes, as the scalar version returns
     early."""
-    if use_mad:
-        _qkx_start_mad(st, xt, wt, Lt, nmax)
+    if n == 32:
+        _qkx_start_32(st, xt, wt, Lt, nmax)
+    elif use_mad:
+        _qkx_start_16_mad(st, xt, wt, Lt, nmax)
     else:
-        _qkx_start_sq(st, xt, wt, Lt, nmax)
+        _qkx_start_16(st, xt, wt, Lt, nmax)
     fnmax = F32(nmax)
     for step in range(nstep + 1):
         factor = (rmin + rdelta * F32(step)) + fnmax
-        if use_mad:
-            _qkx_step_mad(st, xt, wt, Lt, aux, nmax, factor)
+        if n == 32:
+            _qkx_step_32(st, xt, wt, Lt, aux, nmax, factor)
+        elif use_mad:
+            _qkx_step_16_mad(st, xt, wt, Lt, aux, nmax, factor)
         else:
-            _qkx_step_sq(st, xt, wt, Lt, aux, nmax, factor)
+            _qkx_step_16(st, xt, wt, Lt, aux, nmax, factor)
     for j in range(LANES):
         flat = st[_S_FLAT, j] > 0
         scales[j] = F32(0.0) if flat else st[_S_SCALE, j]
         mins[j] = -st[_S_VMIN, j]
         if flat:
-            for i in range(32):
+            for i in range(n):
                 Lt[LANES * i + j] = 0
 
 
-LANE_SCRATCH = 2 * LANES * 32 + LANE_STATS * LANES     # float32 scratch of make_qkx_quants_8x32
+LANE_SCRATCH = 2 * LANES * 32 + LANE_STATS * LANES     # float32 scratch of make_qkx_quants_8
 
 
 @njit(cache=True, inline='always')
-def make_qkx_quants_8x32(nmax, x, xs, w, L, ls, scratch, codes, rmin, rdelta, nstep, use_mad, scales, mins):
-    """make_qkx_quants of the 8 consecutive sub-blocks of 32 values at x[xs:xs + 256] (weights w[0:256], codes to
-    L[ls:ls + 256], scales[j] and mins[j] for sub-block j), all 8 at once (make_qkx_quants_lanes); scratch float32
-    [LANE_SCRATCH], codes uint8 [2 * 256]."""
-    xt = scratch[:LANES * 32]
-    wt = scratch[LANES * 32:2 * LANES * 32]
+def make_qkx_quants_8(n, nmax, x, xs, w, L, ls, scratch, codes, rmin, rdelta, nstep, use_mad, scales, mins):
+    """make_qkx_quants of the 8 consecutive sub-blocks of n values at x[xs:xs + 8 n] (weights w[0:8 n], codes to
+    L[ls:ls + 8 n], scales[j] and mins[j] for sub-block j), all 8 at once (make_qkx_quants_lanes: n = 32 with
+    squared errors, or 16); scratch float32 [LANE_SCRATCH], codes uint8 [2 * 256]."""
+    xt = scratch[:LANES * n]
+    wt = scratch[LANES * 32:LANES * (32 + n)]
     for j in range(LANES):
-        for i in range(32):
-            xt[LANES * i + j] = x[xs + 32 * j + i]
-            wt[LANES * i + j] = w[32 * j + i]
-    Lt = codes[:LANES * 32]
-    make_qkx_quants_lanes(nmax, xt, wt, Lt, codes[LANES * 32:], rmin, rdelta, nstep, use_mad, scales, mins,
-                          scratch[2 * LANES * 32:].reshape(LANE_STATS, LANES))
+        for i in range(n):
+            xt[LANES * i + j] = x[xs + n * j + i]
+            wt[LANES * i + j] = w[n * j + i]
+    Lt = codes[:LANES * n]
+    make_qkx_quants_lanes(n, nmax, xt, wt, Lt, codes[LANES * 32:LANES * (32 + n)], rmin, rdelta, nstep, use_mad,
+                          scales, mins, scratch[2 * LANES * 32:].reshape(LANE_STATS, LANES))
     for j in range(LANES):
-        for i in range(32):
-            L[ls + 32 * j + i] = Lt[LANES * i + j]
+        for i in range(n):
+            L[ls + n * j + i] = Lt[LANES * i + j]
 
 
 @njit(cache=True)

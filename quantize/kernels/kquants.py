@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import (F32, GROUP_MAX_EPS, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K, QX_SCRATCH, fp16_bits_to_fp32,
-                     LANE_SCRATCH, make_qkx_quants_8x32, make_qp_quants, make_qx_quants, nearest_int, store_fp16)
+                     LANE_SCRATCH, make_qkx_quants_8, make_qp_quants, make_qx_quants, nearest_int, store_fp16)
 
 RMIN_IMATRIX = F32(-0.9)
 RDELTA_IMATRIX = F32(0.05)
@@ -46,7 +46,7 @@ def _search_scales_mins(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imat
                 weights[32 * j + l] = qw[32 * j + l] * np.sqrt(sigma2 + v * v)
                 sumw += weights[32 * j + l]
             sw[j] = sumw
-        make_qkx_quants_8x32(nmax, xb, 0, weights, L, 0, lanes, laux, RMIN_IMATRIX, RDELTA_IMATRIX, NSTEP_IMATRIX,
+        make_qkx_quants_8(32, nmax, xb, 0, weights, L, 0, lanes, laux, RMIN_IMATRIX, RDELTA_IMATRIX, NSTEP_IMATRIX,
                              False, scales, mins)
         d = make_qp_quants(8, 63, scales, scale_codes, sw)
         dmin = make_qp_quants(8, 63, mins, min_codes, sw)
@@ -62,7 +62,7 @@ def _search_scales_mins(xb, qw, use_imatrix, nmax, rmin_ref, nstep_ref, cap_imat
         av_x = np.sqrt(sum_x2 / F32(32.0))
         for l in range(32):
             weights[32 * j + l] = av_x + abs(xb[32 * j + l])
-    make_qkx_quants_8x32(nmax, xb, 0, weights, L, 0, lanes, laux, rmin_ref, RDELTA_REF, nstep_ref, False, scales, mins)
+    make_qkx_quants_8(32, nmax, xb, 0, weights, L, 0, lanes, laux, rmin_ref, RDELTA_REF, nstep_ref, False, scales, mins)
     max_scale = F32(0.0)
     max_min = F32(0.0)
     for j in range(8):

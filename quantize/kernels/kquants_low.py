@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import (F32, GROUP_MAX_EPS, Q2_K_BYTES, Q3_K_BYTES, QK_K, fp16_bits_to_fp32, make_qkx_quants,
-                     make_qp_quants, make_qx_quants, nearest_int, store_fp16)
+from .common import (F32, GROUP_MAX_EPS, LANE_SCRATCH, Q2_K_BYTES, Q3_K_BYTES, QK_K, fp16_bits_to_fp32,
+                     make_qkx_quants_8, make_qp_quants, make_qx_quants, nearest_int, store_fp16)
 
 SUB = 16  # elements per sub-block
 
@@ -74,14 +74,16 @@ def _q2_k_requantize_and_pack(x, xs, out, ob, byte_scales, d, dmin, codes):
 
 
 @njit(cache=True, error_model="numpy")
-def _q2_k_block_ref(x, xs, out, ob, codes, aux, weights, scales, mins, byte_scales):
+def _q2_k_block_ref(x, xs, out, ob, codes, aux, weights, scales, mins, byte_scales, lanes):
+    """The sub-blocks' searches 8 at a time (make_qkx_quants_8; weights |x|, absolute errors)."""
     max_scale = F32(0.0)
     max_min = F32(0.0)
+    for i in range(QK_K):
+        weights[i] = abs(x[xs + i])
+    for h in range(0, SUB, 8):
+        make_qkx_quants_8(SUB, 3, x, xs + SUB * h, weights[SUB * h:], codes, SUB * h, lanes, aux, Q2_REF_RMIN,
+                          Q2_REF_RDELTA, Q2_REF_NSTEP, True, scales[h:h + 8], mins[h:h + 8])
     for j in range(SUB):
-        for i in range(SUB):
-            weights[i] = abs(x[xs + SUB * j + i])
-        scales[j], mins[j] = make_qkx_quants(SUB, 3, x, xs + SUB * j, weights, codes, SUB * j, aux,
-                                             Q2_REF_RMIN, Q2_REF_RDELTA, Q2_REF_NSTEP, True)
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -104,17 +106,18 @@ def _q2_k_block_ref(x, xs, out, ob, codes, aux, weights, scales, mins, byte_scal
 
 
 @njit(cache=True, error_model="numpy")
-def _q2_k_block_imatrix(x, xs, qw, out, ob, codes, aux, weights, scales, mins, byte_scales, sw, Ls, Lm):
+def _q2_k_block_imatrix(x, xs, qw, out, ob, codes, aux, weights, scales, mins, byte_scales, sw, Ls, Lm, lanes):
     sigma2 = _block_sigma2(x, xs) / F32(QK_K)  # unlike Q3_K..Q5_K, no factor 2 here
     for j in range(SUB):
         sw[j] = F32(0.0)
-        for i in range(SUB):
-            v = x[xs + SUB * j + i]
-            weights[i] = qw[xs + SUB * j + i] * np.sqrt(sigma2 + v * v)
-        for i in range(SUB):
+        for i in range(SUB * j, SUB * (j + 1)):
+            v = x[xs + i]
+            weights[i] = qw[xs + i] * np.sqrt(sigma2 + v * v)
+        for i in range(SUB * j, SUB * (j + 1)):
             sw[j] += weights[i]
-        scales[j], mins[j] = make_qkx_quants(SUB, 3, x, xs + SUB * j, weights, codes, SUB * j, aux,
-                                             Q2_IMATRIX_RMIN, Q2_IMATRIX_RDELTA, Q2_IMATRIX_NSTEP, False)
+    for h in range(0, SUB, 8):
+        make_qkx_quants_8(SUB, 3, x, xs + SUB * h, weights[SUB * h:], codes, SUB * h, lanes, aux, Q2_IMATRIX_RMIN,
+                          Q2_IMATRIX_RDELTA, Q2_IMATRIX_NSTEP, False, scales[h:h + 8], mins[h:h + 8])
     d = make_qp_quants(SUB, 15, scales, Ls, sw)
     dmin = make_qp_quants(SUB, 15, mins, Lm, sw)
     for j in range(SUB):
@@ -133,8 +136,9 @@ def quantize_q2_k(x, imatrix, out):
         xr = x[r]
         outr = out[r]
         codes = np.zeros(QK_K, dtype=np.int64)
-        aux = np.zeros(SUB, dtype=np.int64)
-        weights = np.zeros(SUB, dtype=np.float32)
+        aux = np.zeros(2 * QK_K, dtype=np.uint8)
+        weights = np.zeros(QK_K, dtype=np.float32)
+        lanes = np.zeros(LANE_SCRATCH, dtype=np.float32)
         scales = np.zeros(SUB, dtype=np.float32)
         mins = np.zeros(SUB, dtype=np.float32)
         byte_scales = np.zeros(SUB, dtype=np.int64)
@@ -144,10 +148,10 @@ def quantize_q2_k(x, imatrix, out):
         for b in range(n_blocks):
             if with_imatrix:
                 _q2_k_block_imatrix(xr, b * QK_K, imatrix, outr, b * Q2_K_BYTES, codes, aux, weights, scales,
-                                    mins, byte_scales, sw, Ls, Lm)
+                                    mins, byte_scales, sw, Ls, Lm, lanes)
             else:
                 _q2_k_block_ref(xr, b * QK_K, outr, b * Q2_K_BYTES, codes, aux, weights, scales, mins,
-                                byte_scales)
+                                byte_scales, lanes)
 
 
 # ---------------------------------------------------------------------------------------------------- Q3_K
