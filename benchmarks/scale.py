@@ -17,10 +17,10 @@ Steps (`--steps`), each qtool and llama.cpp as child processes with the same thr
   `qtool ppl --ctx 512 --chunks 2`; both PPLs are printed (random weights: PPL near the vocabulary size).
 - imatrix: 2 chunks of groups_merged.txt on Q8_0: `llama-imatrix --no-ppl` vs `qtool imatrix`.
 - generate: a 512-token prompt then 32 tokens, Q4_K_M: `llama-bench -p 512 -n 32 -r 1` vs
-  `qtool generate --greedy` (its prompt-eval and eval rates); the whole-process columns are qtool's only. With
-  `--repeats N` the two alternate N times (qtool, llama, qtool, llama, ...) and the table gives each round's ratios
-  and their medians: on a machine whose speed drifts by 10-20 % from minute to minute (a shared VM), one pair of
-  runs can land on either side of a target.
+  `qtool generate --greedy` (its prompt-eval and eval rates); the whole-process columns are qtool's only.
+With `--repeats N` the two tools of ppl, imatrix and generate alternate N times (llama, qtool, llama, qtool, ...;
+generate: qtool first) and the table gives each round's ratio and the medians: on a machine whose speed drifts by
+10-20 % from minute to minute (a shared VM), one pair of runs can land on either side of a target.
 - kld: `qtool ppl F16 Q8_0 Q4_K_M --chunks 2` in lockstep (qtool only: peak RSS, target <= 16 GB).
 - moe: a mixture-of-experts model with Qwen3-30B-A3B's shapes (hidden 2048, 32 heads / 4 KV heads of 128, 128
   experts of width 768, top-8) but --moe-layers of its 48 layers (default 4: 2.5 G parameters, 5 GB F16; each layer
@@ -365,7 +365,8 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)}")
     ap.add_argument("--ppl-models", default="Q4_K_M,Q8_0,F16")
     ap.add_argument("--chunks", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1, help="generate: rounds of qtool then llama-bench (median ratios)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="ppl, imatrix, generate: rounds of both tools, one after the other (median ratios)")
     ap.add_argument("--moe-layers", type=int, default=4, help="layers of the 30B-A3B shape for the moe step (of 48)")
     ap.add_argument("--moe-full-layers", type=int, default=48,
                     help="layers of the 30B-A3B shape for the moe-full step (48: the whole model, 18.6 GB)")
@@ -420,23 +421,26 @@ def main() -> int:
             out_l.unlink(missing_ok=True)
         if "ppl" in steps:
             for kind in [k.strip() for k in args.ppl_models.split(",") if k.strip()]:
-                results.append(run("ppl", kind, "llama", threads,
-                                   [str(tool_path("llama-perplexity")), "-m", str(files[kind]), "-f", str(WIKI_RAW),
-                                    "-c", "512", "--chunks", str(args.chunks), "-t", t], l_env, _ppl_llama))
-                js = wd / f"ppl-{kind}.json"
-                results.append(run("ppl", kind, "qtool", threads,
-                                   qtool_cmd("ppl", str(files[kind]), "--dataset", str(WIKI_RAW), "--ctx", "512",
-                                             "--chunks", str(args.chunks), "--threads", t, "--json", str(js)),
-                                   q_env, _ppl_qtool(js)))
+                for _ in range(max(1, args.repeats)):
+                    results.append(run("ppl", kind, "llama", threads,
+                                       [str(tool_path("llama-perplexity")), "-m", str(files[kind]), "-f",
+                                        str(WIKI_RAW), "-c", "512", "--chunks", str(args.chunks), "-t", t],
+                                       l_env, _ppl_llama))
+                    js = wd / f"ppl-{kind}.json"
+                    results.append(run("ppl", kind, "qtool", threads,
+                                       qtool_cmd("ppl", str(files[kind]), "--dataset", str(WIKI_RAW), "--ctx", "512",
+                                                 "--chunks", str(args.chunks), "--threads", t, "--json", str(js)),
+                                       q_env, _ppl_qtool(js)))
         if "imatrix" in steps:
-            results.append(run("imatrix", "Q8_0", "llama", threads,
-                               [str(tool_path("llama-imatrix")), "-m", str(files["Q8_0"]), "-f", str(CALIBRATION),
-                                "-c", "512", "--chunks", str(args.chunks), "-t", t, "--no-ppl",
-                                "-o", str(wd / "imatrix-llama.gguf")], l_env))
-            results.append(run("imatrix", "Q8_0", "qtool", threads,
-                               qtool_cmd("imatrix", str(files["Q8_0"]), "--dataset", str(CALIBRATION), "--ctx", "512",
-                                         "--chunks", str(args.chunks), "--threads", t, "--force",
-                                         "-o", str(wd / "imatrix-qtool.gguf")), q_env))
+            for _ in range(max(1, args.repeats)):
+                results.append(run("imatrix", "Q8_0", "llama", threads,
+                                   [str(tool_path("llama-imatrix")), "-m", str(files["Q8_0"]), "-f", str(CALIBRATION),
+                                    "-c", "512", "--chunks", str(args.chunks), "-t", t, "--no-ppl",
+                                    "-o", str(wd / "imatrix-llama.gguf")], l_env))
+                results.append(run("imatrix", "Q8_0", "qtool", threads,
+                                   qtool_cmd("imatrix", str(files["Q8_0"]), "--dataset", str(CALIBRATION), "--ctx",
+                                             "512", "--chunks", str(args.chunks), "--threads", t, "--force",
+                                             "-o", str(wd / "imatrix-qtool.gguf")), q_env))
         if "generate" in steps:
             prompt = prompt_of(512, files["Q4_K_M"])
             for _ in range(max(1, args.repeats)):
@@ -463,13 +467,19 @@ def main() -> int:
         "| RSS ratio | CPU % llama/qtool | notes |")
     log("|---|---|---|---|---|---|---|---|---|---|---|")
     pairs: dict[tuple, dict[str, Result]] = {}
-    rounds: dict[tuple, list[tuple[Result, Result]]] = {}       # generate: (qtool, llama) per round
-    for i, r in enumerate(results):
+    rounds: dict[tuple, list[tuple[Result, Result]]] = {}       # (qtool, llama) per round: two runs in a row
+    for r in results:
         pairs.setdefault((r.step, r.model, r.threads), {})[r.tool] = r
-        if r.step == "generate" and r.tool == "llama" and i and results[i - 1].tool == "qtool":
-            q = results[i - 1]
-            if q.ok and r.ok:
-                rounds.setdefault((r.step, r.model, r.threads), []).append((q, r))
+    i = 1
+    while i < len(results):
+        a, b = results[i - 1], results[i]
+        key = (b.step, b.model, b.threads)
+        if (a.step, a.model, a.threads) == key and {a.tool, b.tool} == {"qtool", "llama"}:
+            if a.ok and b.ok:
+                rounds.setdefault(key, []).append((a, b) if a.tool == "qtool" else (b, a))
+            i += 2
+        else:
+            i += 1
     for (step, model, threads), by_tool in pairs.items():
         lr, qr = by_tool.get("llama"), by_tool.get("qtool")
         if step == "generate" and (step, model, threads) in rounds:
@@ -488,7 +498,16 @@ def main() -> int:
                 f"{max(q.peak_rss for q, _ in both) / GB:.2f} | - | - / {qr.cpu_pct:.0f} | {'; '.join(parts)} |")
             continue
         note = "; ".join(f"{k} {v}" for r in (lr, qr) if r for k, v in r.extra.items() if k != "error")
-        if lr and qr:
+        if len(rounds.get((step, model, threads), [])) > 1:      # medians over the rounds, each round's ratio
+            both = rounds[(step, model, threads)]
+            ratios = [q.wall / l.wall for q, l in both]
+            lw, qw = (float(np.median([pair[k].wall for pair in both])) for k in (1, 0))
+            lm, qm = (max(pair[k].peak_rss for pair in both) for k in (1, 0))
+            log(f"| {step} | {model} | {threads} | {lw:.1f} | {qw:.1f} | {float(np.median(ratios)):.2f} | "
+                f"{lm / GB:.2f} | {qm / GB:.2f} | {qm / lm:.2f} | {lr.cpu_pct:.0f} / {qr.cpu_pct:.0f} | "
+                f"medians of {len(both)} rounds, wall ratios " + ", ".join(f"{x:.2f}" for x in ratios)
+                + f"; {note} |")
+        elif lr and qr:
             log(f"| {step} | {model} | {threads} | {lr.wall:.1f} | {qr.wall:.1f} | {qr.wall / lr.wall:.2f} | "
                 f"{lr.peak_rss / GB:.2f} | {qr.peak_rss / GB:.2f} | {qr.peak_rss / lr.peak_rss:.2f} | "
                 f"{lr.cpu_pct:.0f} / {qr.cpu_pct:.0f} | {note} |")

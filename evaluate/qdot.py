@@ -71,7 +71,8 @@ from qtool.evaluate import matvec
 from qtool.evaluate.matvec import PARALLEL_MIN_WEIGHTS, _lane_buffer, _variant
 from qtool.quantize.kernels import common as _common
 from qtool.quantize.kernels.common import (F32, QK_K, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES,
-                                           Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, running_max)
+                                           Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, ir_constant, ir_data, ir_load,
+                                           round_to_f16, running_max)
 
 # These kernels inline helpers of matvec.py (the lanes' buffer, the variants' options) and the kernels' common.py
 # (block sizes): an edit of those alone drops the cached kernels of this module.
@@ -166,20 +167,6 @@ class Q80:
     s: np.ndarray
 
 
-@intrinsic
-def round_to_f16(typingctx, v):
-    """The float32 v rounded to the nearest float16 (ties to even; inf past float16's range), as float32: fptrunc
-    and fpext (vcvtps2ph / vcvtph2ps), as ggml's GGML_FP32_TO_FP16 rounds a scale. No libm call (math.frexp and
-    ldexp were: on a 576-wide prefill most of the time of rounding the activations to Q8_0)."""
-    if v != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), F)
-
-    return types.float32(v), codegen
-
-
 @njit(cache=True, inline="always")
 def q8_0_scale(x, b):
     """ggml's quantize_row_q8_0 (x86) for the 32 values from b: (127 / amax, d = amax / 127 rounded to fp16); (0, 0)
@@ -224,23 +211,6 @@ def quantize_q8_0(x: np.ndarray) -> Q80:
 
 
 # --- LLVM IR pieces ---------------------------------------------------------------------------------------------
-
-def _vector(ty, n, value):
-    return ir.Constant(ir.VectorType(ty, n), [value] * n)
-
-
-def _pointer(context, builder, ty, array, offset=None):
-    """An i8* to an array's data (plus `offset` elements of its type)."""
-    data = context.make_array(ty)(context, builder, array).data
-    if offset is not None:
-        data = builder.gep(data, [offset])
-    return builder.bitcast(data, ir.PointerType(I8))
-
-
-def _load(builder, ptr, byte_offset, ty, n):
-    where = builder.gep(ptr, [ir.Constant(I32, byte_offset)])
-    return builder.load(builder.bitcast(where, ir.PointerType(ir.VectorType(ty, n))), align=1)
-
 
 def _pick(builder, vec, lanes):
     """vec's lanes in the given order (a splat when all are one lane)."""
@@ -312,10 +282,10 @@ def _k4_scales_and_mins(builder, bp):
     """The 8 six-bit scales and 8 mins of a Q4_K/Q5_K block (bytes 4..15), as <8 x i16> each: for sub-block j < 4
     the low 6 bits of bytes j and j + 4; for j >= 4 the nibbles of byte j + 4 with the top 2 bits of bytes j - 4 and
     j above them."""
-    a, b, c = (_load(builder, bp, 4 + 4 * k, I8, 4) for k in range(3))
-    low6, nibble, two = _vector(I8, 4, 63), _vector(I8, 4, 15), _vector(I8, 4, 6)
-    sc_hi = builder.or_(builder.and_(c, nibble), builder.shl(builder.lshr(a, two), _vector(I8, 4, 4)))
-    m_hi = builder.or_(builder.lshr(c, _vector(I8, 4, 4)), builder.shl(builder.lshr(b, two), _vector(I8, 4, 4)))
+    a, b, c = (ir_load(builder, bp, 4 + 4 * k, I8, 4) for k in range(3))
+    low6, nibble, two = ir_constant(I8, 4, 63), ir_constant(I8, 4, 15), ir_constant(I8, 4, 6)
+    sc_hi = builder.or_(builder.and_(c, nibble), builder.shl(builder.lshr(a, two), ir_constant(I8, 4, 4)))
+    m_hi = builder.or_(builder.lshr(c, ir_constant(I8, 4, 4)), builder.shl(builder.lshr(b, two), ir_constant(I8, 4, 4)))
     eight = ir.Constant(ir.VectorType(I32, 8), list(range(8)))
     scales = builder.shuffle_vector(builder.and_(a, low6), sc_hi, eight)
     mins = builder.shuffle_vector(builder.and_(b, low6), m_hi, eight)
@@ -360,15 +330,16 @@ def _k4_steps(builder, bp, with_fifth_bit):
     x[64g:64g + 64]; `values` (the tokens' sums) go through _in_order with the step's bytes."""
     scales, mins = _k4_scales_and_mins(builder, bp)
     qs_at = 48 if with_fifth_bit else 16
-    qh = _load(builder, bp, 16, I8, 32) if with_fifth_bit else None
+    qh = ir_load(builder, bp, 16, I8, 32) if with_fifth_bit else None
 
     def step(g, values):
-        qs, *values = _in_order(builder, [_load(builder, bp, qs_at + 32 * g, I8, 32), *values])
-        low, high = builder.and_(qs, _vector(I8, 32, 15)), builder.lshr(qs, _vector(I8, 32, 4))
+        qs, *values = _in_order(builder, [ir_load(builder, bp, qs_at + 32 * g, I8, 32), *values])
+        low, high = builder.and_(qs, ir_constant(I8, 32, 15)), builder.lshr(qs, ir_constant(I8, 32, 4))
         if with_fifth_bit:
             # bit 4 of the code where bit j of qh is set: a test and a select (x86 has no byte shifts)
-            fifth = [builder.select(builder.icmp_unsigned("!=", builder.and_(qh, _vector(I8, 32, 1 << (2 * g + h))),
-                                                          _vector(I8, 32, 0)), _vector(I8, 32, 16), _vector(I8, 32, 0))
+            zero, sixteen = ir_constant(I8, 32, 0), ir_constant(I8, 32, 16)
+            fifth = [builder.select(builder.icmp_unsigned("!=", builder.and_(qh, ir_constant(I8, 32, 1 << (2 * g + h))),
+                                                          zero), sixteen, zero)
                      for h in range(2)]
             low, high = builder.or_(low, fifth[0]), builder.or_(high, fifth[1])
         lanes = [2 * g] * 16 + [2 * g + 1] * 16                                 # sub-blocks 2g, 2g + 1
@@ -383,11 +354,11 @@ def _k4_steps(builder, bp, with_fifth_bit):
 def _block_products(builder, tokens, step):
     """Per token, a block's integer sums (sum of scale x dot(codes, x) over its 4 steps, in lanes): the step's codes
     and scale vector (step(g, sums)) once for all the tokens."""
-    sums = [_vector(I32, 8 if FOLD_EACH_STEP else 16, 0)] * len(tokens)
+    sums = [ir_constant(I32, 8 if FOLD_EACH_STEP else 16, 0)] * len(tokens)
     for g in range(4):
         codes, scales, sums = step(g, sums)
         for t, (xp, _, _) in enumerate(tokens):
-            products = _codes_times_x(builder, codes, _load(builder, xp, 64 * g, I8, 64))
+            products = _codes_times_x(builder, codes, ir_load(builder, xp, 64 * g, I8, 64))
             sums[t] = _step_sums(builder, sums[t], _times_scales(builder, products, scales))
     return sums
 
@@ -401,7 +372,7 @@ def _k4_terms(builder, acc, tokens, step, rest):
     mins16, d, dmin = rest()
     for t, (_, sp, dx) in enumerate(tokens):
         _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d), _block_sums(builder, sums[t]))
-        min_terms = _times_scales(builder, _load(builder, sp, 0, I16, 16), mins16)   # min_j * (sums of 32)
+        min_terms = _times_scales(builder, ir_load(builder, sp, 0, I16, 16), mins16)   # min_j * (sums of 32)
         _accumulate(builder, acc, TOKEN_LANES * t, builder.fneg(builder.fmul(dx, dmin)), min_terms)
 
 
@@ -411,9 +382,9 @@ def _block_intrinsic(body):
     @intrinsic
     def block(typingctx, acc, blk, q, q_at, bsums, bsums_at, dx):
         def codegen(context, builder, signature, args):
-            bp = _pointer(context, builder, signature.args[1], args[1])
-            xp = _pointer(context, builder, signature.args[2], args[2], args[3])
-            sp = _pointer(context, builder, signature.args[4], args[4], args[5])
+            bp = ir_data(context, builder, signature.args[1], args[1])
+            xp = ir_data(context, builder, signature.args[2], args[2], args[3])
+            sp = ir_data(context, builder, signature.args[4], args[4], args[5])
             body(builder, args[0], bp, [(xp, sp, args[6])])
             return context.get_dummy_value()
 
@@ -429,15 +400,15 @@ def _tile_intrinsic(body, n_tokens):
     @intrinsic
     def tile(typingctx, acc, blk, q, q_at, bsums, bsums_at, d, d_at):
         def codegen(context, builder, signature, args):
-            bp = _pointer(context, builder, signature.args[1], args[1])
+            bp = ir_data(context, builder, signature.args[1], args[1])
             arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (2, 4, 6)]
             q_row, s_row, d_row = (builder.extract_value(a.strides, 0) for a in arrays)    # bytes per row
             tokens = []
             for t in range(n_tokens):
                 shift = [builder.mul(stride, ir.Constant(stride.type, t)) for stride in (q_row, s_row, d_row)]
-                xp = builder.gep(_pointer(context, builder, signature.args[2], args[2], args[3]), [shift[0]])
-                sp = builder.gep(_pointer(context, builder, signature.args[4], args[4], args[5]), [shift[1]])
-                dp = builder.gep(_pointer(context, builder, signature.args[6], args[6], args[7]), [shift[2]])
+                xp = builder.gep(ir_data(context, builder, signature.args[2], args[2], args[3]), [shift[0]])
+                sp = builder.gep(ir_data(context, builder, signature.args[4], args[4], args[5]), [shift[1]])
+                dp = builder.gep(ir_data(context, builder, signature.args[6], args[6], args[7]), [shift[2]])
                 tokens.append((xp, sp, builder.load(builder.bitcast(dp, ir.PointerType(F)))))
             body(builder, args[0], bp, tokens)
             return context.get_dummy_value()
@@ -452,18 +423,19 @@ def _q6_k_steps(builder, bp):
     qh[128 + 32hf:], values 128hf + 32t + l (t = 0..3, l < 32) are the low (t < 2) or high nibble of ql[32(t % 2) +
     l] with bits 2t, 2t + 1 of qh[l] above, in sub-blocks of 16 with scales[8hf + 2t + l // 16]; step 2hf + s is
     t = 2s, 2s + 1 of half hf. rest() -> (the 16 scales <16 x i16>, d, None)."""
-    scales = builder.sext(_load(builder, bp, 192, I8, 16), ir.VectorType(I16, 16))
+    scales = builder.sext(ir_load(builder, bp, 192, I8, 16), ir.VectorType(I16, 16))
 
     def step(g, values):
         hf, half_step = divmod(g, 2)
-        low0, low1, qh, *values = _in_order(builder, [_load(builder, bp, 64 * hf, I8, 32),
-                                                      _load(builder, bp, 64 * hf + 32, I8, 32),
-                                                      _load(builder, bp, 128 + 32 * hf, I8, 32), *values])
+        low0, low1, qh, *values = _in_order(builder, [ir_load(builder, bp, 64 * hf, I8, 32),
+                                                      ir_load(builder, bp, 64 * hf + 32, I8, 32),
+                                                      ir_load(builder, bp, 128 + 32 * hf, I8, 32), *values])
         low = _concat(builder, low0, low1)
-        nibbles = builder.and_(low, _vector(I8, 64, 15)) if half_step == 0 else builder.lshr(low, _vector(I8, 64, 4))
-        high = [builder.and_(builder.lshr(qh, _vector(I8, 32, 2 * t)), _vector(I8, 32, 3))
+        nibbles = (builder.and_(low, ir_constant(I8, 64, 15)) if half_step == 0
+                   else builder.lshr(low, ir_constant(I8, 64, 4)))
+        high = [builder.and_(builder.lshr(qh, ir_constant(I8, 32, 2 * t)), ir_constant(I8, 32, 3))
                 for t in (2 * half_step, 2 * half_step + 1)]
-        codes = builder.or_(nibbles, builder.shl(_concat(builder, *high), _vector(I8, 64, 4)))
+        codes = builder.or_(nibbles, builder.shl(_concat(builder, *high), ir_constant(I8, 64, 4)))
         s = 4 * g
         return codes, _pick(builder, scales, [s] * 8 + [s + 1] * 8 + [s + 2] * 8 + [s + 3] * 8), values
 
@@ -476,8 +448,8 @@ def _q6_k_terms(builder, acc, tokens, step, rest):
     sums = _block_products(builder, tokens, step)
     scales, d, _ = rest()
     for t, (_, sp, dx) in enumerate(tokens):
-        offsets = _times_scales(builder, _load(builder, sp, 0, I16, 16), scales)     # scale_i * sum(x_i), 8 lanes
-        thirty_two = builder.mul(offsets, _vector(I32, 8, 32))
+        offsets = _times_scales(builder, ir_load(builder, sp, 0, I16, 16), scales)     # scale_i * sum(x_i), 8 lanes
+        thirty_two = builder.mul(offsets, ir_constant(I32, 8, 32))
         _accumulate(builder, acc, TOKEN_LANES * t, builder.fmul(dx, d),
                     builder.sub(_block_sums(builder, sums[t]), thirty_two))
 
@@ -498,9 +470,9 @@ _REST_AT, _FACTORS_AT = 512, 544
 
 def _unpacked_steps(builder, up):
     def step(g, values):
-        return _load(builder, up, 64 * g, I8, 64), _load(builder, up, 256 + 64 * g, I16, 32), values
+        return ir_load(builder, up, 64 * g, I8, 64), ir_load(builder, up, 256 + 64 * g, I16, 32), values
 
-    return step, lambda: (_load(builder, up, _REST_AT, I16, 16), _fp16(builder, up, _FACTORS_AT),
+    return step, lambda: (ir_load(builder, up, _REST_AT, I16, 16), _fp16(builder, up, _FACTORS_AT),
                           _fp16(builder, up, _FACTORS_AT + 2))
 
 
@@ -509,7 +481,7 @@ def _unpack_ir(steps, factors):
     def unpack(builder, up, bp):
         step, rest = steps(builder, bp)
         values = [(64 * g + 256 * i, v) for g in range(4) for i, v in enumerate(step(g, [])[:2])]
-        values += [(_REST_AT, rest()[0]), (_FACTORS_AT, _load(builder, bp, factors[0], I8, factors[1]))]
+        values += [(_REST_AT, rest()[0]), (_FACTORS_AT, ir_load(builder, bp, factors[0], I8, factors[1]))]
         for at, value in values:
             where = builder.gep(up, [ir.Constant(I32, at)])
             builder.store(value, builder.bitcast(where, ir.PointerType(value.type)), align=1)
@@ -521,8 +493,8 @@ def _unpack_intrinsic(unpack):
     @intrinsic
     def unpack_block(typingctx, dst, blk):
         def codegen(context, builder, signature, args):
-            unpack(builder, _pointer(context, builder, signature.args[0], args[0]),
-                   _pointer(context, builder, signature.args[1], args[1]))
+            unpack(builder, ir_data(context, builder, signature.args[0], args[0]),
+                   ir_data(context, builder, signature.args[1], args[1]))
             return context.get_dummy_value()
 
         return types.void(dst, blk), codegen
@@ -691,7 +663,7 @@ def _dpwssd(builder, acc, a, b):
 
 def _splat32(builder, ptr, byte_offset):
     """The 4 bytes at ptr + byte_offset in each of 16 int32 lanes."""
-    one = _load(builder, ptr, byte_offset, I32, 1)
+    one = ir_load(builder, ptr, byte_offset, I32, 1)
     return _pick(builder, one, [0] * 16)
 
 
@@ -701,19 +673,19 @@ def _group_terms(n_sub, with_min):
     per = QK_K // n_sub                     # values per sub-block
 
     def body(builder, acc, gp, tokens):
-        sums = [_vector(I32, 16, 0)] * len(tokens)
+        sums = [ir_constant(I32, 16, 0)] * len(tokens)
         for j in range(n_sub):
-            codes = [_load(builder, gp, 64 * (per // 4 * j + s), I8, 64) for s in range(per // 4)]
-            scales = _load(builder, gp, _G_SCALES_AT + 64 * j, I32, 16)
+            codes = [ir_load(builder, gp, 64 * (per // 4 * j + s), I8, 64) for s in range(per // 4)]
+            scales = ir_load(builder, gp, _G_SCALES_AT + 64 * j, I32, 16)
             for t, (xp, _, _) in enumerate(tokens):
-                dot = _vector(I32, 16, 0)
+                dot = ir_constant(I32, 16, 0)
                 for s, c in enumerate(codes):
                     dot = _dpbusd(builder, dot, c, builder.bitcast(_splat32(builder, xp, per * j + 4 * s),
                                                                    ir.VectorType(I8, 64)))
                 sums[t] = builder.add(sums[t], builder.mul(dot, scales))
-        terms = [_vector(I32, 16, 0)] * len(tokens)
+        terms = [ir_constant(I32, 16, 0)] * len(tokens)
         for p in range(8):
-            pair = _load(builder, gp, _G_PAIRS_AT + 64 * p, I16, 32)
+            pair = ir_load(builder, gp, _G_PAIRS_AT + 64 * p, I16, 32)
             for t, (_, sp, _) in enumerate(tokens):
                 bsums = builder.bitcast(_splat32(builder, sp, 4 * p), ir.VectorType(I16, 32))
                 terms[t] = _dpwssd(builder, terms[t], pair, bsums)
@@ -728,7 +700,7 @@ def _group_terms(n_sub, with_min):
                                                                        builder.sitofp(sums[t], f16)))
                 total = builder.fsub(total, builder.fmul(builder.fmul(dxs, dmin), builder.sitofp(terms[t], f16)))
             else:
-                ints = builder.sub(sums[t], builder.mul(terms[t], _vector(I32, 16, 32)))
+                ints = builder.sub(sums[t], builder.mul(terms[t], ir_constant(I32, 16, 32)))
                 total = builder.fadd(builder.load(where), builder.fmul(builder.fmul(dxs, d), builder.sitofp(ints, f16)))
             builder.store(total, where)
 
@@ -762,7 +734,7 @@ def _interleave_ir(steps, n_sub, factors):
             store(_G_PAIRS_AT + 64 * (i // 2) + 2 * (i % 2), builder.extract_element(pairs, ir.Constant(I32, i)))
         at, n = factors
         for k in range(n // 2):
-            half = builder.extract_element(_load(builder, bp, at + 2 * k, I16, 1), ir.Constant(I32, 0))
+            half = builder.extract_element(ir_load(builder, bp, at + 2 * k, I16, 1), ir.Constant(I32, 0))
             store((_G_D_AT, _G_DMIN_AT)[k], half, row_bytes=2)
     return interleave
 
@@ -772,9 +744,9 @@ def _interleave_intrinsic(interleave):
     @intrinsic
     def interleave_block(typingctx, dst, at, blk, r):
         def codegen(context, builder, signature, args):
-            gp = _pointer(context, builder, signature.args[0], args[0])
+            gp = ir_data(context, builder, signature.args[0], args[0])
             gp = builder.gep(gp, [args[1]])
-            interleave(builder, gp, _pointer(context, builder, signature.args[2], args[2]), args[3])
+            interleave(builder, gp, ir_data(context, builder, signature.args[2], args[2]), args[3])
             return context.get_dummy_value()
 
         return types.void(dst, at, blk, r), codegen
@@ -806,13 +778,13 @@ def _group32_terms(with_min):
     def body(builder, acc, gp, tokens):
         """IR of one block of 32 of 16 interleaved rows times each token ((xp, sp, dx): its codes, its block's sum
         of them (int32), its block's scale): acc[16t + r] += d_r * d_x * dot(codes_r, x) (+ m_r * d_x * sum(x))."""
-        codes = [_load(builder, gp, 64 * s, I8, 64) for s in range(8)]
+        codes = [ir_load(builder, gp, 64 * s, I8, 64) for s in range(8)]
         f16 = ir.VectorType(F, 16)
         d = _fp16x16(builder, gp, _G32_D_AT)
         m = _fp16x16(builder, gp, _G32_M_AT) if with_min else None
         for t, (xp, sp, dx) in enumerate(tokens):
             sums = _splat32(builder, sp, 0)
-            dot = _vector(I32, 16, 0) if with_min else builder.mul(sums, _vector(I32, 16, -128))
+            dot = ir_constant(I32, 16, 0) if with_min else builder.mul(sums, ir_constant(I32, 16, -128))
             for s, c in enumerate(codes):
                 dot = _dpbusd(builder, dot, c, builder.bitcast(_splat32(builder, xp, 4 * s), ir.VectorType(I8, 64)))
             lanes = builder.bitcast(builder.gep(acc, [ir.Constant(I32, 16 * t)]), ir.PointerType(f16))
@@ -829,12 +801,12 @@ def _interleave32_ir(qtype):
         """IR writing a stored block of 32 of row r into a block of 16 interleaved rows at gp."""
         codes, m_at = _block32_codes(builder, bp, qtype)
         if m_at is None:                                    # signed: plus 128, as u8
-            codes = builder.xor(codes, _vector(I8, 32, -128))
+            codes = builder.xor(codes, ir_constant(I8, 32, -128))
         words = builder.bitcast(codes, ir.VectorType(I32, 8))
         for s in range(8):
             _store_row(builder, gp, r, 64 * s, builder.extract_element(words, ir.Constant(I32, s)), 4)
         for at, to in ((0, _G32_D_AT),) + (((m_at, _G32_M_AT),) if m_at is not None else ()):
-            half = builder.extract_element(_load(builder, bp, at, I16, 1), ir.Constant(I32, 0))
+            half = builder.extract_element(ir_load(builder, bp, at, I16, 1), ir.Constant(I32, 0))
             _store_row(builder, gp, r, to, half, 2)
     return interleave
 
@@ -896,22 +868,22 @@ def _block32_codes(builder, bp, qtype):
     bit 4 (0..31); signed where the block has no min: Q8_0 the stored bytes, Q4_0 the nibble less 8, Q5_0 the
     nibble less 16 unless bit j is set (the nibble with 0xF0 or-ed in is that, as int8)."""
     if qtype == T.Q8_0:
-        return _load(builder, bp, 2, I8, 32), None
+        return ir_load(builder, bp, 2, I8, 32), None
     with_min = qtype in (T.Q4_1, T.Q5_1)
     qh_at = {T.Q5_0: 2, T.Q5_1: 4}.get(qtype)
     qs_at = {T.Q4_0: 2, T.Q4_1: 4, T.Q5_0: 6, T.Q5_1: 8}[qtype]
-    qs = _load(builder, bp, qs_at, I8, 16)
-    codes = _concat(builder, builder.and_(qs, _vector(I8, 16, 15)), builder.lshr(qs, _vector(I8, 16, 4)))
+    qs = ir_load(builder, bp, qs_at, I8, 16)
+    codes = _concat(builder, builder.and_(qs, ir_constant(I8, 16, 15)), builder.lshr(qs, ir_constant(I8, 16, 4)))
     if qh_at is not None:
         # byte j // 8 of qh to lane j, its bit j % 8 tested (a shuffle, an and, a compare: x86 has no byte shifts)
-        spread = _pick(builder, _load(builder, bp, qh_at, I8, 4), [j // 8 for j in range(32)])
+        spread = _pick(builder, ir_load(builder, bp, qh_at, I8, 4), [j // 8 for j in range(32)])
         bit = builder.and_(spread, ir.Constant(ir.VectorType(I8, 32), [1 << (j % 8) for j in range(32)]))
-        is_set = builder.icmp_unsigned("!=", bit, _vector(I8, 32, 0))
-        high = (builder.select(is_set, _vector(I8, 32, 16), _vector(I8, 32, 0)) if with_min else
-                builder.select(is_set, _vector(I8, 32, 0), _vector(I8, 32, -16)))
+        is_set = builder.icmp_unsigned("!=", bit, ir_constant(I8, 32, 0))
+        high = (builder.select(is_set, ir_constant(I8, 32, 16), ir_constant(I8, 32, 0)) if with_min else
+                builder.select(is_set, ir_constant(I8, 32, 0), ir_constant(I8, 32, -16)))
         codes = builder.or_(codes, high)
     elif qtype == T.Q4_0:
-        codes = builder.sub(codes, _vector(I8, 32, 8))
+        codes = builder.sub(codes, ir_constant(I8, 32, 8))
     return codes, 2 if with_min else None
 
 
@@ -941,9 +913,9 @@ def _block32_ir(qtype):
         """acc[0:8] += d_w * d_x * (sums of codes_w * codes_x, 4 products a lane); with a min, acc[8] += m_w * d_x *
         sum(codes_x)."""
         codes, m_at = _block32_codes(builder, bp, qtype)
-        x = _load(builder, xp, 0, I8, 32)
+        x = ir_load(builder, xp, 0, I8, 32)
         pairs = _pairs32(builder, codes, x, signed=m_at is None)   # Q4_1 / Q5_1 (a min): unsigned codes
-        dots = _times_scales(builder, pairs, _vector(I16, 16, 1))
+        dots = _times_scales(builder, pairs, ir_constant(I16, 16, 1))
         _accumulate(builder, acc, 0, builder.fmul(_fp16(builder, bp, 0), dx), dots)
         if m_at is not None:
             where = builder.gep(acc, [ir.Constant(I32, 8)])
@@ -957,8 +929,8 @@ def _block32_intrinsic(body):
     @intrinsic
     def block(typingctx, acc, blk, q, q_at, dx, sx):
         def codegen(context, builder, signature, args):
-            bp = _pointer(context, builder, signature.args[1], args[1])
-            xp = _pointer(context, builder, signature.args[2], args[2], args[3])
+            bp = ir_data(context, builder, signature.args[1], args[1])
+            xp = ir_data(context, builder, signature.args[2], args[2], args[3])
             body(builder, args[0], bp, xp, args[4], args[5])
             return context.get_dummy_value()
 

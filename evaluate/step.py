@@ -94,7 +94,7 @@ def _copy(x, out):
 @njit(cache=True)
 def _round_f16(x, out):
     x2 = x.reshape(1, x.size)
-    _round_f16_sized(x.size, x2, x2.view(np.uint32), out, out.view(np.uint32))
+    _round_f16_sized(x.size, x2, out)
 
 
 @njit(cache=True)

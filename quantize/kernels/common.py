@@ -56,6 +56,22 @@ def fp16_widen(typingctx, h):
 
 
 @intrinsic
+def round_to_f16(typingctx, v):
+    """The float32 v rounded to the nearest float16 (ties to even, inf past float16's range, float16 subnormals
+    kept, NaN stays NaN) and widened back, as float32: fptrunc and fpext (vcvtps2ph / vcvtph2ps with F16C, which a
+    loop vectorizes). numpy's astype(float16).astype(float32) bit for bit but for NaN payloads, and ggml's
+    GGML_FP32_TO_FP16 rounding of a scale. No libm call (math.frexp and ldexp were: on a 576-wide prefill most of
+    the time of rounding the activations to Q8_0)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+@intrinsic
 def float32_bits(typingctx, value):
     """The IEEE bits of a float32 as an int32 (C's memcpy type pun)."""
     if value != types.float32:
@@ -355,13 +371,39 @@ def make_qkx_quants(n, nmax, x, xs, w, L, ls, Laux, rmin, rdelta, nstep, use_mad
     return scale, -vmin
 
 
+# --- LLVM IR helpers: the lane kernels below and evaluate/qdot.py's ------------------------------------------------
+
+def ir_constant(ty, n, value):
+    """An <n x ty> vector constant with `value` in every lane."""
+    return ir.Constant(ir.VectorType(ty, n), [value] * n)
+
+
+def ir_data(context, builder, ty, array, offset=None):
+    """An i8* to an array's data (plus `offset` elements of its type): ty is the array's numba type."""
+    data = context.make_array(ty)(context, builder, array).data
+    if offset is not None:
+        data = builder.gep(data, [offset])
+    return builder.bitcast(data, ir.PointerType(ir.IntType(8)))
+
+
+def ir_at(builder, ptr, byte_offset, ty, n):
+    """An <n x ty>* at the i8* ptr plus byte_offset."""
+    where = builder.gep(ptr, [ir.Constant(ir.IntType(32), byte_offset)])
+    return builder.bitcast(where, ir.PointerType(ir.VectorType(ty, n)))
+
+
+def ir_load(builder, ptr, byte_offset, ty, n, align=1):
+    """The <n x ty> at the i8* ptr plus byte_offset."""
+    return builder.load(ir_at(builder, ptr, byte_offset, ty, n), align=align)
+
+
 # --- make_qkx_quants for 8 sub-blocks at once ------------------------------------------------------------------
 # Its search is 20-36 steps of sequential float32 sums over 32 values, each bound by its adds' latency one sub-block
 # at a time (about 88 % of Q4_K's quantizing time). The 8 sub-blocks of a super-block are independent, so they run
 # side by side in the 8 lanes of vector registers: each lane's operations are the scalar version's, in its order
 # (no fast-math flags, every operation rounded on its own), so the bits are the same. The IR below is that loop
-# for rows of 32 values laid out lane-major (value i of row j at 8 i + j); per-lane state lives in a float32 scratch
-# [LANE_STATS, LANES]: its rows are the _S_* indices.
+# for rows of n values (32: Q4_K and Q5_K; 16: Q2_K) laid out lane-major (value i of row j at 8 i + j); per-lane
+# state lives in a float32 scratch [LANE_STATS, LANES]: its rows are the _S_* indices.
 LANES = 8
 _S_VMIN, _S_VMAX, _S_SUM_W, _S_SUM_X, _S_SCALE, _S_BEST, _S_FLAT = range(7)
 LANE_STATS = 7
@@ -369,21 +411,20 @@ LANE_STATS = 7
 
 def _lane_rows(context, builder, signature, args):
     """i8* pointers to the data of the arrays among an intrinsic's arguments (None for the others)."""
-    return [builder.bitcast(context.make_array(t)(context, builder, a).data, ir.PointerType(ir.IntType(8)))
-            if isinstance(t, types.Array) else None for t, a in zip(signature.args, args)]
+    return [ir_data(context, builder, t, a) if isinstance(t, types.Array) else None
+            for t, a in zip(signature.args, args)]
 
 
 def _lanes_at(builder, ptr, byte_offset, ty):
-    where = builder.gep(ptr, [ir.Constant(ir.IntType(32), byte_offset)])
-    return builder.bitcast(where, ir.PointerType(ir.VectorType(ty, LANES)))
+    return ir_at(builder, ptr, byte_offset, ty, LANES)
 
 
 def _f8(value):
-    return ir.Constant(ir.VectorType(ir.FloatType(), LANES), [value] * LANES)
+    return ir_constant(ir.FloatType(), LANES, value)
 
 
-def _i8x(value):
-    return ir.Constant(ir.VectorType(ir.IntType(32), LANES), [value] * LANES)
+def _i32x(value):
+    return ir_constant(ir.IntType(32), LANES, value)
 
 
 class _LaneIR:
@@ -414,9 +455,9 @@ class _LaneIR:
             x = self.x(i)
             bits = b.bitcast(b.fadd(b.fmul(iscale, b.fsub(x, vmin)), _f8(float(ROUNDING_MAGIC))),
                              ir.VectorType(ir.IntType(32), LANES))
-            code = b.sub(b.and_(bits, _i8x(0x007FFFFF)), _i8x(0x00400000))
+            code = b.sub(b.and_(bits, _i32x(0x007FFFFF)), _i32x(0x00400000))
             code = b.select(b.icmp_signed("<", nmax, code), nmax, code)
-            code = b.select(b.icmp_signed(">", _i8x(0), code), _i8x(0), code)
+            code = b.select(b.icmp_signed(">", _i32x(0), code), _i32x(0), code)
             b.store(b.trunc(code, ir.VectorType(ir.IntType(8), LANES)), _lanes_at(b, cp, LANES * i, ir.IntType(8)),
                     align=1)
             if with_sums:
@@ -443,8 +484,8 @@ class _LaneIR:
         return err
 
     def nmax(self, value):
-        top = self.b.insert_element(_i8x(0), self.b.trunc(value, ir.IntType(32)), ir.Constant(ir.IntType(32), 0))
-        return self.b.shuffle_vector(top, top, _i8x(0))
+        top = self.b.insert_element(_i32x(0), self.b.trunc(value, ir.IntType(32)), ir.Constant(ir.IntType(32), 0))
+        return self.b.shuffle_vector(top, top, _i32x(0))
 
 
 def _qkx_intrinsics(n, use_mad):
@@ -486,7 +527,7 @@ def _qkx_intrinsics(n, use_mad):
             b, lane = builder, _LaneIR(builder, sp, xp, wp, n)
             vmin, vmax, sum_w, sum_x = (lane.row(k) for k in (_S_VMIN, _S_VMAX, _S_SUM_W, _S_SUM_X))
             factor = b.insert_element(_f8(0.0), args[6], ir.Constant(ir.IntType(32), 0))
-            factor = b.shuffle_vector(factor, factor, _i8x(0))
+            factor = b.shuffle_vector(factor, factor, _i32x(0))
             iscale = b.fdiv(factor, b.fsub(vmax, vmin))
             sum_l, sum_l2, sum_xl = lane.codes(ap, iscale, vmin, lane.nmax(args[5]), True)
             D = b.fsub(b.fmul(sum_w, sum_l2), b.fmul(sum_l, sum_l))
