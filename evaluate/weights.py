@@ -3,7 +3,8 @@
 No float32 copy of the model is made. Each matrix product `x @ W.T` decodes W a tile of rows at a time into a
 small float32 buffer (parallel numba decoders, `formats.decode`) and multiplies that tile against the whole batch
 with BLAS, tile after tile; a product of a few rows (decoding one token) reads the blocks directly in a mat-vec
-kernel where the type has one (`qtool.evaluate.matvec`). K-quant weights times Q8_K-rounded activations (llama.cpp's
+kernel where the type has one (`qtool.evaluate.matvec`). F16 and BF16 weights skip the float32 tile: their
+halves are widened in the registers of a small GEMM of our own (`qtool.evaluate.halfgemm`). K-quant weights times Q8_K-rounded activations (llama.cpp's
 arithmetic for them) skip both: their codes are multiplied as integers (`qtool.evaluate.qdot`). Memory is the file (page cache) plus activations and one
 tile. Small tensors (norms, biases, rope factors) are decoded once and kept.
 
@@ -22,6 +23,7 @@ from gguf import GGMLQuantizationType
 
 from qtool.errors import QtoolError
 from qtool.model_file import GGUFModel, decode_rows
+from qtool.evaluate import halfgemm
 from qtool.quantize import formats
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ class GGUFWeights:
         self._cache: dict[str, np.ndarray] = {}          # decoded float32 tensors (small ones, and the budget's)
         self._raw: dict[str, np.ndarray] = {}            # stored rows (uint8 [rows, row bytes], memory-mapped)
         self._tile: np.ndarray | None = None
+        self._packed: np.ndarray | None = None          # x's panels for halfgemm (F16/BF16 weights)
 
     # --- metadata ---------------------------------------------------------------------------------------------
     def value(self, key: str, default=None):
@@ -168,6 +171,11 @@ class GGUFWeights:
             if kernel is not None:
                 kernel(raw, x, out)
                 return out
+        if tile is None and halfgemm.supports(t.qtype, n_out):       # F16 / BF16: widened in registers
+            need = halfgemm.packed_elements(x.shape[0], n_in)
+            if self._packed is None or self._packed.size < need:
+                self._packed = np.empty(need, np.float32)
+            return halfgemm.product(raw, t.qtype, x, out, self._packed)
         step = self._tile_rows(n_out, n_in)
         if tile is None:
             if self._tile is None or self._tile.size < step * n_in:
@@ -195,8 +203,10 @@ class GGUFWeights:
         together never hold more than one model's pages (nor its decode tile)."""
         self._raw.clear()
         self._tile = None
+        self._packed = None
 
     def release(self) -> None:
         self._cache.clear()
         self._raw.clear()
         self._tile = None
+        self._packed = None
