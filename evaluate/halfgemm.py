@@ -42,6 +42,7 @@ from numba.extending import intrinsic
 
 from qtool.quantize.kernels import common as _common
 from qtool.quantize.kernels.common import ir_data
+from qtool.evaluate.matvec import specialize
 
 # The micro-kernel's IR is built by common.py's helpers: an edit there drops this module's cached kernels.
 drop_stale_kernels(Path(__file__).parent / "__pycache__", [Path(_common.__file__)],
@@ -175,40 +176,43 @@ def _pack_strips(halves, quads, n0, strips, strip):
                     strip[base + k * NR + j] = w[k]
 
 
-def _product_template(tile):
-    def product(packed, m, halves, quads, out, tasks, strips_buffer):
-        """out (m, N) = x @ W.T from x's panels (pack_rows) and W's halves (N, K) uint16 (`quads`: the same rows as
-        uint64, or empty when K is not a multiple of 4), N a multiple of NR. The N / NR strips are shared out as
-        evenly as can be among `tasks` tasks, a multiple of the threads (strips_buffer's rows: each thread packs
-        its tasks' strips into its own row, made once per run, as fresh pages for every task cost more than the
-        packing)."""
-        n_all, k_all = halves.shape
-        groups = (m + MR - 1) // MR
-        n_blocks = (k_all + KC - 1) // KC
-        n_strips = n_all // NR
-        threads = strips_buffer.shape[0]
-        for worker in prange(threads):
-            for t in range(worker * tasks // threads, (worker + 1) * tasks // threads):
-                first_strip = t * n_strips // tasks
-                strips = (t + 1) * n_strips // tasks - first_strip
-                n0 = first_strip * NR
-                strip = strips_buffer[worker]
-                _pack_strips(halves, quads, n0, strips, strip)
-                for g0 in range(0, groups, MB // MR):
-                    g1 = min(groups, g0 + MB // MR)
-                    for kb in range(n_blocks):
-                        k0 = kb * KC
-                        kn = min(KC, k_all - k0)
-                        for g in range(g0, g1):
-                            first = g * MR
-                            for s in range(strips):
-                                tile(packed, k0 * groups * MR + g * kn * MR, strip, (s * k_all + k0) * NR, kn,
-                                     out, first * n_all + n0 + s * NR, n_all, kb > 0, min(MR, m - first))
-    return product
+tile = None  # the micro-kernel (_tile_f16 or _tile_bf16): a global of each build of _product_template, set below
 
 
-_product_f16 = njit(parallel=True, cache=True)(_product_template(_tile_f16))
-_product_bf16 = njit(parallel=True, cache=True)(_product_template(_tile_bf16))
+def _product_template(packed, m, halves, quads, out, tasks, strips_buffer):
+    """out (m, N) = x @ W.T from x's panels (pack_rows) and W's halves (N, K) uint16 (`quads`: the same rows as
+    uint64, or empty when K is not a multiple of 4), N a multiple of NR. The N / NR strips are shared out as
+    evenly as can be among `tasks` tasks, a multiple of the threads (strips_buffer's rows: each thread packs
+    its tasks' strips into its own row, made once per run, as fresh pages for every task cost more than the
+    packing)."""
+    n_all, k_all = halves.shape
+    groups = (m + MR - 1) // MR
+    n_blocks = (k_all + KC - 1) // KC
+    n_strips = n_all // NR
+    threads = strips_buffer.shape[0]
+    for worker in prange(threads):
+        for t in range(worker * tasks // threads, (worker + 1) * tasks // threads):
+            first_strip = t * n_strips // tasks
+            strips = (t + 1) * n_strips // tasks - first_strip
+            n0 = first_strip * NR
+            strip = strips_buffer[worker]
+            _pack_strips(halves, quads, n0, strips, strip)
+            for g0 in range(0, groups, MB // MR):
+                g1 = min(groups, g0 + MB // MR)
+                for kb in range(n_blocks):
+                    k0 = kb * KC
+                    kn = min(KC, k_all - k0)
+                    for g in range(g0, g1):
+                        first = g * MR
+                        for s in range(strips):
+                            tile(packed, k0 * groups * MR + g * kn * MR, strip, (s * k_all + k0) * NR, kn,
+                                 out, first * n_all + n0 + s * NR, n_all, kb > 0, min(MR, m - first))
+
+
+# One build per type, the micro-kernel a global of each (specialize): a closure over it would be pickled into numba's
+# cache key differently by every process, so the kernel would be compiled again (~6 s) at every start.
+_product_f16 = specialize(_product_template, "product_f16", {"tile": _tile_f16}, parallel=True)
+_product_bf16 = specialize(_product_template, "product_bf16", {"tile": _tile_bf16}, parallel=True)
 
 
 _NO_QUADS = np.zeros((0, 0), np.uint64)

@@ -7,6 +7,8 @@ wrong row, column, strip or block changes out by about S itself.
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -145,3 +147,26 @@ def test_a_strided_output_gets_the_same_values():
     halfgemm.product(raw, T.BF16, x, wide[:, 2:50])
     assert np.array_equal(wide[:, 2:50], whole)
     assert np.all(np.isnan(wide[:, :2])) and np.all(np.isnan(wide[:, 50:]))
+
+
+_CACHED = """
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from qtool.evaluate import halfgemm
+x = np.ones((6, 64), np.float32)
+for qtype, kernel in ((T.F16, halfgemm._product_f16), (T.BF16, halfgemm._product_bf16)):
+    raw = np.zeros((16, 128), np.uint8)
+    halfgemm.product(raw, qtype, x, np.empty((6, 16), np.float32))
+    print(qtype.name, kernel.stats.cache_hits.most_common(1)[0][1] if kernel.stats.cache_hits else 0)
+"""
+
+
+def test_a_second_process_loads_the_products_from_numbas_cache(tmp_path):
+    """Each type's product is compiled once, then loaded from numba's cache by every later process (as a closure over
+    its micro-kernel it was compiled again at every start: ~6 s of one core before the first F16 product)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", _CACHED], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    assert runs[1].stdout.split() == ["F16", "1", "BF16", "1"], runs[1].stdout + runs[1].stderr
