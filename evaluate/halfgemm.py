@@ -5,8 +5,8 @@ BLAS) and hands it to sgemm. For 16-bit floats the widening is one instruction (
 module multiplies the stored halves directly, as a small GEMM of its own in the layout BLAS libraries use (the
 GotoBLAS scheme):
 
-- x (M rows, K) is packed once per product into panels of MR = 6 rows, KC columns at a time (`pack_rows`, float32,
-  rows past M zero);
+- x (M rows, K) is packed into panels of MR = 6 rows, KC columns at a time (`panels`, float32, rows past M zero),
+  once per input: the model's q, k and v products share one packing, gate and up another;
 - each parallel task takes NB weight rows and packs them, as halves, into strips of NR = 16 rows, k-major (16
   consecutive halves are the 16 rows' values at one k), then runs the micro-kernel over blocks of MB rows of x and
   KC columns, so that the strips' slice (NB x KC halves), x's panels (MB x KC) and the block of out (MB x NB) stay
@@ -219,16 +219,17 @@ _NO_QUADS = np.zeros((0, 0), np.uint64)
 _NO_QUADS.setflags(write=False)
 
 
-_buffers: dict[tuple[int, int], np.ndarray] = {}
+_buffers: dict[tuple[str, int, int], np.ndarray] = {}
 
 
-def _strips_buffer(threads: int, elements: int) -> np.ndarray:
-    """A (threads, >= elements) uint16 buffer for the packed weight strips, kept and grown for the run (one per
-    calling thread, so that products called from several threads never share one)."""
-    key = (threading.get_ident(), threads)
+def _held(kind: str, rows: int, elements: int, dtype) -> np.ndarray:
+    """A (rows, >= elements) buffer of `kind`, kept and grown for the run, one per calling thread (products called
+    from several threads never share one): x's panels (rows 1), the packed weight strips (a row per thread: fresh
+    pages for every task cost more than the packing)."""
+    key = (kind, threading.get_ident(), rows)
     held = _buffers.get(key)
     if held is None or held.shape[1] < elements:
-        held = _buffers[key] = np.empty((threads, max(elements, NB * 4096)), np.uint16)
+        held = _buffers[key] = np.empty((rows, elements), dtype)
     return held
 
 
@@ -238,7 +239,7 @@ def supports(qtype: GGMLQuantizationType, n_out: int) -> bool:
 
 
 def packed_elements(rows: int, n_in: int) -> int:
-    """The float32 elements `product`'s `scratch` needs for x of (rows, n_in)."""
+    """The float32 elements of x's panels (`panels`) for x of (rows, n_in)."""
     return (rows + MR - 1) // MR * MR * n_in
 
 
@@ -249,23 +250,32 @@ def task_count(n_out: int, threads: int) -> int:
     return threads * -(-n_out // (threads * NB))
 
 
+def panels(x: np.ndarray, buffer: np.ndarray | None = None) -> np.ndarray:
+    """x float32 (rows, n_in) packed for `product`, into `buffer` (float32, at least packed_elements(rows, n_in))
+    or into this thread's own buffer, valid until its next `panels` or `product` without panels. The products of
+    one input (q, k and v; gate and up) share one packing."""
+    need = packed_elements(*x.shape)
+    packed = buffer[:need] if buffer is not None else _held("panels", 1, need, np.float32)[0, :need]
+    pack_rows(np.ascontiguousarray(x, dtype=np.float32), packed)
+    return packed
+
+
 def product(raw: np.ndarray, qtype: GGMLQuantizationType, x: np.ndarray, out: np.ndarray,
-            scratch: np.ndarray | None = None) -> np.ndarray:
+            packed: np.ndarray | None = None) -> np.ndarray:
     """out = x @ W.T for W's stored rows `raw` (uint8 [n_out, 2 n_in], F16 or BF16; n_out a multiple of NR), x
-    float32 (rows, n_in), out float32 (rows, n_out). `scratch`: float32 of at least
-    packed_elements(rows, n_in) for x's panels (else one is allocated)."""
+    float32 (rows, n_in), out float32 (rows, n_out). `packed`: x's panels (`panels`), else x is packed here."""
     rows, n_in = x.shape
     n_out = raw.shape[0]
     halves = raw.view(np.uint16).reshape(n_out, n_in)
-    need = packed_elements(rows, n_in)
-    packed = scratch[:need] if scratch is not None and scratch.size >= need else np.empty(need, np.float32)
-    pack_rows(np.ascontiguousarray(x, dtype=np.float32), packed)
+    if packed is None:
+        packed = panels(x)
     kernel = _product_bf16 if qtype == T.BF16 else _product_f16
     target = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
     quads = halves.view(np.uint64) if n_in % 4 == 0 and halves.ctypes.data % 8 == 0 else _NO_QUADS
     threads = get_num_threads()
     tasks = task_count(n_out, threads)
-    kernel(packed, rows, halves, quads, target, tasks, _strips_buffer(threads, -(-(n_out // NR) // tasks) * NR * n_in))
+    strips = _held("strips", threads, max(-(-(n_out // NR) // tasks) * NR * n_in, NB * 4096), np.uint16)
+    kernel(packed, rows, halves, quads, target, tasks, strips)
     if target is not out:
         out[...] = target
     return out

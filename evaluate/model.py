@@ -54,7 +54,7 @@ from numba.extending import intrinsic
 from qtool.archs import BAICHUAN_ALIBI_DEPTH, BAICHUAN_ALIBI_MAX_BIAS, BAICHUAN_ROPE_DEPTH, arch_for_gguf
 from qtool.errors import QtoolError
 from qtool.floats import round_to_bf16
-from qtool.evaluate import matvec, qdot
+from qtool.evaluate import halfgemm, matvec, qdot
 from qtool.evaluate.deltanet import DeltaNetConfig, DeltaNetState, gated_deltanet
 from qtool.evaluate.matvec import _as_i32, _widen_ir
 from qtool.evaluate.weights import MATVEC_MAX_ROWS, GGUFWeights
@@ -572,6 +572,17 @@ class _Input:
             self._rounded[kind] = round_activations(self.x, kind, self._ws(f"act-{kind}-{self.x.shape[1]}", self.x.shape))
         return self._rounded[kind]
 
+    def panels(self, kind: str | None) -> np.ndarray:
+        """x rounded for `kind`, packed for halfgemm's products (F16 / BF16 weights) into a work buffer, once for all
+        products sharing x (q, k and v; gate and up); packed again if another input has used the buffer since."""
+        x = self.rounded(kind)
+        role = f"panels-{kind}-{x.shape[1]}"
+        buf = self._ws(role, (halfgemm.packed_elements(*x.shape),))
+        if self._ws.owners.get(role) is not self:
+            halfgemm.panels(x, buf)
+            self._ws.owners[role] = self
+        return buf
+
     def codes(self, kind: str | None) -> qdot.Q8K | qdot.Q80 | None:
         """`integer_codes` of x, made once per kind for all products sharing it."""
         key = f"{kind} codes"
@@ -655,6 +666,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        self.owners: dict[str, object] = {}        # role -> the object whose data a buffer holds (_Input.panels)
 
     def __call__(self, role: str, shape: tuple[int, ...]) -> np.ndarray:
         buf = self._bufs.get(role)
@@ -776,7 +788,7 @@ class Model:
         if codes is not None:
             out = w.matmul(weight, x.x, out, codes=codes)
         else:
-            out = w.matmul(weight, x.rounded(kind), out)
+            out = w.matmul(weight, x.rounded(kind), out, panels=lambda: x.panels(kind))
         if w.has(name + ".bias"):
             out += w.get(name + ".bias")
         return out

@@ -16,7 +16,7 @@ and a tiled product).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -71,7 +71,6 @@ class GGUFWeights:
         self._cache: dict[str, np.ndarray] = {}          # decoded float32 tensors (small ones, and the budget's)
         self._raw: dict[str, np.ndarray] = {}            # stored rows (uint8 [rows, row bytes], memory-mapped)
         self._tile: np.ndarray | None = None
-        self._packed: np.ndarray | None = None          # x's panels for halfgemm (F16/BF16 weights)
 
     # --- metadata ---------------------------------------------------------------------------------------------
     def value(self, key: str, default=None):
@@ -140,7 +139,8 @@ class GGUFWeights:
         return np.array(rows, dtype=np.float32)
 
     def matmul(self, name: str, x: np.ndarray, out: np.ndarray, expert: int | None = None,
-               tile: np.ndarray | None = None, codes: Q8K | Q80 | None = None) -> np.ndarray:
+               tile: np.ndarray | None = None, codes: Q8K | Q80 | None = None,
+               panels: Callable[[], np.ndarray] | None = None) -> np.ndarray:
         """out = x @ W.T for float32 x (rows, n_in) and the 2-D tensor W (n_out, n_in); out is (rows, n_out).
 
         `expert`: W is that expert's matrix of a 3-D tensor of stacked experts (n_expert, n_out, n_in).
@@ -148,7 +148,9 @@ class GGUFWeights:
         own (threads running products side by side each bring theirs).
         `codes`: x's rows as Q8_K codes (evaluate/qdot.quantize_q8_k), or its one row as Q8_0 codes
         (qdot.quantize_q8_0): stored K-quant weights (Q8_K), or Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights (Q8_0),
-        multiply them as integers (evaluate/qdot.py), and x only gives the number of rows."""
+        multiply them as integers (evaluate/qdot.py), and x only gives the number of rows.
+        `panels`: gives x packed for halfgemm (`halfgemm.panels`), when F16/BF16 weights take that path: the
+        products of one input share one packing."""
         if x.shape[0] == 0:
             return out
         w = self.dense(name)
@@ -172,10 +174,7 @@ class GGUFWeights:
                 kernel(raw, x, out)
                 return out
         if tile is None and halfgemm.supports(t.qtype, n_out):       # F16 / BF16: widened in registers
-            need = halfgemm.packed_elements(x.shape[0], n_in)
-            if self._packed is None or self._packed.size < need:
-                self._packed = np.empty(need, np.float32)
-            return halfgemm.product(raw, t.qtype, x, out, self._packed)
+            return halfgemm.product(raw, t.qtype, x, out, None if panels is None else panels())
         step = self._tile_rows(n_out, n_in)
         if tile is None:
             if self._tile is None or self._tile.size < step * n_in:
@@ -203,10 +202,8 @@ class GGUFWeights:
         together never hold more than one model's pages (nor its decode tile)."""
         self._raw.clear()
         self._tile = None
-        self._packed = None
 
     def release(self) -> None:
         self._cache.clear()
         self._raw.clear()
         self._tile = None
-        self._packed = None

@@ -170,3 +170,32 @@ def test_a_second_process_loads_the_products_from_numbas_cache(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", _CACHED], env=env, capture_output=True, text=True, check=True)
             for _ in range(2)]
     assert runs[1].stdout.split() == ["F16", "1", "BF16", "1"], runs[1].stdout + runs[1].stderr
+
+
+def test_a_models_inputs_are_packed_once_and_give_the_same_logits(tmp_path, monkeypatch):
+    """Model's products of one input share its packing (q/k/v: one packing for three products, gate/up: one for
+    two), and the logits are the same bits as with a packing per product; an input packed again after another
+    input of its width used the buffer gets its own values back (not the other's)."""
+    from qtool.evaluate import model as model_mod
+    from qtool.evaluate import weights as weights_mod
+    from qtool.evaluate.model import Model, Workspace, _Input
+    from tests.test_quantize import write_llama_gguf
+
+    path = write_llama_gguf(tmp_path / "m.gguf", n_layer=2, hidden=256, ffn=512, n_head=8, n_head_kv=2, vocab=320)
+    monkeypatch.setattr(weights_mod, "SMALL_TENSOR_ELEMENTS", 0)     # every product through halfgemm
+    tokens = np.random.default_rng(8).integers(0, 320, (2, 24))
+    packs = []
+    original = halfgemm.panels
+    monkeypatch.setattr(model_mod.halfgemm, "panels", lambda x, buf=None: packs.append(x.shape) or original(x, buf))
+    shared = Model(GGUFWeights(path)).forward(tokens)
+    assert len(packs) == 2 * 4 + 1            # per layer: q/k/v, o, gate/up, down; then the output
+    monkeypatch.setattr(_Input, "panels", lambda self, kind: original(self.rounded(kind)))
+    single = Model(GGUFWeights(path)).forward(tokens)
+    assert np.all(np.isfinite(shared)) and np.array_equal(shared, single)
+
+    ws = Workspace()
+    rng = np.random.default_rng(9)
+    a, b = (_Input(rng.standard_normal((7, 256)).astype(np.float32), ws) for _ in range(2))
+    first = a.panels(None).copy()
+    assert not np.array_equal(b.panels(None), first)
+    assert np.array_equal(a.panels(None), first)
