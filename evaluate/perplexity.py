@@ -363,7 +363,10 @@ def chunked_tokens(gguf_file, text: str, n_ctx: int, n_chunks: int | None, *, pa
     from qtool.evaluate.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(gguf_file)
-    tokens = np.asarray(tokenizer.encode(text, add_special=True, parse_special=parse_special), dtype=np.int64)
+    # With a chunk count only the tokens those chunks take (the whole text's first ones: Tokenizer.encode)
+    limit = n_chunks * n_ctx if n_chunks is not None and n_chunks > 0 and n_ctx > 0 else None
+    tokens = np.asarray(tokenizer.encode(text, add_special=True, parse_special=parse_special, max_tokens=limit),
+                        dtype=np.int64)
     try:
         n = count_chunks(len(tokens), n_ctx, n_chunks)
     except QtoolError as e:

@@ -341,10 +341,15 @@ class Tokenizer:
 
     # --- encoding ---------------------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        """Token ids of `text`, as llama_tokenize(vocab, text, add_special, parse_special)."""
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
+               max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`, as llama_tokenize(vocab, text, add_special, parse_special). `max_tokens`: only the
+        first ids (the same as the whole text's: fragments, SPM segments and BPE words are tokenized independently,
+        so the work stops after the unit that reaches the count; perplexity over 2 chunks does not tokenize the
+        whole 1.3 MB of WikiText-2, 1.5 s on one core)."""
         fragments = self._split_special(text, parse_special) if text else []
         out: list[int] = []
+        limit = max_tokens if max_tokens is not None else -1
         if add_special and self.add_bos:
             if self.bos_id is None:
                 raise QtoolError("the vocabulary asks for a BOS token but defines none")
@@ -352,20 +357,26 @@ class Tokenizer:
         if self.model == "llama":
             after_special = True        # a fragment at the start or after a special token gets the space prefix
             for frag in fragments:
+                if 0 <= limit <= len(out):
+                    break
                 if isinstance(frag, int):
                     out.append(frag)
                     after_special = True
                     continue
                 if self.add_space_prefix and after_special:
                     frag = " " + frag
-                self._encode_spm(frag.replace(" ", _SPM_SPACE), out)
+                self._encode_spm(frag.replace(" ", _SPM_SPACE), out, limit)
                 after_special = False
         else:
             for frag in fragments:
+                if 0 <= limit <= len(out):
+                    break
                 if isinstance(frag, int):
                     out.append(frag)
                 else:
-                    self._encode_bpe(frag, out)
+                    self._encode_bpe(frag, out, limit)
+        if 0 <= limit <= len(out):
+            return out[:limit]
         if add_special and self.add_eos:
             if self.eos_id is None:
                 raise QtoolError("the vocabulary asks for an EOS token but defines none")
@@ -405,11 +416,14 @@ class Tokenizer:
 
     # SPM
 
-    def _encode_spm(self, text: str, out: list[int]) -> None:
+    def _encode_spm(self, text: str, out: list[int], limit: int = -1) -> None:
         # The merge never joins two neighbours whose character pair occurs in no token text, so the text is cut
-        # there into independent segments (mostly words) and each distinct segment is merged once.
+        # there into independent segments (mostly words) and each distinct segment is merged once. Stops once out
+        # holds `limit` ids (unless negative).
         cache = self._word_cache
         for segment in self._spm_segments(text):
+            if 0 <= limit <= len(out):
+                break
             ids = cache.get(segment)
             if ids is None:
                 ids = cache[segment] = tuple(self._spm_merge(segment))
@@ -481,9 +495,12 @@ class Tokenizer:
 
     # BPE
 
-    def _encode_bpe(self, text: str, out: list[int]) -> None:
+    def _encode_bpe(self, text: str, out: list[int], limit: int = -1) -> None:
+        """The words' ids into out, until it holds `limit` ids (unless negative)."""
         cache = self._word_cache
         for word in self._pre_tokenize(text):
+            if 0 <= limit <= len(out):
+                break
             ids = cache.get(word)
             if ids is None:
                 ids = cache[word] = tuple(self._bpe_word(word))

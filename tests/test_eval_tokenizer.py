@@ -540,3 +540,19 @@ def test_character_classes_match_llama_cpp_tables():
                 # llama.cpp's tables are Unicode 15.1; Python 3.11 knows 14.0 (3.13: 15.1, 3.14: 16.0). Only code
                 # points one side has not assigned yet may differ.
                 assert flags == undefined or tokmod.unicodedata.category(chr(cp)) == "Cn", hex(cp)
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "qwen2", "gpt-2"])
+def test_max_tokens_gives_the_whole_texts_first_ids(name):
+    """encode(max_tokens=n) stops early (perplexity over a few chunks tokenizes only what they take) and gives
+    exactly the first n ids of the whole text: across SPM segments / BPE words, special-token fragments
+    (parse_special) and the end (n past the total: the whole text, EOS rules included)."""
+    tok = load(name)
+    special = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+    text = WIKI.read_text(encoding="utf-8")[:30000]
+    text = text[:12000] + special + text[12000:]
+    for parse_special in (False, True):
+        whole = tok.encode(text, add_special=True, parse_special=parse_special)
+        assert parse_special is False or tok.eos_id in whole       # the special text became its id
+        for n in [*range(1, 600, 7), 2049, len(whole) - 1, len(whole), len(whole) + 5]:
+            assert tok.encode(text, add_special=True, parse_special=parse_special, max_tokens=n) == whole[:n], n
