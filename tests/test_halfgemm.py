@@ -167,7 +167,8 @@ def test_a_second_process_loads_the_products_from_numbas_cache(tmp_path):
     import subprocess
     import sys
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", _CACHED], env=env, capture_output=True, text=True, check=True)
+    runs = [subprocess.run([sys.executable, "-c", _CACHED], env=env, capture_output=True, text=True, check=True,
+                           timeout=600)
             for _ in range(2)]
     assert runs[1].stdout.split() == ["F16", "1", "BF16", "1"], runs[1].stdout + runs[1].stderr
 
