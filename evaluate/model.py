@@ -78,6 +78,9 @@ YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 # Query rows per causal attention block: smaller skips more masked products, larger keeps BLAS efficient.
 ATTENTION_BLOCK = 128
+# Scores per worker thread below which batched attention runs on the calling thread (a round of the worker threads
+# costs ~0.1 ms; 64K scores of 64-128 values each are ~0.3 ms of products).
+ATTENTION_JOB_SCORES = 1 << 16
 WARM_UP_TOKENS = 8             # Model.warm_up: enough for the batched path (more than ATTEND_FEW_MAX_QUERIES)
 ATTEND_FEW_MAX_QUERIES = 4     # queries per sequence up to which attention reads the cache in attend_few_
 
@@ -602,13 +605,34 @@ def integer_codes(x: np.ndarray, kind: str | None) -> qdot.Q8K | qdot.Q80 | None
 
 _rms_norm_rows_serial = _serial_twin(rms_norm_rows)
 _rope_rows_serial = _serial_twin(rope_rows)
-_causal_softmax_serial = _serial_twin(causal_softmax_)
+_causal_softmax_serial = _serial_twin(causal_softmax_, nogil=True)     # run by worker threads side by side
 _silu_mul_serial = _serial_twin(silu_mul_)
 _attend_few_serial = _serial_twin(attend_few_, fastmath=ATTEND_FASTMATH)
 _store_f16_serial = _serial_twin(store_f16_)
 _round_q8_0_serial = _serial_twin(round_q8_0_)
 _round_q8_k_serial = _serial_twin(round_q8_k_)
 _round_f16_serial = _serial_twin(round_f16_)
+
+
+def attention_runs(n_kv: int, T: int, G: int, start: int, jobs: int) -> list[list[tuple[int, int, int, int]]]:
+    """The batched attention's (kv head, query block) pairs shared out among `jobs` threads by cost: per thread a
+    list of runs (q0, q1, h0, h1), queries [q0, q1) of kv heads [h0, h1). Pairs are taken block by block, head by
+    head; a pair costs its scores, (q1 - q0) G (start + q1), and goes to the thread whose share holds its middle."""
+    blocks = [(q0, min(T, q0 + ATTENTION_BLOCK)) for q0 in range(0, T, ATTENTION_BLOCK)]
+    total = n_kv * sum((q1 - q0) * G * (start + q1) for q0, q1 in blocks)
+    runs: list[list[tuple[int, int, int, int]]] = [[] for _ in range(jobs)]
+    done = 0
+    for q0, q1 in blocks:
+        cost = (q1 - q0) * G * (start + q1)
+        for h in range(n_kv):
+            j = min(jobs - 1, (2 * done + cost) * jobs // (2 * total))
+            done += cost
+            last = runs[j][-1] if runs[j] else None
+            if last is not None and last[0] == q0 and last[3] == h:
+                runs[j][-1] = (q0, q1, last[2], h + 1)
+            else:
+                runs[j].append((q0, q1, h, h + 1))
+    return runs
 
 
 # --- caches -----------------------------------------------------------------------------------------------------
@@ -905,55 +929,103 @@ class Model:
 
     def _attention(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int,
                    cache: KVCache | None, out: np.ndarray) -> None:
-        """q (B, T, n_head, d), k/v (B, T, n_head_kv, d) -> out (B, T, n_head*d)."""
+        """q (B, T, n_head, d), k/v (B, T, n_head_kv, d) -> out (B, T, n_head*d), a contiguous array."""
         c = self.config
         B, T = q.shape[:2]
-        G, d = c.n_group, c.head_dim
+        G, d, n_kv = c.n_group, c.head_dim, c.n_head_kv
+        f16_cache = cache is not None and cache.k[il].dtype == np.float16
         for b in range(B):
-            if cache is not None and cache.k[il].dtype == np.float16:
+            if f16_cache:
                 store = _sized(store_f16_, _store_f16_serial, T * k.shape[2] * d)
                 store(k[b], cache.k[il][b, :, start:start + T].view(np.uint16))
                 store(v[b], cache.v[il][b, :, start:start + T].view(np.uint16))
                 keys, values = cache.k[il][b], cache.v[il][b]
             elif cache is not None:
-                cache.k[il][b, :, start:start + T] = k[b].transpose(1, 0, 2)
-                cache.v[il][b, :, start:start + T] = v[b].transpose(1, 0, 2)
                 keys, values = cache.k[il][b], cache.v[il][b]
             else:
-                keys = self._ws("keys", (c.n_head_kv, T, d))
-                values = self._ws("values", (c.n_head_kv, T, d))
-                keys[...] = k[b].transpose(1, 0, 2)
-                values[...] = v[b].transpose(1, 0, 2)
+                keys, values = self._ws("keys", (n_kv, T, d)), self._ws("values", (n_kv, T, d))
             # query head h reads key/value head h // G: each kv head's G query heads, query-major, form one
             # matrix whose consecutive row blocks are consecutive queries
-            queries = self._ws("queries", (c.n_head_kv, T * G, d))
-            queries.reshape(c.n_head_kv, T, G, d)[...] = q[b].reshape(T, c.n_head_kv, G, d).transpose(1, 0, 2, 3)
-            context = self._ws("context", (c.n_head_kv, T * G, d))
+            queries = self._ws("queries", (n_kv, T * G, d))
+            context = self._ws("context", (n_kv, T * G, d))
+            out_heads = out[b].view()
+            out_heads.shape = (T, n_kv, G, d)      # a view of out's row, never a copy (an error if it cannot be)
             if T <= ATTEND_FEW_MAX_QUERIES:         # decoding: one pass over the cache, no score matrix
+                if not f16_cache:
+                    keys[:, start:start + T] = k[b].transpose(1, 0, 2)
+                    values[:, start:start + T] = v[b].transpose(1, 0, 2)
+                queries.reshape(n_kv, T, G, d)[...] = q[b].reshape(T, n_kv, G, d).transpose(1, 0, 2, 3)
                 if keys.dtype == np.float16:        # read as their bit patterns (numba has no float16)
                     keys, values = keys.view(np.uint16), values.view(np.uint16)
-                _sized(attend_few_, _attend_few_serial, c.n_head_kv * T * G * (start + T) * d)(
+                _sized(attend_few_, _attend_few_serial, n_kv * T * G * (start + T) * d)(
                     queries, keys, values, start, self.alibi, G, context)
-                out[b] = context.reshape(c.n_head_kv, T, G, d).transpose(1, 0, 2, 3).reshape(T, -1)
+                out_heads[...] = context.reshape(n_kv, T, G, d).transpose(1, 0, 2, 3)
                 continue
-            if keys.dtype == np.float16:            # an F16 cache: the positions so far as float32, for BLAS
+            if f16_cache:                           # the positions so far as float32, for BLAS
                 n_all = start + T
-                keys32 = self._ws("keys", (c.n_head_kv, n_all, d))
-                values32 = self._ws("values", (c.n_head_kv, n_all, d))
+                keys32 = self._ws("keys", (n_kv, n_all, d))
+                values32 = self._ws("values", (n_kv, n_all, d))
                 widen_f16_(keys.view(np.uint16), n_all, keys32)
                 widen_f16_(values.view(np.uint16), n_all, values32)
                 keys, values = keys32, values32
-            # causal blocks: queries [q0, q1) only need keys [0, start + q1), which skips ~40% of the products
-            for q0 in range(0, T, ATTENTION_BLOCK):
-                q1 = min(T, q0 + ATTENTION_BLOCK)
-                n_k = start + q1
+            self._attend_heads(q[b], k[b], v[b], None if f16_cache else start, keys, values, queries, context,
+                               out_heads, start)
+
+    def _attend_heads(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, store_at: int | None, keys: np.ndarray,
+                      values: np.ndarray, queries: np.ndarray, context: np.ndarray, out_heads: np.ndarray,
+                      start: int) -> None:
+        """Causal attention of one sequence's T queries (q (T, n_head, d); k, v (T, n_head_kv, d), stored into
+        keys / values (n_kv, positions, d) at `store_at` unless None) into out_heads (T, n_kv, G, d).
+
+        The work is shared out among worker threads, each with single-threaded BLAS and the serial softmax: on many
+        cores numpy's batched matmul would run one small product per head after another (128 x 128 x n_k each),
+        each split over all of BLAS's threads, and the copies in and out would run on one core. Three rounds: the
+        copies in, by positions; the (kv head, query block) pairs, in runs of heads of equal cost per thread
+        (`attention_runs`); the copies out, by positions. Every score and output is computed the same way on any
+        thread count (tests/test_eval_model.py)."""
+        c = self.config
+        T, n_kv, G, d = q.shape[0], c.n_head_kv, c.n_group, c.head_dim
+        alibi = self.alibi
+        n_scores = n_kv * G * T * (start + T)      # a bound, as if nothing were masked
+        jobs = max(1, min(get_num_threads(), T, n_scores // ATTENTION_JOB_SCORES))
+        runs = attention_runs(n_kv, T, G, start, jobs)
+        sizes = [max((h1 - h0) * (q1 - q0) * G * (start + q1) for q0, q1, h0, h1 in job) if job else 0
+                 for job in runs]
+        scores = self._ws("scores", (sum(sizes),))
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        grouped = queries.reshape(n_kv, T, G, d)
+
+        def copy_in(j: int) -> None:
+            t0, t1 = j * T // jobs, (j + 1) * T // jobs
+            if store_at is not None:
+                keys[:, store_at + t0:store_at + t1] = k[t0:t1].transpose(1, 0, 2)
+                values[:, store_at + t0:store_at + t1] = v[t0:t1].transpose(1, 0, 2)
+            grouped[:, t0:t1] = q[t0:t1].reshape(t1 - t0, n_kv, G, d).transpose(1, 0, 2, 3)
+
+        def attend(j: int) -> None:
+            for q0, q1, h0, h1 in runs[j]:
+                n_k = start + q1                # queries [q0, q1) need keys [0, start + q1) only (causal)
                 rows = slice(q0 * G, q1 * G)
-                scores = self._ws("scores", (c.n_head_kv * ATTENTION_BLOCK * G * (start + T),))
-                scores = scores[:c.n_head_kv * (q1 - q0) * G * n_k].reshape(c.n_head_kv, (q1 - q0) * G, n_k)
-                np.matmul(queries[:, rows], keys[:, :n_k].transpose(0, 2, 1), out=scores)
-                _sized(causal_softmax_, _causal_softmax_serial, scores.size)(scores, start + q0, self.alibi, G)
-                np.matmul(scores, values[:, :n_k], out=context[:, rows])
-            out[b] = context.reshape(c.n_head_kv, T, G, d).transpose(1, 0, 2, 3).reshape(T, -1)
+                block = scores[offsets[j]:offsets[j] + (h1 - h0) * (q1 - q0) * G * n_k].reshape(
+                    h1 - h0, (q1 - q0) * G, n_k)
+                np.matmul(queries[h0:h1, rows], keys[h0:h1, :n_k].transpose(0, 2, 1), out=block)
+                softmax = _causal_softmax_serial if jobs > 1 else _sized(causal_softmax_, _causal_softmax_serial,
+                                                                         block.size)
+                softmax(block, start + q0, alibi[h0 * G:h1 * G] if alibi.size else alibi, G)
+                np.matmul(block, values[h0:h1, :n_k], out=context[h0:h1, rows])
+
+        def copy_out(j: int) -> None:
+            t0, t1 = j * T // jobs, (j + 1) * T // jobs
+            out_heads[t0:t1] = context.reshape(n_kv, T, G, d)[:, t0:t1].transpose(1, 0, 2, 3)
+
+        with single_threaded_blas():
+            for step in (copy_in, attend, copy_out):
+                if jobs == 1:
+                    step(0)
+                else:
+                    pool = worker_pool(jobs)
+                    for done in [pool.submit(step, j) for j in range(jobs)]:
+                        done.result()
 
     # --- the pass -----------------------------------------------------------------------------------------------
     def forward(self, tokens: np.ndarray, *, output_from: int = 0, cache: KVCache | None = None) -> np.ndarray:

@@ -401,6 +401,75 @@ def test_attend_few_reads_an_f16_cache_as_its_float32_values(kernel):
     np.testing.assert_array_equal(half, single)
 
 
+@pytest.mark.parametrize("cache_kind", ["none", "f32", "f16"])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_batched_attention_by_reference_and_the_same_on_any_thread_count(cache_kind, alibi):
+    """The batched path (queries in causal blocks of ATTENTION_BLOCK, kv heads shared out among worker threads, each
+    with single-threaded BLAS): against float64 softmax(q K^T) V per query head (GQA, ALiBi slopes by query head,
+    positions after a cache's first `start`), and bit for bit the same on 1 and 2 threads; the cache gets the new
+    keys and values."""
+    import types
+
+    import numba
+    from qtool.evaluate import model as M
+    from qtool.threads import single_threaded_blas
+
+    rng = np.random.default_rng(11)
+    B, T, n_kv, G, d = 2, M.ATTENTION_BLOCK + 45, 4, 2, 32
+    start = 0 if cache_kind == "none" else 37
+    q = rng.normal(0, 0.4, (B, T, n_kv * G, d)).astype(np.float32)
+    k = rng.normal(0, 1, (B, T, n_kv, d)).astype(np.float32)
+    v = rng.normal(0, 1, (B, T, n_kv, d)).astype(np.float32)
+    past_k = rng.normal(0, 1, (B, n_kv, start, d)).astype(np.float32)
+    past_v = rng.normal(0, 1, (B, n_kv, start, d)).astype(np.float32)
+    slopes = alibi_slopes(n_kv * G, 8.0) if alibi else np.empty(0, np.float32)
+
+    def attend(threads: int) -> tuple[np.ndarray, KVCache | None]:
+        cache = None
+        if cache_kind != "none":
+            dtype = np.float16 if cache_kind == "f16" else np.float32
+            cache = KVCache([np.zeros((B, n_kv, start + T + 3, d), dtype)], [np.zeros((B, n_kv, start + T + 3, d), dtype)])
+            cache.k[0][:, :, :start], cache.v[0][:, :, :start] = past_k, past_v
+        model = types.SimpleNamespace(config=types.SimpleNamespace(n_head_kv=n_kv, n_group=G, head_dim=d),
+                                      _ws=M.Workspace(), alibi=slopes)
+        model._attend_heads = types.MethodType(Model._attend_heads, model)
+        out = np.full((B, T, n_kv * G * d), np.nan, np.float32)
+        before = numba.get_num_threads()
+        try:
+            numba.set_num_threads(threads)
+            if threads == 1:
+                with single_threaded_blas():
+                    Model._attention(model, 0, q, k, v, start, cache, out)
+            else:
+                Model._attention(model, 0, q, k, v, start, cache, out)
+        finally:
+            numba.set_num_threads(before)
+        return out, cache
+
+    one, cache_one = attend(1)
+    two, cache_two = attend(2)
+    np.testing.assert_array_equal(one, two)
+
+    keys = np.concatenate([past_k, k.transpose(0, 2, 1, 3)], axis=2).astype(np.float64)
+    values = np.concatenate([past_v, v.transpose(0, 2, 1, 3)], axis=2).astype(np.float64)
+    if cache_kind == "f16":                     # the cache keeps halves: the reference reads what it holds
+        keys, values = keys.astype(np.float16).astype(np.float64), values.astype(np.float16).astype(np.float64)
+    if cache_kind != "none":
+        for held, ref in ((cache_two.k[0], keys), (cache_two.v[0], values)):
+            np.testing.assert_array_equal(held[:, :, :start + T].astype(np.float64), ref)
+    head_kv = np.arange(n_kv * G) // G
+    scores = np.einsum("bthd,bhkd->bhtk", q.astype(np.float64), keys[:, head_kv])
+    pos_q = start + np.arange(T)[:, None]
+    pos_k = np.arange(start + T)[None, :]
+    if alibi:
+        scores += slopes[None, :, None, None].astype(np.float64) * (pos_k - pos_q)
+    scores = np.where(pos_k > pos_q, -np.inf, scores)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    ref = np.einsum("bhtk,bhkd->bthd", weights, values[:, head_kv]).reshape(B, T, -1)
+    np.testing.assert_allclose(two, ref, rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("kernel", ["parallel", "serial"])
 def test_f16_cache_store_rounds_as_numpy_and_widens_back_exactly(kernel):
     """store_f16_ writes new keys (T, n_kv, d) into a cache slice (n_kv, T, d) as numpy's float16 cast rounds them
@@ -838,3 +907,22 @@ def test_expf_is_within_one_ulp_of_exp():
     out = np.empty_like(edges)
     expf(edges, out)
     assert list(out) == [np.inf] * 4 + [0.0] * 4
+
+
+@pytest.mark.parametrize("n_kv, T, G, start, jobs", [(32, 512, 1, 0, 2), (8, 512, 4, 0, 16), (1, 300, 8, 40, 3),
+                                                     (2, 5, 7, 0, 2), (3, 1000, 2, 17, 5), (4, 130, 1, 0, 1)])
+def test_attention_runs_cover_every_pair_once_in_shares_of_equal_cost(n_kv, T, G, start, jobs):
+    """Each (kv head, query block) pair in exactly one run of one thread; each thread's cost (its scores) within one
+    pair's cost of an equal share."""
+    from qtool.evaluate.model import ATTENTION_BLOCK, attention_runs
+
+    runs = attention_runs(n_kv, T, G, start, jobs)
+    assert len(runs) == jobs
+    blocks = [(q0, min(T, q0 + ATTENTION_BLOCK)) for q0 in range(0, T, ATTENTION_BLOCK)]
+    pairs = sorted((q0, q1, h) for job in runs for q0, q1, h0, h1 in job for h in range(h0, h1))
+    assert pairs == sorted((q0, q1, h) for q0, q1 in blocks for h in range(n_kv))
+    cost = {q0: (q1 - q0) * G * (start + q1) for q0, q1 in blocks}
+    share = n_kv * sum(cost.values()) / jobs
+    for job in runs:
+        spent = sum((h1 - h0) * cost[q0] for q0, q1, h0, h1 in job)
+        assert abs(spent - share) <= max(cost.values())
